@@ -1,0 +1,23 @@
+"""engram: conditional memory (Engram, arXiv 2601.07372) for language models in PyTorch.
+
+Data flows one way: token ids -> compressed ids (:class:`CompressedTokenizer`) -> hash ids
+(:class:`NgramHasher`) -> table rows -> gated value -> residual (:class:`Engram`).
+"""
+
+from .accounting import EngramCounts, engram_counts
+from .config import EngramConfig
+from .hashing import NgramHasher
+from .module import Engram, MultiHeadEmbedding, ShortConv
+from .tokenizer import CompressedTokenizer
+
+__all__ = [
+    "CompressedTokenizer",
+    "Engram",
+    "EngramConfig",
+    "EngramCounts",
+    "MultiHeadEmbedding",
+    "NgramHasher",
+    "ShortConv",
+    "engram_counts",
+]
+__version__ = "0.1.0"

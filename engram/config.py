@@ -1,0 +1,132 @@
+"""Engram configuration.
+
+Field names follow the public reference (``deepseek-ai/Engram``, ``engram_demo_v1.py``) so that configs can be
+ported as they are; the extra switches at the end are ours (ablations and the paper/reference gate choice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _default_vocab_sizes() -> list[int]:
+    return [129280 * 5, 129280 * 5]
+
+
+@dataclass
+class EngramConfig:
+    """Hyper-parameters of the Engram conditional-memory layers of one model.
+
+    Attributes:
+        engram_vocab_size: one configured table size per n-gram order (orders 2..N). Each hash head of that
+            order gets its own prime-sized table starting at this size (the *per-head* size, as in the paper's
+            "Engram vocab size").
+        max_ngram_size: N, the largest n-gram order (>= 2).
+        n_embed_per_ngram: embedding width per order; split evenly across the K heads of that order.
+        n_head_per_ngram: K, hash heads per order.
+        layer_ids: 0-based block indices that carry an Engram module (the paper's 1-based "layers 2 and 15"
+            are blocks 1 and 14).
+        pad_id: *raw* tokenizer id used for positions before the sequence start; it is mapped through the
+            compressed tokenizer (as the reference does) to get the compressed pad id.
+        seed: base seed of the per-layer hash multipliers.
+        kernel_size: ShortConv kernel width (dilation is ``max_ngram_size``).
+        signed_sqrt: apply the reference's signed square root to the gate score before the sigmoid
+            (``False`` gives the paper's plain ``sigmoid(q.k / sqrt(d))``).
+        gating: context-aware gating on (ablation switch; off means alpha = 1).
+        short_conv: ShortConv on (ablation switch).
+        compress_tokens: hash compressed ids (ablation switch; off hashes raw ids).
+        multi_branch: branch-specific fusion with one gate key per residual branch; off applies one fusion to
+            the branch-mixed hidden state (ablation switch, only meaningful with several residual branches).
+    """
+
+    engram_vocab_size: list[int] = field(default_factory=_default_vocab_sizes)
+    max_ngram_size: int = 3
+    n_embed_per_ngram: int = 512
+    n_head_per_ngram: int = 8
+    layer_ids: list[int] = field(default_factory=lambda: [1, 15])
+    pad_id: int = 2
+    seed: int = 0
+    kernel_size: int = 4
+    signed_sqrt: bool = True
+    gating: bool = True
+    short_conv: bool = True
+    compress_tokens: bool = True
+    multi_branch: bool = True
+
+    def __post_init__(self) -> None:
+        self.engram_vocab_size = [int(v) for v in self.engram_vocab_size]
+        self.layer_ids = [int(v) for v in self.layer_ids]
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def num_orders(self) -> int:
+        """Number of n-gram orders, N - 1 (orders 2..N)."""
+        return self.max_ngram_size - 1
+
+    @property
+    def num_heads_total(self) -> int:
+        """Hash heads per Engram layer, (N - 1) * K."""
+        return self.num_orders * self.n_head_per_ngram
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one head's table row, ``n_embed_per_ngram / K``."""
+        return self.n_embed_per_ngram // self.n_head_per_ngram
+
+    @property
+    def memory_dim(self) -> int:
+        """d_mem, the width of the concatenated retrieval e_t, ``(N - 1) * n_embed_per_ngram``."""
+        return self.num_orders * self.n_embed_per_ngram
+
+    # ------------------------------------------------------------------ validation / io
+    def validate(self, num_layers: int | None = None) -> None:
+        """Raise ``ValueError`` with a fix-it message when the config is inconsistent.
+
+        ``num_layers`` (the backbone depth), when given, also checks that every layer id names a block.
+        """
+        if self.max_ngram_size < 2:
+            raise ValueError(f"max_ngram_size must be >= 2 (bigrams are the smallest order), got {self.max_ngram_size}")
+        if len(self.engram_vocab_size) != self.num_orders:
+            raise ValueError(
+                f"engram_vocab_size needs one table size per n-gram order 2..{self.max_ngram_size} "
+                f"({self.num_orders} values), got {len(self.engram_vocab_size)}: {self.engram_vocab_size}"
+            )
+        if any(v < 2 for v in self.engram_vocab_size):
+            raise ValueError(f"every engram_vocab_size must be >= 2, got {self.engram_vocab_size}")
+        for name in ("n_embed_per_ngram", "n_head_per_ngram", "kernel_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embed_per_ngram % self.n_head_per_ngram:
+            raise ValueError(
+                f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be divisible by n_head_per_ngram "
+                f"({self.n_head_per_ngram}); pick a width that splits evenly across the heads"
+            )
+        if not self.layer_ids:
+            raise ValueError("layer_ids is empty: name at least one 0-based block index for Engram")
+        if len(set(self.layer_ids)) != len(self.layer_ids):
+            raise ValueError(f"layer_ids has duplicates: {self.layer_ids}")
+        if any(i < 0 for i in self.layer_ids):
+            raise ValueError(f"layer_ids are 0-based block indices and must be >= 0, got {self.layer_ids}")
+        if num_layers is not None and any(i >= num_layers for i in self.layer_ids):
+            raise ValueError(
+                f"layer_ids {self.layer_ids} name blocks outside a {num_layers}-block model "
+                f"(valid: 0..{num_layers - 1}; the paper's 1-based layer 2 is block 1)"
+            )
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.pad_id < 0:
+            raise ValueError(f"pad_id is a raw tokenizer id and must be >= 0, got {self.pad_id}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngramConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown EngramConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)

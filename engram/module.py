@@ -1,0 +1,191 @@
+"""The Engram module: retrieval (multi-head hashed lookup) then fusion (context-aware gate + ShortConv).
+
+Paper section 2 in equations, for one position t and residual branch m::
+
+    e_t      = ||_{n=2..N} ||_{k=1..K} E_{n,k}[ z_{n,k}(t) ]                 (retrieval, d_mem wide)
+    k_t^(m)  = W_K^(m) e_t ,   v_t = W_V e_t                                   (one key per branch, shared value)
+    a_t^(m)  = sigmoid( RMSNorm(h_t^(m)) . RMSNorm(k_t^(m)) / sqrt(d) )        (paper)
+    a_t^(m)  = sigmoid( ssqrt( RMSNorm(h_t^(m)) . RMSNorm(k_t^(m)) / sqrt(d) ) ) (reference; ssqrt(x)=sign(x)sqrt|x|)
+    v~_t^(m) = a_t^(m) v_t
+    Y        = v~ + SiLU( Conv1D_causal,depthwise,k=4,dilation=N( RMSNorm(v~) ) )
+
+The block then does ``H <- H + Y`` before its attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import EngramConfig
+from .hashing import NgramHasher
+
+
+class MultiHeadEmbedding(nn.Module):
+    """All hash heads of one Engram layer in a single fused table with row offsets.
+
+    ``forward(ids [..., H]) -> [..., H, head_dim]`` where ``ids`` are per-head row indices (as returned by
+    :meth:`NgramHasher.hash`) and head h reads rows ``offsets[h] + ids[..., h]``.
+    """
+
+    def __init__(self, head_sizes: list[int], head_dim: int, init_std: float = 0.02,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        if any(s <= 0 for s in head_sizes) or head_dim <= 0:
+            raise ValueError(f"head sizes and head_dim must be positive, got {head_sizes}, {head_dim}")
+        self.head_sizes = [int(s) for s in head_sizes]
+        self.head_dim = int(head_dim)
+        self.num_rows = sum(self.head_sizes)
+        self.init_std = init_std
+        self.validate_ids = True  # range-check ids each call (one host sync on CUDA); off for tuned serving
+        offsets = torch.tensor([0] + list(torch.tensor(self.head_sizes).cumsum(0)[:-1].tolist()), dtype=torch.int64)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.register_buffer("sizes", torch.tensor(self.head_sizes, dtype=torch.int64), persistent=False)
+        self.weight = nn.Parameter(torch.empty(self.num_rows, self.head_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":
+            nn.init.normal_(self.weight, std=self.init_std)
+
+    def fused_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per-head ids -> rows of the fused table (checked to be in range)."""
+        if ids.dtype != torch.int64:
+            raise TypeError(f"hash ids must be int64, got {ids.dtype}")
+        if ids.shape[-1] != len(self.head_sizes):
+            raise ValueError(f"hash ids have {ids.shape[-1]} heads in the last dim, this table has {len(self.head_sizes)}")
+        offsets = self.offsets.to(ids.device)
+        if self.validate_ids and ids.numel() and ids.device.type != "meta":
+            bad = (ids < 0) | (ids >= self.sizes.to(ids.device))
+            if bool(bad.any()):
+                raise ValueError(
+                    "hash ids out of range for this table (negative or >= the head's prime size); they were "
+                    "produced by a hasher with a different config, seed or vocabulary"
+                )
+        return ids + offsets
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(self.fused_ids(ids), self.weight)
+
+
+class ShortConv(nn.Module):
+    """Per-branch RMSNorm -> causal depthwise Conv1d (kernel w, dilation N) -> SiLU. Zero-initialised."""
+
+    def __init__(self, hidden_size: int, hc_mult: int, kernel_size: int, dilation: int, eps: float = 1e-5):
+        super().__init__()
+        self.hidden_size, self.hc_mult = hidden_size, hc_mult
+        self.kernel_size, self.dilation = kernel_size, dilation
+        self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=eps) for _ in range(hc_mult))
+        channels = hidden_size * hc_mult
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False,
+                              dilation=dilation, padding=(kernel_size - 1) * dilation)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Paper: conv parameters start at zero so that Y = v~ at initialisation (identity fusion).
+        if self.conv.weight.device.type != "meta":
+            nn.init.zeros_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, M, D] -> [B, T, M, D]."""
+        b, t, m, d = x.shape
+        normed = torch.stack([self.norms[i](x[:, :, i]) for i in range(m)], dim=2)
+        y = self.conv(normed.reshape(b, t, m * d).transpose(1, 2))[..., :t]
+        return F.silu(y.transpose(1, 2).reshape(b, t, m, d))
+
+
+class Engram(nn.Module):
+    """Conditional memory for one Engram layer.
+
+    Args:
+        config: the model's :class:`EngramConfig`.
+        layer_id: the block index this module sits at (selects multipliers and primes).
+        hidden_size: d, the backbone width.
+        hc_mult: M, residual branches (1 = plain residual stream).
+        hasher: the model's :class:`NgramHasher`; needed to hash token ids inside ``forward`` and to size
+            the table.
+
+    ``forward(hidden, hash_ids=None, input_ids=None)``: ``hidden`` is ``[B, T, D]`` (M = 1) or ``[B, T, M, D]``;
+    pass either precomputed ``hash_ids`` ([B, T, (N-1)K] per-head ids from ``hasher.hash``) or raw ``input_ids``
+    [B, T]. Returns Y with the shape of ``hidden``; the caller adds it to the residual.
+    """
+
+    def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1,
+                 hasher: NgramHasher | None = None, init_std: float = 0.02,
+                 device: torch.device | str | None = None, table_dtype: torch.dtype | None = None):
+        super().__init__()
+        if layer_id not in config.layer_ids:
+            raise ValueError(f"layer_id {layer_id} is not one of the config's Engram layer_ids {config.layer_ids}")
+        if hidden_size <= 0 or hc_mult <= 0:
+            raise ValueError(f"hidden_size and hc_mult must be positive, got {hidden_size}, {hc_mult}")
+        if hasher is None:
+            raise ValueError("Engram needs the model's NgramHasher (it fixes the table sizes): NgramHasher(config, V', pad)")
+        if hasher.config is not config and hasher.config != config:
+            raise ValueError("the hasher was built for a different EngramConfig than this module")
+        self.config, self.layer_id = config, layer_id
+        self.hidden_size, self.hc_mult = hidden_size, hc_mult
+        self.hasher = hasher
+        head_sizes = [p for heads in hasher.table_sizes[layer_id] for p in heads]
+        self.table = MultiHeadEmbedding(head_sizes, config.head_dim, init_std=init_std, device=device, dtype=table_dtype)
+        d_mem = config.memory_dim
+        n_keys = hc_mult if config.gating else 0
+        self.value_proj = nn.Linear(d_mem, hidden_size, device=device)
+        self.key_projs = nn.ModuleList(nn.Linear(d_mem, hidden_size, device=device) for _ in range(n_keys))
+        self.key_norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=1e-5, device=device) for _ in range(n_keys))
+        self.query_norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=1e-5, device=device) for _ in range(n_keys))
+        self.short_conv = (ShortConv(hidden_size, hc_mult, config.kernel_size, config.max_ngram_size)
+                           if config.short_conv else None)
+        self.last_gate: torch.Tensor | None = None  # [B, T, M] of the last forward, for analysis
+        self.record_gate = False
+
+    # ------------------------------------------------------------------ pieces
+    def retrieve(self, hash_ids: torch.Tensor) -> torch.Tensor:
+        """e_t: [B, T, (N-1)K] per-head ids -> [B, T, d_mem]."""
+        rows = self.table(hash_ids)
+        return rows.flatten(-2)
+
+    def gate(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """alpha: hidden [B, T, M, D], keys [B, T, M, D] -> [B, T, M, 1]."""
+        m = hidden.shape[2]
+        q = torch.stack([self.query_norms[i](hidden[:, :, i]) for i in range(m)], dim=2)
+        k = torch.stack([self.key_norms[i](keys[:, :, i]) for i in range(m)], dim=2)
+        score = (q * k).sum(-1, keepdim=True) / math.sqrt(self.hidden_size)
+        if self.config.signed_sqrt:
+            score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
+        return torch.sigmoid(score)
+
+    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        single = hidden.dim() == 3
+        if single:
+            hidden = hidden.unsqueeze(2)
+        if hidden.dim() != 4 or hidden.shape[2] != self.hc_mult or hidden.shape[3] != self.hidden_size:
+            raise ValueError(
+                f"hidden must be [B, T, {self.hidden_size}] (hc_mult=1) or [B, T, {self.hc_mult}, {self.hidden_size}],"
+                f" got {tuple(hidden.shape if not single else hidden.squeeze(2).shape)}"
+            )
+        if single and self.hc_mult != 1:
+            raise ValueError(f"this Engram has hc_mult={self.hc_mult}; pass hidden as [B, T, {self.hc_mult}, D]")
+        if hash_ids is None:
+            if input_ids is None:
+                raise ValueError("Engram.forward needs hash_ids (from NgramHasher.hash) or input_ids")
+            hash_ids = self.hasher.hash_tokens(input_ids)[self.layer_id]
+        b, t = hidden.shape[:2]
+        if hash_ids.shape[:2] != (b, t):
+            raise ValueError(f"hash_ids are for [B, T] = {tuple(hash_ids.shape[:2])}, hidden is for {(b, t)}")
+
+        e = self.retrieve(hash_ids).to(hidden.dtype)                       # [B, T, d_mem]
+        value = self.value_proj(e).unsqueeze(2)                            # [B, T, 1, D] shared across branches
+        if self.config.gating:
+            keys = torch.stack([proj(e) for proj in self.key_projs], dim=2)  # [B, T, M, D]
+            alpha = self.gate(hidden, keys)                                # [B, T, M, 1]
+            gated = alpha * value
+            if self.record_gate:
+                self.last_gate = alpha.squeeze(-1).detach()
+        else:
+            gated = value.expand(-1, -1, hidden.shape[2], -1)
+        y = gated if self.short_conv is None else gated + self.short_conv(gated)
+        return y.squeeze(2) if single else y
