@@ -14,6 +14,7 @@ The block then does ``H <- H + Y`` before its attention.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -41,7 +42,7 @@ class MultiHeadEmbedding(nn.Module):
         self.num_rows = sum(self.head_sizes)
         self.init_std = init_std
         self.validate_ids = True  # range-check ids each call (one host sync on CUDA); off for tuned serving
-        offsets = torch.tensor([0] + list(torch.tensor(self.head_sizes).cumsum(0)[:-1].tolist()), dtype=torch.int64)
+        offsets = torch.tensor([0, *itertools.accumulate(self.head_sizes)][:-1], dtype=torch.int64)
         self.register_buffer("offsets", offsets, persistent=False)
         self.register_buffer("sizes", torch.tensor(self.head_sizes, dtype=torch.int64), persistent=False)
         self.weight = nn.Parameter(torch.empty(self.num_rows, self.head_dim, device=device, dtype=dtype))
@@ -80,8 +81,8 @@ class ShortConv(nn.Module):
         self.kernel_size, self.dilation = kernel_size, dilation
         self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=eps) for _ in range(hc_mult))
         channels = hidden_size * hc_mult
-        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False,
-                              dilation=dilation, padding=(kernel_size - 1) * dilation)
+        # weights only: the causal left context is supplied explicitly (zeros or the decode state)
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -89,12 +90,25 @@ class ShortConv(nn.Module):
         if self.conv.weight.device.type != "meta":
             nn.init.zeros_(self.conv.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, M, D] -> [B, T, M, D]."""
+    @property
+    def state_len(self) -> int:
+        """Past positions the causal conv reads: (kernel - 1) * dilation."""
+        return (self.kernel_size - 1) * self.dilation
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, M, D] -> (y [B, T, M, D], new_state [B, state_len, M*D]).
+
+        ``state`` holds the normalised inputs of the previous ``state_len`` positions (zeros at the sequence
+        start), so decoding one token at a time gives the same outputs as a full-sequence pass.
+        """
         b, t, m, d = x.shape
-        normed = torch.stack([self.norms[i](x[:, :, i]) for i in range(m)], dim=2)
-        y = self.conv(normed.reshape(b, t, m * d).transpose(1, 2))[..., :t]
-        return F.silu(y.transpose(1, 2).reshape(b, t, m, d))
+        normed = torch.stack([self.norms[i](x[:, :, i]) for i in range(m)], dim=2).reshape(b, t, m * d)
+        if state is None:
+            state = normed.new_zeros(b, self.state_len, m * d)
+        full = torch.cat([state.to(normed.dtype), normed], dim=1)          # [B, state_len + T, M*D]
+        y = F.conv1d(full.transpose(1, 2), self.conv.weight, groups=m * d, dilation=self.dilation)
+        # not full[:, -state_len:]: with kernel_size 1 (state_len 0) that slice is the whole sequence
+        return F.silu(y.transpose(1, 2).reshape(b, t, m, d)), full[:, full.shape[1] - self.state_len:]
 
 
 class Engram(nn.Module):
@@ -158,7 +172,14 @@ class Engram(nn.Module):
         return torch.sigmoid(score)
 
     def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor | None = None,
-                input_ids: torch.Tensor | None = None) -> torch.Tensor:
+                input_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                state: dict | None = None) -> torch.Tensor:
+        """Y for ``hidden``; see the class docstring.
+
+        ``mask`` [B, T] (bool) marks real tokens: the gated value of padding positions is zeroed so a left-padded
+        sequence gives the same outputs as the unpadded one. ``state`` (a dict, empty at the first call) carries
+        the ShortConv context across decoding steps; it is updated in place.
+        """
         single = hidden.dim() == 3
         if single:
             hidden = hidden.unsqueeze(2)
@@ -174,8 +195,11 @@ class Engram(nn.Module):
                 raise ValueError("Engram.forward needs hash_ids (from NgramHasher.hash) or input_ids")
             hash_ids = self.hasher.hash_tokens(input_ids)[self.layer_id]
         b, t = hidden.shape[:2]
-        if hash_ids.shape[:2] != (b, t):
-            raise ValueError(f"hash_ids are for [B, T] = {tuple(hash_ids.shape[:2])}, hidden is for {(b, t)}")
+        if hash_ids.dim() != 3 or hash_ids.shape[:2] != (b, t):
+            raise ValueError(
+                f"hash_ids must be [B, T, (N-1)K] = [{b}, {t}, {self.config.num_heads_total}] for this hidden, "
+                f"got {tuple(hash_ids.shape)}"
+            )
 
         e = self.retrieve(hash_ids).to(hidden.dtype)                       # [B, T, d_mem]
         value = self.value_proj(e).unsqueeze(2)                            # [B, T, 1, D] shared across branches
@@ -187,5 +211,13 @@ class Engram(nn.Module):
                 self.last_gate = alpha.squeeze(-1).detach()
         else:
             gated = value.expand(-1, -1, hidden.shape[2], -1)
-        y = gated if self.short_conv is None else gated + self.short_conv(gated)
+        if mask is not None:
+            gated = gated * mask[:, :, None, None].to(gated.dtype)
+        if self.short_conv is None:
+            y = gated
+        else:
+            conv_out, conv_state = self.short_conv(gated, None if state is None else state.get("conv"))
+            if state is not None:
+                state["conv"] = conv_state
+            y = gated + conv_out
         return y.squeeze(2) if single else y

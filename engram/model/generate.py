@@ -1,0 +1,107 @@
+"""Cached generation: KV cache (latent cache for MLA), incremental Engram hashing, sampling, ragged batches.
+
+Prompts of different lengths are left-padded with the Engram pad token (``cfg.engram.pad_id``, else
+``pad_id``): padded slots are masked out of attention and out of Engram's ShortConv, and because the hasher
+itself pads sequence starts with that token, every real token gets the hash ids it would get unpadded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import EngramLM
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    eos_id: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token from [B, V] logits: greedy, or temperature / top-k / top-p sampling."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (the first token always stays)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device | str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ids [B, T] and a mask [B, T] (True = real token)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    t = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), t, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, t - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model: EngramLM, prompts: list[list[int]], cfg: SamplingConfig | None = None, pad_id: int = 0
+             ) -> list[list[int]]:
+    """Continue each prompt; returns the generated tokens per prompt (up to and including EOS)."""
+    cfg = cfg or SamplingConfig()
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    if model.cfg.engram is not None:
+        pad_id = model.cfg.engram.pad_id
+    ids, mask = pad_prompts(prompts, pad_id, device)
+    if ids.shape[1] + cfg.max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(
+            f"longest prompt ({ids.shape[1]}) + max_new_tokens ({cfg.max_new_tokens}) exceeds the model's "
+            f"max_seq_len ({model.cfg.max_seq_len})"
+        )
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    state = model.new_state()
+    out = model(ids, attention_mask=mask, state=state)
+    logits = out.logits[:, -1]
+    b = len(prompts)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    result: list[list[int]] = [[] for _ in range(b)]
+    for _ in range(cfg.max_new_tokens):
+        nxt = sample_next(logits, cfg, generator)
+        for i in range(b):
+            if not done[i]:
+                result[i].append(int(nxt[i]))
+        if cfg.eos_id is not None:
+            done |= nxt == cfg.eos_id
+        if bool(done.all()):
+            break
+        out = model(nxt[:, None], state=state)
+        logits = out.logits[:, -1]
+    model.train(was_training)
+    return result

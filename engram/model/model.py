@@ -1,0 +1,236 @@
+"""The decoder-only LM: token embedding -> blocks -> final norm -> LM head.
+
+A block is ``Engram (at Engram layers) -> attention -> FFN``, each added to the residual, pre-norm RMSNorm::
+
+    H <- H + Engram(H, hash_ids)                  (only at cfg.engram.layer_ids; per residual branch)
+    H <- H + Attn(RMSNorm(H_pre . H))             (through the mHC mixes when hc_mult > 1)
+    H <- H + FFN(RMSNorm(H_pre . H))              (dense SwiGLU or MoE)
+
+Hash ids of every Engram layer depend only on the token ids, so :meth:`EngramLM.forward` computes them all
+before the first block (and asks offloaded tables to start fetching their rows then).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..hashing import NgramHasher
+from ..module import Engram
+from ..tokenizer import CompressedTokenizer
+from .attention import LayerKVCache, build_attention
+from .config import ModelConfig
+from .ffn import MoE, build_ffn
+from .mhc import build_residual, expand_streams, reduce_streams
+from .overencoding import OverEncoding
+
+
+@dataclass
+class DecodeState:
+    """Everything a cached, incremental forward needs from the previous steps."""
+
+    kv: list[LayerKVCache]
+    engram: dict[int, dict] = field(default_factory=dict)  # ShortConv context per Engram layer
+    history: torch.Tensor | None = None  # [B, N-1] compressed ids (Engram hashing)
+    oe_history: torch.Tensor | None = None  # [B, N-1] raw ids (OverEncoding hashing)
+    key_mask: torch.Tensor | None = None  # [B, T_so_far] real (non-pad) tokens seen so far
+    next_pos: torch.Tensor | None = None  # [B] position of the next token per sequence
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key_mask is None else self.key_mask.shape[1]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    hidden_states: list[torch.Tensor] | None = None  # after each block, streams reduced, before the final norm
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int, hasher: NgramHasher | None):
+        super().__init__()
+        self.idx = idx
+        self.engram: Engram | None = None
+        self.engram_res: nn.Module | None = None
+        if cfg.family == "engram" and idx in cfg.engram.layer_ids:
+            # "w/o multi-branch" ablation: one fusion on the H_pre-mixed hidden state, written back by H_post
+            per_branch = cfg.engram.multi_branch or cfg.hc_mult == 1
+            self.engram = Engram(cfg.engram, idx, cfg.hidden_size, cfg.hc_mult if per_branch else 1, hasher,
+                                 init_std=cfg.init_std)
+            if not per_branch:
+                self.engram_res = build_residual(cfg)
+        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = build_attention(cfg)
+        self.attn_res = build_residual(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.ffn = build_ffn(cfg, idx)
+        self.ffn_res = build_residual(cfg)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, hash_ids: torch.Tensor | None,
+                token_mask: torch.Tensor | None, key_mask: torch.Tensor | None,
+                cache: LayerKVCache | None, engram_state: dict | None) -> torch.Tensor:
+        """x: [B, T, M, D] residual branches."""
+        if self.engram is not None:
+            if self.engram_res is None:
+                x = x + self.engram(x, hash_ids=hash_ids, mask=token_mask, state=engram_state)
+            else:
+                h, ctx = self.engram_res.pre(x)
+                x = self.engram_res.post(x, self.engram(h, hash_ids=hash_ids, mask=token_mask, state=engram_state), ctx)
+        h, ctx = self.attn_res.pre(x)
+        x = self.attn_res.post(x, self.attn(self.attn_norm(h), positions, cache=cache, key_mask=key_mask), ctx)
+        h, ctx = self.ffn_res.pre(x)
+        x = self.ffn_res.post(x, self.ffn(self.ffn_norm(h)), ctx)
+        return x
+
+
+class EngramLM(nn.Module):
+    """Decoder-only LM of any family (``dense``, ``moe``, ``engram``, ``overencoding``).
+
+    ``tokenizer`` (a :class:`CompressedTokenizer`) is required for the ``engram`` family: it fixes V' and so the
+    hash multipliers, and its fingerprint is saved with the model. With ``cfg.engram.compress_tokens = False`` the
+    tokenizer's vocabulary is kept but ids are hashed uncompressed (the ablation).
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer: CompressedTokenizer | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.hasher: NgramHasher | None = None
+        if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer vocab size {tokenizer.vocab_size} does not match the model's vocab_size "
+                f"{cfg.vocab_size}; set vocab_size to the tokenizer's size"
+            )
+        if cfg.family == "engram":
+            if tokenizer is None:
+                raise ValueError("the engram family needs a CompressedTokenizer: EngramLM(cfg, CompressedTokenizer(tok))")
+            hash_tok = tokenizer if cfg.engram.compress_tokens else CompressedTokenizer.identity(
+                tokenizer.vocab_size, tokenizer.fingerprint)
+            self.hasher = NgramHasher.from_tokenizer(cfg.engram, hash_tok)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.overencoding = None
+        if cfg.family == "overencoding":
+            self.overencoding = OverEncoding(cfg.overencoding, cfg.vocab_size, cfg.hidden_size, init_std=cfg.init_std)
+        self.blocks = nn.ModuleList(Block(cfg, i, self.hasher) for i in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = self.cfg.init_std
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def engram_layers(self) -> dict[int, Engram]:
+        return {b.idx: b.engram for b in self.blocks if b.engram is not None}
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def update_moe_biases(self) -> None:
+        """Auxiliary-loss-free balancing: nudge every MoE router bias from the load seen since the last call."""
+        for m in self.moe_layers():
+            m.update_bias()
+
+    def new_state(self) -> DecodeState:
+        return DecodeState(kv=[LayerKVCache() for _ in self.blocks])
+
+    def hash(self, input_ids: torch.Tensor, history: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Hash ids of every Engram layer for ``input_ids`` (raw ids); computable before the forward pass."""
+        if self.hasher is None:
+            return {}
+        compressed = self.hasher.compress(input_ids)
+        if history is None:
+            return self.hasher.hash(compressed)
+        return self.hasher.hash_incremental(history, compressed)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [batch, seq] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(
+                f"input_ids must lie in [0, {self.cfg.vocab_size}); got range [{int(input_ids.min())}, "
+                f"{int(input_ids.max())}] — was the data tokenised with a different tokenizer?"
+            )
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, state: DecodeState | None = None,
+                hash_ids: dict[int, torch.Tensor] | None = None,
+                output_hidden_states: bool = False) -> ModelOutput:
+        """Logits for ``input_ids`` [B, T] (and the mean cross-entropy against ``targets``, -100 = ignore).
+
+        ``attention_mask`` [B, T] marks real tokens (False = left padding). With ``state`` the call continues a
+        cached sequence (generation); the state is updated in place. ``hash_ids`` may be passed precomputed.
+        """
+        self._check_ids(input_ids)
+        b, t = input_ids.shape
+        dev = input_ids.device
+        token_mask = attention_mask.to(torch.bool) if attention_mask is not None else None
+        if state is not None:
+            if state.length + t > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {state.length + t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            new_mask = token_mask if token_mask is not None else torch.ones(b, t, dtype=torch.bool, device=dev)
+            key_mask = new_mask if state.key_mask is None else torch.cat([state.key_mask, new_mask], dim=1)
+            start = state.next_pos if state.next_pos is not None else torch.zeros(b, dtype=torch.long, device=dev)
+            positions = start[:, None] + new_mask.long().cumsum(1) - new_mask.long()
+            key_mask_arg = None if bool(key_mask.all()) else key_mask
+            state.key_mask, state.next_pos = key_mask, positions[:, -1] + new_mask[:, -1].long()
+        else:
+            if t > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            if token_mask is None:
+                positions = torch.arange(t, device=dev).expand(b, t)
+                key_mask_arg = None
+            else:
+                positions = (token_mask.long().cumsum(1) - 1).clamp_min(0)
+                key_mask_arg = token_mask
+
+        if hash_ids is None and self.hasher is not None:
+            hash_ids = self.hash(input_ids, None if state is None else state.history)
+        if state is not None and self.hasher is not None:
+            state.history = self.hasher.advance_history(
+                state.history if state.history is not None else self.hasher.initial_history(b, dev),
+                self.hasher.compress(input_ids))
+        for idx, eng in self.engram_layers.items():
+            prefetch = getattr(eng.table, "prefetch", None)
+            if prefetch is not None:
+                prefetch(hash_ids[idx])
+
+        x = self.tok_emb(input_ids)
+        if self.overencoding is not None:
+            oe = self.overencoding
+            hist = None if state is None else (state.oe_history if state.oe_history is not None
+                                              else oe.hasher.initial_history(b, dev))
+            x = oe(x, oe.hash(input_ids, hist))
+            if state is not None:
+                state.oe_history = oe.hasher.advance_history(hist, input_ids)
+        x = expand_streams(x, self.cfg.hc_mult)
+        hidden = [] if output_hidden_states else None
+        for blk in self.blocks:
+            eng_state = None
+            if state is not None and blk.engram is not None:
+                eng_state = state.engram.setdefault(blk.idx, {})
+            x = blk(x, positions, None if hash_ids is None else hash_ids.get(blk.idx), token_mask, key_mask_arg,
+                    None if state is None else state.kv[blk.idx], eng_state)
+            if hidden is not None:
+                hidden.append(reduce_streams(x))
+        logits = self.lm_head(self.norm(reduce_streams(x)))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)
