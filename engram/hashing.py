@@ -149,11 +149,18 @@ class NgramHasher:
         if ids.dim() != 2:
             raise ValueError(f"{name} must be [batch, seq], got shape {tuple(ids.shape)}")
         ids = ids.to(torch.int64)
-        if ids.numel() and int(ids.max()) >= self.compressed_vocab_size:
-            raise ValueError(
-                f"{name} holds id {int(ids.max())} >= compressed vocab size {self.compressed_vocab_size}: pass "
-                f"compressed ids (CompressedTokenizer.compress), or use hash_tokens() for raw ids"
-            )
+        if ids.numel():
+            lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync for both bounds
+            if hi >= self.compressed_vocab_size:
+                raise ValueError(
+                    f"{name} holds id {hi} >= compressed vocab size {self.compressed_vocab_size}: pass "
+                    f"compressed ids (CompressedTokenizer.compress), or use hash_tokens() for raw ids"
+                )
+            if lo < 0:
+                raise ValueError(
+                    f"{name} holds negative id {lo}: compressed ids must lie in [0, {self.compressed_vocab_size}); "
+                    f"replace padding / ignore-index values (e.g. -100) by the pad token before hashing"
+                )
         return ids
 
     # ------------------------------------------------------------------ hashing

@@ -48,9 +48,14 @@ class MultiHeadEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_rows, self.head_dim, device=device, dtype=dtype))
         self.reset_parameters()
 
+    is_engram_table = True  # optimizers put these rows in the table group (5x LR, no weight decay)
+
     def reset_parameters(self) -> None:
         if self.weight.device.type != "meta":
             nn.init.normal_(self.weight, std=self.init_std)
+
+    def prefetch(self, ids: torch.Tensor) -> None:
+        """Rows already live on the compute device: nothing to fetch ahead (offloaded tables override this)."""
 
     def fused_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Per-head ids -> rows of the fused table (checked to be in range)."""
@@ -121,6 +126,9 @@ class Engram(nn.Module):
         hc_mult: M, residual branches (1 = plain residual stream).
         hasher: the model's :class:`NgramHasher`; needed to hash token ids inside ``forward`` and to size
             the table.
+        table: the rows, built in their own tier (e.g. ``engram.storage.OffloadedEmbedding.create(...,
+            tier="host")``) so a host or disk table is never allocated on the accelerator first; default an
+            on-device :class:`MultiHeadEmbedding`.
 
     ``forward(hidden, hash_ids=None, input_ids=None)``: ``hidden`` is ``[B, T, D]`` (M = 1) or ``[B, T, M, D]``;
     pass either precomputed ``hash_ids`` ([B, T, (N-1)K] per-head ids from ``hasher.hash``) or raw ``input_ids``
@@ -129,7 +137,8 @@ class Engram(nn.Module):
 
     def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1,
                  hasher: NgramHasher | None = None, init_std: float = 0.02,
-                 device: torch.device | str | None = None, table_dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, table_dtype: torch.dtype | None = None,
+                 table: nn.Module | None = None):
         super().__init__()
         if layer_id not in config.layer_ids:
             raise ValueError(f"layer_id {layer_id} is not one of the config's Engram layer_ids {config.layer_ids}")
@@ -143,7 +152,14 @@ class Engram(nn.Module):
         self.hidden_size, self.hc_mult = hidden_size, hc_mult
         self.hasher = hasher
         head_sizes = [p for heads in hasher.table_sizes[layer_id] for p in heads]
-        self.table = MultiHeadEmbedding(head_sizes, config.head_dim, init_std=init_std, device=device, dtype=table_dtype)
+        if table is None:
+            table = MultiHeadEmbedding(head_sizes, config.head_dim, init_std=init_std, device=device, dtype=table_dtype)
+        elif list(getattr(table, "head_sizes", [])) != head_sizes or getattr(table, "head_dim", None) != config.head_dim:
+            raise ValueError(
+                f"the given table has heads {getattr(table, 'head_sizes', None)} x {getattr(table, 'head_dim', None)}, "
+                f"this layer needs {head_sizes} x {config.head_dim}"
+            )
+        self.table = table  # MultiHeadEmbedding, or any row store with the same interface (engram.storage)
         d_mem = config.memory_dim
         n_keys = hc_mult if config.gating else 0
         self.value_proj = nn.Linear(d_mem, hidden_size, device=device)

@@ -2,9 +2,10 @@
 
 Raw token ids whose decoded text normalises to the same string share one compressed id, so that n-grams such as
 "Apple" / " apple" / "APPLE" hit the same memory rows. The normalisation follows the reference exactly:
-NFKC, NFD, strip accents, lowercase, collapse ``[ \\t\\r\\n]+`` to one space, protect a lone space, strip,
-restore the lone space. Tokens whose text is a partial UTF-8 sequence (decode contains U+FFFD) keep their raw
-token string as key and are never merged.
+NFKC, NFD, strip accents, lowercase, collapse ``[ \\t\\r\\n]+`` to one space, then strip unless the result is
+exactly one space (the reference's protect / strip / restore; unlike the reference's sentinel trick, a literal
+U+E000 in a token is kept rather than turned into a space -- no DeepSeek token contains one). Tokens whose text is
+a partial UTF-8 sequence (decode contains U+FFFD) keep their raw token string as key and are never merged.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, normalizers
 
-_SENTINEL = "\ue000"  # private-use code point that stands in for a lone space while stripping
-
 TokenizerLike = Union[Tokenizer, "os.PathLike[str]", str, Any]
 
 
 def _build_normalizer() -> normalizers.Normalizer:
+    # Everything before the lone-space protection. The protection itself is done in Python (below) rather than
+    # with a private-use sentinel character: a sentinel would turn a token whose text *contains* that character
+    # (e.g. "\ue000") into " " and wrongly merge it into the whitespace class.
     return normalizers.Sequence(
         [
             normalizers.NFKC(),
@@ -32,19 +34,20 @@ def _build_normalizer() -> normalizers.Normalizer:
             normalizers.StripAccents(),
             normalizers.Lowercase(),
             normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
-            normalizers.Replace(Regex(r"^ $"), _SENTINEL),
-            normalizers.Strip(),
-            normalizers.Replace(_SENTINEL, " "),
         ]
     )
 
 
 _NORMALIZER = _build_normalizer()
+_STRIP = normalizers.Strip()  # strips Unicode White_Space (Rust char::is_whitespace), as the reference does
 
 
 def normalize_token_text(text: str) -> str:
     """The compression key of a decoded token (before the U+FFFD and empty-string rules)."""
-    return _NORMALIZER.normalize_str(text)
+    collapsed = _NORMALIZER.normalize_str(text)
+    if collapsed == " ":  # a string that is exactly one space is protected from the strip
+        return collapsed
+    return _STRIP.normalize_str(collapsed)
 
 
 class _Backend:
@@ -55,9 +58,10 @@ class _Backend:
         self.is_fast_lib = isinstance(tok, Tokenizer)
 
     def vocab_size(self) -> int:
-        if self.is_fast_lib:
-            return self.tok.get_vocab_size(with_added_tokens=True)
-        return len(self.tok)
+        # get_vocab_size / len count tokens, not ids: with holes in the id space the largest id can exceed it
+        n = self.tok.get_vocab_size(with_added_tokens=True) if self.is_fast_lib else len(self.tok)
+        ids = self.vocab().values()
+        return max(n, max(ids) + 1) if ids else n
 
     def vocab(self) -> dict[str, int]:
         if self.is_fast_lib:
@@ -68,7 +72,9 @@ class _Backend:
         ids = [[i] for i in range(n)]
         if self.is_fast_lib:
             return self.tok.decode_batch(ids, skip_special_tokens=False)
-        return [self.tok.decode(i, skip_special_tokens=False) for i in ids]
+        # no clean-up: it would rewrite e.g. "x ," to "x," and give a different table than the same tokenizer
+        # passed as a tokenizers.Tokenizer
+        return [self.tok.decode(i, skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
 
     def raw_token(self, i: int) -> str:
         if self.is_fast_lib:

@@ -206,10 +206,8 @@ class EngramLM(nn.Module):
             state.history = self.hasher.advance_history(
                 state.history if state.history is not None else self.hasher.initial_history(b, dev),
                 self.hasher.compress(input_ids))
-        for idx, eng in self.engram_layers.items():
-            prefetch = getattr(eng.table, "prefetch", None)
-            if prefetch is not None:
-                prefetch(hash_ids[idx])
+        for idx, eng in self.engram_layers.items():  # addresses are known now: start fetching offloaded rows
+            eng.table.prefetch(hash_ids[idx])
 
         x = self.tok_emb(input_ids)
         if self.overencoding is not None:

@@ -9,6 +9,7 @@ rho is the share of ``P_sparse`` kept in routed experts: ``P_MoE_sparse = rho * 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,7 +125,7 @@ def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None) 
         return base
     engram = engram or default_engram_template(base)
     k, e = base.num_experts_per_tok, base.n_routed_experts
-    e_new = k + int(round(rho * (e - k)))
+    e_new = k + int(math.floor(rho * (e - k) + 0.5))  # round half up (paper: rho=0.4 of 106 -> 46)
     if e_new == e:
         raise ValueError(f"rho={rho} keeps all {e} routed experts (too few experts to move); use rho=1 or more experts")
     base_counts = count_params(base)

@@ -1,0 +1,247 @@
+"""A hot-row cache in the fast tier, sized in bytes, admitting rows by access frequency.
+
+Paper section 5 proposes a cache hierarchy because n-gram accesses are Zipf-distributed: a small set of rows
+takes most accesses, so keeping those in HBM (or host DRAM, in front of a disk table) serves most lookups
+without touching the slow tier. :func:`~engram.storage.profile.zipf_profile` measures how much an ideal cache
+of a given size would catch on real hash ids; this module is the cache.
+
+Policy (TinyLFU-style frequency admission with LFU eviction):
+
+* Every access (each occurrence of a row in a batch) is counted in a count-min sketch on the CPU
+  (4 hash rows x ``width`` int32 counters, ``width`` the power of two >= 2 x capacity): the frequency estimate
+  of a row is the minimum of its 4 counters. The sketch covers rows that are not cached, which a per-slot
+  counter cannot, and its size does not grow with the table.
+* Aging: after ``aging_period`` accesses (default 10 x capacity) all counters are halved, so a row that was
+  hot an hour ago does not keep its slot forever.
+* Admission: after a batch, the rows it missed are offered, most frequent first. Free slots take them as they
+  come; once the cache is full a candidate replaces the least frequent cached row only if its estimate is
+  strictly higher (ties keep the incumbent, so one-off rows do not churn the cache).
+
+The capacity is ``capacity_bytes // (dim * itemsize)`` rows of payload on the cache's device; the index
+(slot -> row, and a sorted copy for lookups) and the sketch live on the CPU and are not counted.
+
+Coherence: the cache holds copies of rows. Whoever writes the backing table must either write the new values
+through (:meth:`HotRowCache.update`) or drop the copies (:meth:`HotRowCache.invalidate` / :meth:`clear`);
+:class:`~engram.storage.OffloadedEmbedding` writes through on its own updates and clears the cache when it sees
+the table was written behind its back (the store's version changed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .tiers import to_device
+
+_SKETCH_DEPTH = 4
+
+
+@dataclass
+class CacheStats:
+    """Counts since construction (or :meth:`HotRowCache.reset_stats`). Hits and misses count accesses: each
+    occurrence of a row in a batch, so that ``hit_rate`` is comparable with
+    :attr:`~engram.storage.profile.ZipfProfile.ideal_hit_rate`."""
+
+    hits: int = 0
+    misses: int = 0
+    admissions: int = 0
+    evictions: int = 0
+    invalidations: int = 0
+    bytes_used: int = 0
+    capacity_bytes: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class HotRowCache:
+    """Up to ``capacity_bytes`` of table rows on ``device``, admitted by access frequency.
+
+    The caller drives it once per batch of unique rows: :meth:`lookup` (which rows are here),
+    :meth:`read` (their values), then :meth:`record` (count the accesses) and :meth:`admit` (offer the rows
+    that missed, with their values).
+    """
+
+    def __init__(self, capacity_bytes: int, dim: int, dtype: torch.dtype, device: torch.device | str,
+                 *, aging_period: int | None = None, seed: int = 0):
+        if dim <= 0:
+            raise ValueError(f"dim must be positive, got {dim}")
+        self.dim, self.dtype, self.device = int(dim), dtype, torch.device(device)
+        self.row_bytes = self.dim * torch.empty((), dtype=dtype).element_size()
+        if capacity_bytes < self.row_bytes:
+            raise ValueError(f"cache of {capacity_bytes} bytes holds no row: one row is {self.row_bytes} bytes "
+                             f"({dim} x {dtype}); give at least that, or no cache")
+        self.capacity_rows = int(capacity_bytes) // self.row_bytes
+        self.capacity_bytes = self.capacity_rows * self.row_bytes
+        self.values = torch.empty(self.capacity_rows, self.dim, dtype=dtype, device=self.device)
+        self.slot_rows = torch.full((self.capacity_rows,), -1, dtype=torch.int64)  # row held by each slot, -1 free
+        self._sorted_rows = torch.empty(0, dtype=torch.int64)   # cached rows, ascending, for searchsorted
+        self._sorted_slots = torch.empty(0, dtype=torch.int64)
+        width = 1 << max(10, (2 * self.capacity_rows - 1).bit_length())
+        self._sketch = torch.zeros(_SKETCH_DEPTH, width, dtype=torch.int32)
+        self._shift = 64 - (width.bit_length() - 1)
+        rng = np.random.default_rng(seed)
+        # odd multipliers for multiply-shift hashing (the top bits of row * a mod 2^64)
+        self._multipliers = [int(m) | 1 for m in rng.integers(-(1 << 63), (1 << 63) - 1, size=_SKETCH_DEPTH,
+                                                            dtype=np.int64)]
+        self.aging_period = int(aging_period) if aging_period is not None else 10 * self.capacity_rows
+        if self.aging_period <= 0:
+            raise ValueError(f"aging_period must be positive, got {aging_period}")
+        self._since_aging = 0
+        self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def size(self) -> int:
+        """Rows held now."""
+        return self._sorted_rows.numel()
+
+    @property
+    def bytes_used(self) -> int:
+        return self.size * self.row_bytes
+
+    @property
+    def stats(self) -> CacheStats:
+        s = self._stats
+        return CacheStats(s.hits, s.misses, s.admissions, s.evictions, s.invalidations, self.bytes_used,
+                          self.capacity_bytes)
+
+    def reset_stats(self) -> None:
+        self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
+
+    def cached_rows(self) -> torch.Tensor:
+        """The rows held now, ascending (a copy)."""
+        return self._sorted_rows.clone()
+
+    # ------------------------------------------------------------------ frequency sketch
+    def _buckets(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        mask = (1 << (64 - self._shift)) - 1
+        # int64 products wrap mod 2^64; the arithmetic shift's sign bits are cut off by the mask
+        return [((rows * a) >> self._shift) & mask for a in self._multipliers]
+
+    def estimate(self, rows: torch.Tensor) -> torch.Tensor:
+        """Estimated recent access counts of ``rows`` (never an underestimate before aging)."""
+        rows = rows.cpu()
+        counts = [self._sketch[i][b] for i, b in enumerate(self._buckets(rows))]
+        return torch.stack(counts).amin(0) if counts else torch.empty(0, dtype=torch.int32)
+
+    def record(self, rows: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """Count accesses: ``counts[i]`` occurrences of ``rows[i]`` (1 each by default)."""
+        rows = rows.cpu()
+        counts = torch.ones_like(rows, dtype=torch.int32) if counts is None else counts.cpu().to(torch.int32)
+        for i, b in enumerate(self._buckets(rows)):
+            self._sketch[i].index_add_(0, b, counts)
+        self._since_aging += int(counts.sum())
+        while self._since_aging >= self.aging_period:
+            self._sketch.bitwise_right_shift_(1)
+            self._since_aging -= self.aging_period
+
+    # ------------------------------------------------------------------ reads
+    def lookup(self, rows: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """For unique CPU ``rows``: ``(hit_mask [n] bool, slots [hits])``; counts hits/misses in :attr:`stats`
+        (``counts[i]`` accesses for ``rows[i]``, 1 each by default)."""
+        rows = rows.cpu()
+        if self.size == 0:
+            hit = torch.zeros(rows.numel(), dtype=torch.bool)
+            slots = torch.empty(0, dtype=torch.int64)
+        else:
+            pos = torch.searchsorted(self._sorted_rows, rows).clamp_(max=self.size - 1)
+            hit = self._sorted_rows[pos] == rows
+            slots = self._sorted_slots[pos[hit]]
+        weights = torch.ones(rows.numel(), dtype=torch.int64) if counts is None else counts.cpu()
+        hits = int(weights[hit].sum())
+        self._stats.hits += hits
+        self._stats.misses += int(weights.sum()) - hits
+        return hit, slots
+
+    def read(self, slots: torch.Tensor) -> torch.Tensor:
+        """Values in ``slots`` (from :meth:`lookup`), ``[n, dim]`` on the cache's device."""
+        return self.values[to_device(slots, self.device)]
+
+    # ------------------------------------------------------------------ writes
+    def admit(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Offer rows that missed (unique, CPU) with their current values ``[n, dim]``; see the module docstring
+        for who gets a slot. Call :meth:`record` for the batch first so that the estimates include it."""
+        rows = rows.cpu()
+        if values.shape != (rows.numel(), self.dim):
+            raise ValueError(f"values must be [{rows.numel()}, {self.dim}], got {tuple(values.shape)}")
+        if rows.numel() == 0:
+            return
+        if self.size:
+            already = self._contains(rows)
+            keep = (~already).nonzero().squeeze(1)
+            rows, values = rows[keep], values[to_device(keep, values.device)]
+        est = self.estimate(rows)
+        order = torch.argsort(est, descending=True, stable=True)
+        ranked, est = rows[order], est[order]                       # candidates, most frequent first
+        free = (self.slot_rows < 0).nonzero().squeeze(1)
+        n_free = min(free.numel(), ranked.numel())
+        slots, n_take = [free[:n_free]], n_free
+        rest = ranked.numel() - n_free
+        if rest and self.size:
+            occupied = self._sorted_slots
+            k = min(rest, occupied.numel())
+            victim_est, victim_idx = torch.topk(self.estimate(self.slot_rows[occupied]), k, largest=False)
+            # candidates descend, victims ascend: the candidates that beat their victim form a prefix
+            wins = int((est[n_free:n_free + k] > victim_est).sum())
+            slots.append(occupied[victim_idx[:wins]])
+            n_take += wins
+            self._stats.evictions += wins
+        slots = torch.cat(slots)
+        if n_take:
+            self.slot_rows[slots] = ranked[:n_take]
+            src = to_device(order[:n_take], values.device)
+            self.values[to_device(slots, self.device)] = values[src].to(self.device, self.dtype)
+            self._stats.admissions += n_take
+            self._reindex()
+
+    def update(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Write-through: the new ``values`` of ``rows`` (unique, CPU) replace the cached copies of those that are
+        cached; the others are ignored."""
+        rows = rows.cpu()
+        if self.size == 0 or rows.numel() == 0:
+            return
+        pos = torch.searchsorted(self._sorted_rows, rows).clamp_(max=self.size - 1)
+        hit = self._sorted_rows[pos] == rows
+        idx = hit.nonzero().squeeze(1)
+        if idx.numel():
+            slots = self._sorted_slots[pos[idx]]
+            new = values[to_device(idx, values.device)]
+            self.values[to_device(slots, self.device)] = new.to(self.device, self.dtype)
+
+    def invalidate(self, rows: torch.Tensor) -> None:
+        """Drop the cached copies of ``rows`` (their frequency counts stay, so hot rows come back)."""
+        rows = rows.cpu()
+        if self.size == 0 or rows.numel() == 0:
+            return
+        pos = torch.searchsorted(self._sorted_rows, rows).clamp_(max=self.size - 1)
+        hit = self._sorted_rows[pos] == rows
+        if bool(hit.any()):
+            self.slot_rows[self._sorted_slots[pos[hit]]] = -1
+            self._stats.invalidations += int(hit.sum())
+            self._reindex()
+
+    def clear(self) -> None:
+        """Drop every cached row (statistics and frequency counts stay)."""
+        self._stats.invalidations += self.size
+        self.slot_rows.fill_(-1)
+        self._reindex()
+
+    # ------------------------------------------------------------------ index
+    def _contains(self, rows: torch.Tensor) -> torch.Tensor:
+        pos = torch.searchsorted(self._sorted_rows, rows).clamp_(max=self.size - 1)
+        return self._sorted_rows[pos] == rows
+
+    def _reindex(self) -> None:
+        occupied = (self.slot_rows >= 0).nonzero().squeeze(1)
+        self._sorted_rows, perm = torch.sort(self.slot_rows[occupied])
+        self._sorted_slots = occupied[perm]
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"HotRowCache({self.size}/{self.capacity_rows} rows, {s.bytes_used}/{s.capacity_bytes} bytes on "
+                f"{self.device}, hit_rate={s.hit_rate:.3f})")

@@ -1,0 +1,705 @@
+"""Where the rows of an Engram table live: one interface, three tiers.
+
+An Engram table is a ``[num_rows, dim]`` matrix that is only ever read and written by row (paper section 5:
+the indices of a step are known from the token ids alone, so rows can be fetched ahead of the compute that
+needs them). :class:`RowStore` is that access pattern and nothing more:
+
+    gather(rows)              -> values[rows]                 (rows: LongTensor[n], values: [n, dim])
+    scatter(rows, v)          :  values[rows] = v
+    apply_update(rows, d, s)  :  values[rows] = s * values[rows] + d   (the optimizer's write, done in the tier)
+    read_range / write_range  :  contiguous blocks, for chunked copies between tiers and checkpoints
+    save(path)
+
+Tiers:
+
+* :class:`DeviceRowStore`: a tensor on the compute device (HBM). Fastest, smallest.
+* :class:`HostRowStore`: a CPU tensor in host DRAM, page-locked (pinned) when CUDA is present so that the
+  gathered rows can be copied to the GPU asynchronously. The paper's inference setup (a 100B-parameter table
+  in host memory, prefetched over PCIe).
+* :class:`DiskRowStore`: a memory-mapped file, for tables larger than host memory. Only the pages holding the
+  requested rows are read; the file is created and initialised in chunks and never materialised whole.
+
+A table is created directly in its tier (:func:`create_row_store`): a host or disk table never passes through
+accelerator memory, and a device table is filled chunk by chunk. Initialisation is ``normal(0, init_std)``
+generated on the CPU in fixed blocks of rows, each from its own seed derived from ``(seed, block)``, so the
+same ``(num_rows, dim, init_std, seed)`` gives bit-identical tables in every tier.
+
+File formats: device and host tables save to safetensors (one tensor ``"rows"`` plus metadata); a disk table
+*is* its file: a 4096-byte header (magic ``ENGRAMRS``, then JSON with format version, shape and dtype) followed
+by the rows, row-major. Opening checks the magic, the version and that the file size is exactly header + rows,
+so a truncated file or a header that does not match the data is refused before any row is served.
+
+Every write bumps :attr:`RowStore.version`; readers that keep copies of rows (the hot-row cache, in-flight
+prefetches) compare it to know whether their copies may be stale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+TIERS = ("device", "host", "disk")
+
+DISK_MAGIC = b"ENGRAMRS"
+DISK_FORMAT_VERSION = 1
+DISK_HEADER_BYTES = 4096
+SAFETENSORS_KEY = "rows"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# numpy has no bfloat16: disk rows of that dtype are mapped as uint16 and viewed as bfloat16 by torch.
+_NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16,
+                  torch.float64: np.float64}
+_INIT_BLOCK_ELEMENTS = 1 << 20   # rows are initialised in blocks of ~1M values (4 MB in float32)
+_COPY_CHUNK_BYTES = 64 << 20     # chunk size for copies between tiers
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, d in _DTYPES.items():
+        if d == dtype:
+            return name
+    raise TypeError(f"unsupported table dtype {dtype}; use one of {sorted(_DTYPES)}")
+
+
+def _dtype_from_name(name: str, source: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"{source}: unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def cuda_pinning_default() -> bool:
+    """Host buffers are page-locked exactly when there is a GPU to copy them to."""
+    return torch.cuda.is_available()
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t.to(device)``, but a CPU -> CUDA copy goes through pinned memory and does not block the host (a copy
+    from pageable memory waits for the GPU to drain its stream)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _check_shape(num_rows: int, dim: int, dtype: torch.dtype) -> tuple[int, int, torch.dtype]:
+    if int(num_rows) <= 0 or int(dim) <= 0:
+        raise ValueError(f"a table needs num_rows > 0 and dim > 0, got num_rows={num_rows}, dim={dim}")
+    dtype_name(dtype)
+    return int(num_rows), int(dim), dtype
+
+
+def check_rows(rows: torch.Tensor, num_rows: int, unique: bool = False) -> torch.Tensor:
+    """Validate a 1-D int64 row index tensor against a table of ``num_rows`` rows."""
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"rows must be a torch.LongTensor, got {type(rows).__name__}")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"rows must be int64, got {rows.dtype}")
+    if rows.dim() != 1:
+        raise ValueError(f"rows must be 1-D [n], got shape {tuple(rows.shape)}")
+    if rows.numel():
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= num_rows:
+            raise IndexError(f"row ids must lie in [0, {num_rows}), got min {lo}, max {hi}")
+        if unique and torch.unique(rows).numel() != rows.numel():
+            raise ValueError("rows must not repeat for a write (which value would win?); coalesce them first")
+    return rows
+
+
+def _block_seed(seed: int, block: int) -> int:
+    # splitmix-style mixing so that neighbouring (seed, block) pairs give unrelated generators
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(block) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % (1 << 64)
+    x ^= x >> 31
+    return x % (1 << 63)
+
+
+def init_block_rows(dim: int) -> int:
+    """Rows per initialisation block (fixed by ``dim`` only, so every tier draws the same blocks)."""
+    return max(1, _INIT_BLOCK_ELEMENTS // dim)
+
+
+def init_rows(start: int, stop: int, dim: int, init_std: float, seed: int) -> torch.Tensor:
+    """The initial values of rows ``[start, stop)``: float32 on the CPU, identical whoever asks."""
+    block = init_block_rows(dim)
+    out = torch.empty(stop - start, dim, dtype=torch.float32)
+    b = start // block
+    while b * block < stop:
+        b_start, b_stop = b * block, (b + 1) * block
+        gen = torch.Generator().manual_seed(_block_seed(seed, b))
+        values = torch.randn(b_stop - b_start, dim, generator=gen)  # the whole block, so the draw is fixed
+        lo, hi = max(start, b_start), min(stop, b_stop)
+        out[lo - start:hi - start] = values[lo - b_start:hi - b_start]
+        b += 1
+    return out.mul_(init_std)
+
+
+def _progress(total: int, desc: str, progress: bool | None) -> tqdm:
+    # progress=None: tqdm decides (shown on a terminal, hidden in logs and tests)
+    return tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=None if progress is None else not progress)
+
+
+def _fill_initial(store: RowStore, init_std: float, seed: int, progress: bool | None) -> None:
+    block = init_block_rows(store.dim)
+    with _progress(store.num_rows, f"init {store.kind} table", progress) as bar:
+        for start in range(0, store.num_rows, block):
+            stop = min(store.num_rows, start + block)
+            store.write_range(start, init_rows(start, stop, store.dim, init_std, seed).to(store.dtype))
+            bar.update(stop - start)
+
+
+class RowStore(ABC):
+    """A ``[num_rows, dim]`` table accessed by row. See the module docstring for the contract.
+
+    ``gather`` returns rows on :attr:`device`: the CPU for host and disk tables (page-locked when CUDA is
+    present), the table's device for a device table, so that a device table's rows never make a round trip
+    through the host. Moving host rows to the compute device is the caller's business
+    (:class:`~engram.storage.OffloadedEmbedding` does it on a side stream).
+    """
+
+    kind: str = ""
+
+    def __init__(self, num_rows: int, dim: int, dtype: torch.dtype):
+        self.num_rows, self.dim, self.dtype = _check_shape(num_rows, dim, dtype)
+        self.version = 0
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_rows * self.row_bytes
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where :meth:`gather` returns rows."""
+
+    # ------------------------------------------------------------------ row access
+    @abstractmethod
+    def gather(self, rows: torch.Tensor, out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+        """``values[rows]`` as ``[n, dim]`` on :attr:`device` (written into ``out`` when given)."""
+
+    @abstractmethod
+    def scatter(self, rows: torch.Tensor, values: torch.Tensor, check: bool = True) -> None:
+        """``values[rows] = values``; rows must not repeat."""
+
+    def apply_update(self, rows: torch.Tensor, delta: torch.Tensor, scale: float | None = None,
+                     check: bool = True) -> torch.Tensor:
+        """``values[rows] = scale * values[rows] + delta`` computed in float32, stored in :attr:`dtype`.
+
+        Rows must not repeat. Returns the new values of ``rows`` (on :attr:`device`), so that callers holding
+        copies (a cache, a prefetch) can refresh them without reading the table again.
+        """
+        if check:
+            check_rows(rows, self.num_rows, unique=True)
+        if delta.shape != (rows.numel(), self.dim):
+            raise ValueError(f"delta must be [{rows.numel()}, {self.dim}], got {tuple(delta.shape)}")
+        rows = to_device(rows, self.device)
+        new = self.gather(rows, check=False).float()
+        if scale is not None:
+            new.mul_(scale)
+        new = new.add_(to_device(delta, self.device).float()).to(self.dtype)
+        self.scatter(rows, new, check=False)
+        return new
+
+    @abstractmethod
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` on :attr:`device` (may be a view; copy before keeping it)."""
+
+    @abstractmethod
+    def write_range(self, start: int, values: torch.Tensor) -> None:
+        """Rows ``[start, start + len(values))`` = values."""
+
+    # ------------------------------------------------------------------ persistence
+    @abstractmethod
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the table to ``path`` (safetensors for device/host, the raw row file for disk)."""
+
+    def flush(self) -> None:
+        """Make all writes durable (a no-op for in-memory tiers)."""
+
+    def to_tier(self, tier: str, **kwargs) -> RowStore:
+        """A copy of this table in another tier; see :func:`to_tier`."""
+        return to_tier(self, tier, **kwargs)
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _check_range(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= self.num_rows:
+            raise IndexError(f"row range [{start}, {stop}) is outside the table's [0, {self.num_rows})")
+
+    def _check_values(self, values: torch.Tensor, n: int) -> None:
+        if values.shape != (n, self.dim):
+            raise ValueError(f"values must be [{n}, {self.dim}], got {tuple(values.shape)}")
+
+    def _bump(self) -> None:
+        self.version += 1
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(num_rows={self.num_rows}, dim={self.dim}, dtype={dtype_name(self.dtype)}, "
+                f"device={self.device}, {self.nbytes / 2**20:.1f} MiB)")
+
+
+# ---------------------------------------------------------------------- tensor-backed row access, shared by tiers
+def _gather(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    rows = to_device(rows, table.device)
+    if out is None:
+        if table.device.type == "cpu" and cuda_pinning_default():
+            # host rows are returned page-locked so that the copy to the GPU can be asynchronous
+            out = torch.empty(rows.numel(), table.shape[1], dtype=table.dtype, pin_memory=True)
+            return torch.index_select(table, 0, rows, out=out)
+        return torch.index_select(table, 0, rows)
+    if out.shape != (rows.numel(), table.shape[1]) or out.dtype != table.dtype or out.device != table.device:
+        raise ValueError(f"out must be a [{rows.numel()}, {table.shape[1]}] {table.dtype} tensor on {table.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    return torch.index_select(table, 0, rows, out=out)
+
+
+def _scatter(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    table.index_copy_(0, to_device(rows, table.device), to_device(values, table.device).to(table.dtype))
+
+
+class DeviceRowStore(RowStore):
+    """Rows in a tensor on the compute device (any torch device; ``cpu`` on a machine without accelerator)."""
+
+    kind = "device"
+
+    def __init__(self, rows: torch.Tensor):
+        if rows.dim() != 2:
+            raise ValueError(f"a table is a 2-D [num_rows, dim] tensor, got shape {tuple(rows.shape)}")
+        super().__init__(rows.shape[0], rows.shape[1], rows.dtype)
+        self.rows = rows
+
+    @classmethod
+    def create(cls, num_rows: int, dim: int, *, dtype: torch.dtype = torch.float32, init_std: float = 0.02,
+               seed: int = 0, device: torch.device | str | None = None, progress: bool | None = None) -> DeviceRowStore:
+        num_rows, dim, dtype = _check_shape(num_rows, dim, dtype)
+        device = torch.device(device) if device is not None else _default_device()
+        store = cls(torch.empty(num_rows, dim, dtype=dtype, device=device))
+        _fill_initial(store, init_std, seed, progress)
+        store.version = 0
+        return store
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> DeviceRowStore:
+        device = torch.device(device) if device is not None else _default_device()
+        reader = _SafetensorsReader(path)
+        store = cls(torch.empty(reader.num_rows, reader.dim, dtype=reader.dtype, device=device))
+        reader.copy_into(store)
+        return store
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def gather(self, rows, out=None, check=True):
+        if check:
+            check_rows(rows, self.num_rows)
+        return _gather(self.rows, rows, out)
+
+    def scatter(self, rows, values, check=True):
+        if check:
+            check_rows(rows, self.num_rows, unique=True)
+            self._check_values(values, rows.numel())
+        _scatter(self.rows, rows, values)
+        self._bump()
+
+    def read_range(self, start, stop):
+        self._check_range(start, stop)
+        return self.rows[start:stop]
+
+    def write_range(self, start, values):
+        self._check_range(start, start + values.shape[0])
+        self._check_values(values, values.shape[0])
+        self.rows[start:start + values.shape[0]].copy_(values)
+        self._bump()
+
+    def save(self, path):
+        _save_safetensors(self, path)
+
+
+class HostRowStore(RowStore):
+    """Rows in host DRAM; the tensor is page-locked when CUDA is present (``pin=None``), so that gathered rows
+    can be staged in pinned buffers and copied to the GPU without blocking."""
+
+    kind = "host"
+
+    def __init__(self, rows: torch.Tensor):
+        if rows.device.type != "cpu":
+            raise ValueError(f"a host table lives on the CPU, got a tensor on {rows.device}; use DeviceRowStore")
+        if rows.dim() != 2:
+            raise ValueError(f"a table is a 2-D [num_rows, dim] tensor, got shape {tuple(rows.shape)}")
+        super().__init__(rows.shape[0], rows.shape[1], rows.dtype)
+        self.rows = rows
+
+    @staticmethod
+    def _allocate(num_rows: int, dim: int, dtype: torch.dtype, pin: bool | None) -> torch.Tensor:
+        pin = cuda_pinning_default() if pin is None else pin
+        return torch.empty(num_rows, dim, dtype=dtype, pin_memory=pin)
+
+    @classmethod
+    def create(cls, num_rows: int, dim: int, *, dtype: torch.dtype = torch.float32, init_std: float = 0.02,
+               seed: int = 0, pin: bool | None = None, progress: bool | None = None) -> HostRowStore:
+        num_rows, dim, dtype = _check_shape(num_rows, dim, dtype)
+        store = cls(cls._allocate(num_rows, dim, dtype, pin))
+        _fill_initial(store, init_std, seed, progress)
+        store.version = 0
+        return store
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, pin: bool | None = None) -> HostRowStore:
+        reader = _SafetensorsReader(path)
+        store = cls(cls._allocate(reader.num_rows, reader.dim, reader.dtype, pin))
+        reader.copy_into(store)
+        return store
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    @property
+    def pinned(self) -> bool:
+        return self.rows.is_pinned()
+
+    def gather(self, rows, out=None, check=True):
+        if check:
+            check_rows(rows, self.num_rows)
+        return _gather(self.rows, rows, out)
+
+    def scatter(self, rows, values, check=True):
+        if check:
+            check_rows(rows, self.num_rows, unique=True)
+            self._check_values(values, rows.numel())
+        _scatter(self.rows, rows, values)
+        self._bump()
+
+    def read_range(self, start, stop):
+        self._check_range(start, stop)
+        return self.rows[start:stop]
+
+    def write_range(self, start, values):
+        self._check_range(start, start + values.shape[0])
+        self._check_values(values, values.shape[0])
+        self.rows[start:start + values.shape[0]].copy_(values)
+        self._bump()
+
+    def save(self, path):
+        _save_safetensors(self, path)
+
+
+class DiskRowStore(RowStore):
+    """Rows in a memory-mapped file (see the module docstring for the layout).
+
+    ``DiskRowStore(path)`` opens an existing file and checks it; pass ``num_rows`` / ``dim`` / ``dtype`` to also
+    require a shape (a table built for another config is refused). :meth:`create` makes a new file.
+    Reads touch only the pages that hold the requested rows (one 4 KiB page per row at least, so on NVMe the
+    cost is in IOPS, not bytes, for rows smaller than a page).
+    """
+
+    kind = "disk"
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, num_rows: int | None = None,
+                 dim: int | None = None, dtype: torch.dtype | None = None):
+        self.path = Path(path)
+        header = read_disk_header(self.path)
+        super().__init__(header["num_rows"], header["dim"], header["dtype"])
+        expected = (num_rows, dim, dtype)
+        found = (self.num_rows, self.dim, self.dtype)
+        if any(e is not None and e != f for e, f in zip(expected, found)):
+            want = (f"[{'*' if num_rows is None else num_rows}, {'*' if dim is None else dim}] "
+                    f"{'any dtype' if dtype is None else dtype_name(dtype)}")
+            raise ValueError(f"{self.path} holds a [{self.num_rows}, {self.dim}] {dtype_name(self.dtype)} table, "
+                             f"expected {want}; it was built for another table config")
+        self.readonly = readonly
+        self._map = np.memmap(self.path, dtype=_NUMPY_STORAGE[self.dtype], mode="r" if readonly else "r+",
+                              offset=DISK_HEADER_BYTES, shape=(self.num_rows, self.dim))
+        with warnings.catch_warnings():
+            # a read-only map gives a non-writable array; torch warns, we refuse writes ourselves
+            warnings.simplefilter("ignore", UserWarning)
+            self.rows = torch.from_numpy(self._map).view(self.dtype)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, num_rows: int, dim: int, *, dtype: torch.dtype = torch.float32,
+               init_std: float = 0.02, seed: int = 0, overwrite: bool = False,
+               progress: bool | None = None) -> DiskRowStore:
+        """A new table file, initialised chunk by chunk. ``init_std=0`` gives an all-zero table without writing
+        any row (a sparse file: instant, and it takes no disk space until rows are written)."""
+        num_rows, dim, dtype = _check_shape(num_rows, dim, dtype)
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        _write_empty_disk_file(path, num_rows, dim, dtype)
+        if init_std != 0:
+            # plain file writes, not writes through the map: the process never holds the table in its memory
+            block = init_block_rows(dim)
+            row_bytes = dim * torch.empty((), dtype=dtype).element_size()
+            with open(path, "r+b") as f, _progress(num_rows, "init disk table", progress) as bar:
+                for start in range(0, num_rows, block):
+                    stop = min(num_rows, start + block)
+                    chunk = init_rows(start, stop, dim, init_std, seed).to(dtype)
+                    f.seek(DISK_HEADER_BYTES + start * row_bytes)
+                    f.write(_as_numpy(chunk).tobytes())
+                    bar.update(stop - start)
+        return cls(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, readonly: bool = False) -> DiskRowStore:
+        return cls(path, readonly=readonly)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise PermissionError(f"{self.path} was opened read-only; open it with readonly=False to write rows")
+
+    def gather(self, rows, out=None, check=True):
+        if check:
+            check_rows(rows, self.num_rows)
+        return _gather(self.rows, rows, out)
+
+    def scatter(self, rows, values, check=True):
+        self._writable()
+        if check:
+            check_rows(rows, self.num_rows, unique=True)
+            self._check_values(values, rows.numel())
+        _scatter(self.rows, rows, values)
+        self._bump()
+
+    def read_range(self, start, stop):
+        self._check_range(start, stop)
+        return self.rows[start:stop]
+
+    def write_range(self, start, values):
+        self._writable()
+        self._check_range(start, start + values.shape[0])
+        self._check_values(values, values.shape[0])
+        self.rows[start:start + values.shape[0]].copy_(values)
+        self._bump()
+
+    def flush(self) -> None:
+        if not self.readonly:
+            self._map.flush()
+
+    def save(self, path):
+        """Flush; to another path, copy the file chunk by chunk (a disk table's checkpoint is its file)."""
+        self.flush()
+        path = Path(path)
+        if path.exists() and path.resolve() == self.path.resolve():
+            return
+        _write_empty_disk_file(path, self.num_rows, self.dim, self.dtype)
+        copy = DiskRowStore(path)
+        _copy_rows(self, copy, progress=None)
+        copy.flush()
+
+
+# ---------------------------------------------------------------------- disk file format
+def _as_numpy(values: torch.Tensor) -> np.ndarray:
+    values = values.detach().cpu().contiguous()
+    if values.dtype == torch.bfloat16:
+        values = values.view(torch.int16)
+    return values.numpy()
+
+
+def _write_empty_disk_file(path: Path, num_rows: int, dim: int, dtype: torch.dtype) -> None:
+    meta = {"format_version": DISK_FORMAT_VERSION, "num_rows": num_rows, "dim": dim, "dtype": dtype_name(dtype)}
+    header = DISK_MAGIC + json.dumps(meta).encode() + b"\n"
+    assert len(header) < DISK_HEADER_BYTES
+    row_bytes = dim * torch.empty((), dtype=dtype).element_size()
+    with open(path, "wb") as f:
+        f.write(header.ljust(DISK_HEADER_BYTES, b"\0"))
+        f.truncate(DISK_HEADER_BYTES + num_rows * row_bytes)  # sparse: unwritten rows read as zeros
+
+
+def read_disk_header(path: str | os.PathLike) -> dict:
+    """Parse and check a disk table's header against its file size; returns num_rows, dim, dtype."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no table file at {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(DISK_HEADER_BYTES)
+    if size < len(DISK_MAGIC):
+        raise ValueError(f"{path} is truncated: {size} bytes, too short to hold a table header")
+    if not head.startswith(DISK_MAGIC):
+        raise ValueError(f"{path} is not an engram disk table (missing the {DISK_MAGIC.decode()} magic)")
+    if len(head) < DISK_HEADER_BYTES:
+        raise ValueError(f"{path} is truncated: {size} bytes, shorter than the {DISK_HEADER_BYTES}-byte header")
+    try:
+        meta = json.loads(head[len(DISK_MAGIC):].split(b"\n", 1)[0])
+        version, num_rows, dim = int(meta["format_version"]), int(meta["num_rows"]), int(meta["dim"])
+        name = meta["dtype"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable table header ({e})") from e
+    if version != DISK_FORMAT_VERSION:
+        raise ValueError(f"{path}: table format version {version}, this engram reads version {DISK_FORMAT_VERSION}")
+    dtype = _dtype_from_name(name, str(path))
+    if num_rows <= 0 or dim <= 0:
+        raise ValueError(f"{path}: header has a non-positive shape [{num_rows}, {dim}]")
+    expected = DISK_HEADER_BYTES + num_rows * dim * torch.empty((), dtype=dtype).element_size()
+    if size < expected:
+        raise ValueError(f"{path} is truncated: the header describes a [{num_rows}, {dim}] {name} table "
+                         f"({expected} bytes with the header) but the file has {size} bytes")
+    if size > expected:
+        raise ValueError(f"{path}: the header describes a [{num_rows}, {dim}] {name} table ({expected} bytes with "
+                         f"the header) but the file has {size} bytes; the header does not match the data")
+    return {"num_rows": num_rows, "dim": dim, "dtype": dtype}
+
+
+# ---------------------------------------------------------------------- safetensors (device / host)
+def _save_safetensors(store: RowStore, path: str | os.PathLike) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"engram_rowstore": str(DISK_FORMAT_VERSION), "num_rows": str(store.num_rows), "dim": str(store.dim),
+            "dtype": dtype_name(store.dtype)}
+    save_file({SAFETENSORS_KEY: store.read_range(0, store.num_rows).contiguous()}, str(path), metadata=meta)
+
+
+class _SafetensorsReader:
+    """Reads a saved device/host table in chunks (the file is never loaded whole)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = str(path)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no table file at {path}")
+        try:
+            self._file = safe_open(self.path, framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise ValueError(f"{path} is not a readable safetensors table ({e})") from e
+        meta = self._file.metadata() or {}
+        if "engram_rowstore" not in meta or SAFETENSORS_KEY not in self._file.keys():
+            raise ValueError(f"{path} is a safetensors file but not an engram table (no 'rows' tensor / metadata)")
+        self._slice = self._file.get_slice(SAFETENSORS_KEY)
+        shape = self._slice.get_shape()
+        self.dtype = _dtype_from_name(meta["dtype"], self.path)
+        self.num_rows, self.dim = int(meta["num_rows"]), int(meta["dim"])
+        if list(shape) != [self.num_rows, self.dim]:
+            raise ValueError(f"{path}: metadata says [{self.num_rows}, {self.dim}] but the tensor is {list(shape)}")
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        return self._slice[start:stop]
+
+    def copy_into(self, store: RowStore, progress: bool | None = None) -> None:
+        _copy_rows(self, store, progress)
+        store.version = 0
+
+
+# ---------------------------------------------------------------------- creation, conversion, loading
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _copy_rows(src, dst: RowStore, progress: bool | None) -> None:
+    chunk = max(1, _COPY_CHUNK_BYTES // dst.row_bytes)
+    with _progress(dst.num_rows, f"copy to {dst.kind} table", progress) as bar:
+        for start in range(0, dst.num_rows, chunk):
+            stop = min(dst.num_rows, start + chunk)
+            dst.write_range(start, src.read_range(start, stop).to(dst.device, dst.dtype))
+            bar.update(stop - start)
+
+
+def create_row_store(tier: str, num_rows: int, dim: int, *, dtype: torch.dtype = torch.float32,
+                     init_std: float = 0.02, seed: int = 0, device: torch.device | str | None = None,
+                     path: str | os.PathLike | None = None, pin: bool | None = None, overwrite: bool = False,
+                     progress: bool | None = None) -> RowStore:
+    """A new ``normal(0, init_std)`` table created directly in ``tier`` (``device`` / ``host`` / ``disk``).
+
+    ``device`` is only for the device tier (default: the current CUDA device, else the CPU); ``path`` only and
+    always for the disk tier; ``pin`` only for the host tier (default: pinned iff CUDA is available).
+    """
+    _check_tier_args(tier, device=device, path=path, pin=pin)
+    if tier == "device":
+        return DeviceRowStore.create(num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, device=device,
+                                     progress=progress)
+    if tier == "host":
+        return HostRowStore.create(num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, pin=pin,
+                                   progress=progress)
+    return DiskRowStore.create(path, num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, overwrite=overwrite,
+                               progress=progress)
+
+
+def to_tier(store: RowStore, tier: str, *, device: torch.device | str | None = None,
+            path: str | os.PathLike | None = None, pin: bool | None = None, dtype: torch.dtype | None = None,
+            overwrite: bool = False, progress: bool | None = None) -> RowStore:
+    """Copy ``store`` into a new table in ``tier`` (chunk by chunk; the source is never duplicated whole).
+
+    ``dtype`` converts the rows (default: keep). The source is left as it is; the copy starts at version 0.
+    """
+    _check_tier_args(tier, device=device, path=path, pin=pin)
+    dtype = store.dtype if dtype is None else dtype
+    if tier == "device":
+        device = torch.device(device) if device is not None else _default_device()
+        dst: RowStore = DeviceRowStore(torch.empty(store.num_rows, store.dim, dtype=dtype, device=device))
+    elif tier == "host":
+        dst = HostRowStore(HostRowStore._allocate(store.num_rows, store.dim, dtype, pin))
+    else:
+        path = Path(path)
+        if isinstance(store, DiskRowStore) and path.exists() and path.resolve() == store.path.resolve():
+            raise ValueError(f"to_tier: {path} is the source table's own file")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        _write_empty_disk_file(path, store.num_rows, store.dim, dtype)
+        dst = DiskRowStore(path)
+    _copy_rows(store, dst, progress)
+    dst.flush()
+    dst.version = 0
+    return dst
+
+
+def load_row_store(path: str | os.PathLike, tier: str | None = None, *, device: torch.device | str | None = None,
+                   pin: bool | None = None, disk_path: str | os.PathLike | None = None,
+                   readonly: bool = False) -> RowStore:
+    """Open a saved table, recognising the format from the file.
+
+    A disk table file opens in place (``tier=None`` or ``"disk"``) or is copied into ``host`` / ``device``;
+    a safetensors table loads into ``host`` (default) or ``device``, or into a new disk file at ``disk_path``.
+    """
+    if tier is not None and tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no table file at {path}")
+    with open(path, "rb") as f:
+        is_disk = f.read(len(DISK_MAGIC)) == DISK_MAGIC
+    if is_disk:
+        store = DiskRowStore(path, readonly=readonly or tier not in (None, "disk"))
+        if tier in (None, "disk"):
+            if disk_path is not None:
+                raise ValueError("disk_path is for loading a safetensors table into the disk tier")
+            return store
+        return to_tier(store, tier, device=device, pin=pin)
+    tier = tier or "host"
+    if tier == "device":
+        return DeviceRowStore.load(path, device=device)
+    if tier == "host":
+        return HostRowStore.load(path, pin=pin)
+    if disk_path is None:
+        raise ValueError(f"loading the safetensors table {path} into the disk tier needs disk_path= (a new file)")
+    reader = _SafetensorsReader(path)
+    _write_empty_disk_file(Path(disk_path), reader.num_rows, reader.dim, reader.dtype)
+    store = DiskRowStore(disk_path)
+    reader.copy_into(store)
+    store.flush()
+    return store
+
+
+def _check_tier_args(tier: str, device=None, path=None, pin=None) -> None:
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
+    if tier == "disk" and path is None:
+        raise ValueError("the disk tier needs path= (the table file)")
+    if tier != "disk" and path is not None:
+        raise ValueError(f"path= is only for the disk tier, not {tier!r}")
+    if tier != "device" and device is not None:
+        raise ValueError(f"device= is only for the device tier; a {tier} table lives on the CPU")
+    if tier != "host" and pin is not None:
+        raise ValueError(f"pin= is only for the host tier, not {tier!r}")

@@ -1,0 +1,94 @@
+"""Figures and the markdown report of a comparison run: loss curves, gate heatmap, table, generations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ..model.model import EngramLM  # noqa: E402
+from ..model.params import format_count  # noqa: E402
+from .data import TextTokenizer  # noqa: E402
+from .evaluate import gate_trace  # noqa: E402
+
+
+def plot_loss_curves(runs: dict[str, dict], path: Path) -> Path:
+    """Train (thin) and validation (markers) loss against step for each named run."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (name, r) in enumerate(runs.items()):
+        color = f"C{i}"
+        h = r["history"]
+        ax.plot([x["step"] for x in h], [x["loss"] for x in h], color=color, alpha=0.35, lw=1)
+        e = r["evals"]
+        ax.plot([x["step"] for x in e], [x["val_loss"] for x in e], "o-", color=color, label=f"{name} (val)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Training (thin) and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_gate_heatmap(model: EngramLM, tok: TextTokenizer, text: str, path: Path, max_tokens: int = 160) -> Path:
+    """The paper's gate figure: each token of ``text`` shaded by its Engram gate (one row block per layer).
+
+    For every Engram layer the branch whose gate varies most over the text is shown (the paper notes that not
+    every branch is interpretable and shows the most interpretable one).
+    """
+    ids = tok.encode([text])[0][:max_tokens]
+    device = next(model.parameters()).device
+    gates = gate_trace(model, torch.tensor([ids], device=device))
+    pieces = [tok.decode([i]) for i in ids]
+    layers = sorted(gates)
+    fig, axes = plt.subplots(len(layers), 1, figsize=(12, 0.6 + 2.6 * len(layers)), squeeze=False)
+    cmap = plt.get_cmap("Reds")
+    for ax, layer in zip(axes[:, 0], layers):
+        g = gates[layer]  # [T, M]
+        branch = int(g.std(0).argmax())
+        vals = g[:, branch]
+        lo, hi = float(vals.min()), float(vals.max())
+        x, y, line_h = 0.0, 1.0, 0.14
+        ax.set_axis_off()
+        for piece, v in zip(pieces, vals.tolist()):
+            shown = piece.replace("\n", "⏎").replace("\t", "→") or "∅"
+            w = 0.0085 * len(shown) + 0.004
+            if x + w > 1.0:
+                x, y = 0.0, y - line_h
+            norm = (v - lo) / (hi - lo + 1e-9)
+            ax.text(x, y, shown, fontsize=7.5, family="monospace", va="top",
+                    bbox=dict(boxstyle="square,pad=0.12", fc=cmap(0.05 + 0.85 * norm), ec="none"))
+            x += w
+        ax.set_title(f"Engram block {layer}, branch {branch}: gate α from {lo:.2f} (white) to {hi:.2f} (red)",
+                     fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def comparison_table(rows: list[dict]) -> str:
+    cols = ["model", "total", "activated", "engram", "routed_experts", "val_loss", "val_ppl", "val_bpb", "tokens_per_s"]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            if c in ("total", "activated", "engram"):
+                cells.append(format_count(v) if v else "0")
+            elif c in ("val_loss", "val_bpb"):
+                cells.append(f"{v:.4f}")
+            elif c == "val_ppl":
+                cells.append(f"{v:.2f}")
+            elif c == "tokens_per_s":
+                cells.append(f"{v:,.0f}")
+            else:
+                cells.append(str(v))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)

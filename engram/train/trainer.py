@@ -1,0 +1,298 @@
+"""The training loop: data -> model -> optimizers -> checkpoints -> metrics.
+
+Everything a run needs is in :class:`RunConfig` (model, train and optimizer sections), which is what YAML
+configs hold. A run directory contains ``config.json``, ``metrics.jsonl``, ``checkpoints/`` and, at the end,
+``model/`` (a :func:`engram.model.save_model` folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..model.config import ModelConfig
+from ..model.io import save_model
+from ..model.model import EngramLM
+from ..model.params import count_params
+from ..tokenizer import CompressedTokenizer
+from .checkpoint import CheckpointManager, capture_rng_state, install_signal_handlers, restore_rng_state
+from .data import TextTokenizer, TokenizedCorpus, build_token_files, load_corpus, load_tokenizer, random_batch
+from .evaluate import evaluate
+from .optim import LRSchedule, OptimConfig, build_optimizers, clip_grad_norm
+
+
+@dataclass
+class TrainConfig:
+    """Run length, batch shape, data, logging and checkpoint cadence."""
+
+    out_dir: str = "runs/default"
+    steps: int = 500
+    batch_size: int = 16
+    seq_len: int = 128
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 10
+    ckpt_every: int = 250
+    keep_last: int = 2
+    seed: int = 0
+    device: str = "auto"  # auto = cuda if available
+    data: str | None = None  # None = the Python standard library corpus
+    max_bytes: int | None = 4_000_000
+    val_fraction: float = 0.05
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096  # for tokenizer = "bpe"
+    cache_dir: str | None = None
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every", "ckpt_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train), "optim": self.optim.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        unknown = sorted(set(d) - {"model", "train", "optim"})
+        if unknown:
+            raise ValueError(f"unknown config sections {unknown}; expected model, train, optim")
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        bad = sorted(set(d.get("train", {})) - train_fields)
+        if bad:
+            raise ValueError(f"unknown train fields {bad}; valid: {sorted(train_fields)}")
+        return cls(model=ModelConfig.from_dict(d.get("model", {})), train=TrainConfig(**d.get("train", {})),
+                   optim=OptimConfig.from_dict(d.get("optim", {})))
+
+
+@dataclass
+class TrainResult:
+    model: EngramLM
+    out_dir: Path
+    history: list[dict]  # one record per logged step
+    evals: list[dict]  # one record per evaluation
+    final: dict  # last evaluation
+    tokens_per_s: float
+    steps_done: int
+    interrupted: bool = False
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def prepare_data(tcfg: TrainConfig) -> tuple[TextTokenizer, TokenizedCorpus]:
+    """Load the corpus, get the tokenizer (training a BPE if asked), tokenise once into cached token files."""
+    corpus = load_corpus(tcfg.data, max_bytes=tcfg.max_bytes, val_fraction=tcfg.val_fraction)
+    cache_root = Path(tcfg.cache_dir) if tcfg.cache_dir else None
+    tok = load_tokenizer(tcfg.tokenizer, corpus.train, vocab_size=tcfg.vocab_size,
+                         cache_dir=None if cache_root is None else cache_root / "tokenizers")
+    key = f"{corpus.fingerprint('train')[:12]}-{corpus.fingerprint('val')[:8]}-{tok.fingerprint[:12]}"
+    from .data import default_cache_dir
+
+    token_dir = (cache_root or default_cache_dir()) / "tokens" / key
+    return tok, build_token_files(corpus, tok, token_dir, progress=tcfg.progress)
+
+
+def build_model(cfg: ModelConfig, tok: TextTokenizer) -> EngramLM:
+    """The model for this tokenizer: vocab size and (for Engram) the compressed tokenizer and pad id follow it."""
+    changes: dict[str, Any] = {"vocab_size": tok.vocab_size}
+    if cfg.engram is not None:
+        changes["engram"] = {**cfg.engram.to_dict(), "pad_id": tok.pad_id}
+    cfg = cfg.replace(**changes)
+    ctok = CompressedTokenizer(tok.hf) if cfg.family == "engram" else None
+    if ctok is not None and ctok.vocab_size != cfg.vocab_size:
+        # tokenizers with id gaps: the compressed table covers the decoded range; pad it to the embedding size
+        raise ValueError(f"tokenizer reports {ctok.vocab_size} ids but its largest id implies {cfg.vocab_size}")
+    return EngramLM(cfg, ctok)
+
+
+class _MetricsLog:
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        kept = []
+        if path.exists() and resume_step > 0:  # drop records from after the checkpoint we resume from
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("step", 0) <= resume_step:
+                    kept.append(line)
+        path.write_text("".join(k + "\n" for k in kept))
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tb"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def write(self, rec: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{rec.get('kind', 'train')}/{k}", v, rec["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None = None,
+          stop_after: int | None = None, desc: str | None = None,
+          on_eval: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train ``run.model`` for ``run.train.steps`` steps, resuming from ``out_dir`` when it holds checkpoints.
+
+    ``stop_after`` ends the run early after that many steps *of this call* (with a checkpoint), as an interrupt
+    would; tests use it to check that resuming reproduces an uninterrupted run.
+    """
+    tcfg = run.train
+    out = Path(tcfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tcfg.seed)
+    tok, tokens = data or prepare_data(tcfg)
+    model = build_model(run.model, tok)
+    run = dataclasses.replace(run, model=model.cfg)
+    device = pick_device(tcfg.device)
+    model.to(device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    optimizers = build_optimizers(model, run.optim)
+    schedule = LRSchedule(optimizers, run.optim, tcfg.steps)
+    gen = torch.Generator().manual_seed(tcfg.seed)
+    ckpt = CheckpointManager(out / "checkpoints", keep_last=tcfg.keep_last)
+    start = 0
+    history: list[dict] = []
+    evals: list[dict] = []
+    config_dict = run.to_dict()
+    if tcfg.resume and ckpt.latest_step() is not None:
+        state = ckpt.load()
+        saved = state.get("config", {})
+        if saved.get("model") != config_dict["model"]:
+            raise ValueError(
+                f"{out} holds checkpoints of a different model config; use another train.out_dir or "
+                f"train.resume=false to start over"
+            )
+        model.load_state_dict(state["model"])
+        for o, s in zip(optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        schedule.load_state_dict(state["schedule"])
+        gen.set_state(state["data_generator"])
+        restore_rng_state(state["rng"])
+        start = int(state["step"])
+        history = state["extra"].get("history", [])
+        evals = state["extra"].get("evals", [])
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2))
+    log = _MetricsLog(out / "metrics.jsonl", start)
+
+    def save(step: int) -> None:
+        ckpt.save(step, {
+            "model": model.state_dict(), "config": config_dict,
+            "optimizers": [o.state_dict() for o in optimizers], "schedule": schedule.state_dict(),
+            "data_generator": gen.get_state(), "rng": capture_rng_state(),
+            "extra": {"history": history, "evals": evals},
+        })
+
+    def run_eval(step: int) -> dict:
+        r = evaluate(model, tokens.val, batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
+                     max_batches=tcfg.eval_batches, device=device, autocast_dtype=amp)
+        rec = {"kind": "eval", "step": step, "val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"],
+               "expert_load": r["expert_load"], "gates": r["gates"]}
+        evals.append(rec)
+        log.write(rec)
+        if on_eval is not None:
+            on_eval(rec)
+        return rec
+
+    model.train()
+    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+    steps_this_call = 0
+    interrupted = False
+    t_train = 0.0
+    bar = tqdm(total=tcfg.steps, initial=start, desc=desc or run.model.family, disable=not tcfg.progress,
+               unit="step", dynamic_ncols=True)
+    with install_signal_handlers() as stop:
+        for step in range(start, tcfg.steps):
+            t0 = time.perf_counter()
+            x, y = random_batch(tokens.train.tokens, tcfg.batch_size, tcfg.seq_len, gen)
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
+                loss = model(x, y).loss
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = clip_grad_norm(model.parameters(), run.optim.grad_clip) if run.optim.grad_clip else None
+            for o in optimizers:
+                o.step()
+            schedule.step()
+            model.update_moe_biases()
+            loss_v = loss.item()
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"loss became {loss_v} at step {step + 1}; lower optim.lr or check the data")
+            dt = time.perf_counter() - t0
+            t_train += dt
+            steps_this_call += 1
+            done = step + 1
+            bar.update(1)
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                rec = {"kind": "train", "step": done, "loss": loss_v, "lr_factor": schedule.factor,
+                       "tokens_per_s": tokens_per_step / dt,
+                       "grad_norm": None if gnorm is None else float(gnorm)}
+                history.append(rec)
+                log.write(rec)
+                bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tokens_per_step * steps_this_call / t_train:,.0f}")
+            if done % tcfg.eval_every == 0 or done == tcfg.steps:
+                run_eval(done)
+            last = done == tcfg.steps
+            stopping = stop.stop_requested or (stop_after is not None and steps_this_call >= stop_after)
+            if done % tcfg.ckpt_every == 0 or last or stopping:
+                save(done)
+            if stopping and not last:
+                interrupted = True
+                break
+    bar.close()
+    log.close()
+    final = evals[-1] if evals else {}
+    if not interrupted:
+        save_model(model, out / "model")
+        save_text_tokenizer(tok, out / "model")
+    if steps_this_call:
+        tok_s = tokens_per_step * steps_this_call / t_train
+    else:  # nothing left to do (resumed a finished run): report what the logged steps measured
+        tok_s = sum(h["tokens_per_s"] for h in history) / max(len(history), 1)
+    return TrainResult(model=model, out_dir=out, history=history, evals=evals, final=final, tokens_per_s=tok_s,
+                       steps_done=start + steps_this_call, interrupted=interrupted)
+
+
+def save_text_tokenizer(tok: TextTokenizer, directory: Path) -> None:
+    """Store the text tokenizer beside the weights so ``load_tokenizer(directory)`` gets it back."""
+    from tokenizers import Tokenizer
+
+    if isinstance(tok.hf, Tokenizer):
+        tok.hf.save(str(directory / "tokenizer.json"))
+        special = {"eos_token": tok.hf.id_to_token(tok.eos_id), "pad_token": tok.hf.id_to_token(tok.pad_id)}
+        (directory / "tokenizer_config.json").write_text(json.dumps(special))
+    else:
+        tok.hf.save_pretrained(str(directory))
+
+
+def describe(model: EngramLM) -> dict:
+    c = count_params(model.cfg)
+    return {"family": model.cfg.family, **c.as_dict()}
