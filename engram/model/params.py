@@ -146,6 +146,14 @@ def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None) 
     return base.replace(family="engram", n_routed_experts=e_new, engram=eng.to_dict())
 
 
+def dense_counterpart(base: ModelConfig) -> ModelConfig:
+    """The dense model with ``base``'s activated FFN width: every block a SwiGLU of (shared + top-k) experts' width."""
+    if not base.is_moe:
+        raise ValueError(f"dense_counterpart() takes an MoE config, got family {base.family!r}")
+    width = (base.n_shared_experts + base.num_experts_per_tok) * base.moe_intermediate_size
+    return base.replace(family="dense", intermediate_size=width, engram=None, overencoding=None)
+
+
 def allocation_table(base: ModelConfig, rhos: list[float], engram: EngramConfig | None = None) -> list[dict]:
     """One row per rho: total, activated, sparse, Engram params, routed experts, table rows, FLOPs/token."""
     rows = []
