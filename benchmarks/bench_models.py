@@ -11,6 +11,7 @@ noise hits all three alike, and the median step time of each is reported with it
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -35,7 +36,10 @@ def main() -> None:
     ap.add_argument("--hc", type=int, default=1, help="residual branches (mHC when > 1)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per model")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
 
@@ -43,8 +47,9 @@ def main() -> None:
                        num_heads=max(1, args.hidden // 32), max_seq_len=args.seq, moe_intermediate_size=args.hidden,
                        intermediate_size=3 * args.hidden, n_shared_experts=1, n_routed_experts=args.experts,
                        num_experts_per_tok=2, first_k_dense=1, hc_mult=args.hc)
-    template = EngramConfig(engram_vocab_size=[1000, 1000], n_embed_per_ngram=args.hidden // 2, n_head_per_ngram=4,
-                            layer_ids=[1, args.layers // 2], pad_id=0)
+    # as in the demo: d_mem = d/2 (2 orders x 4 heads), one module at block 1
+    template = EngramConfig(engram_vocab_size=[1000, 1000], n_embed_per_ngram=args.hidden // 4, n_head_per_ngram=4,
+                            layer_ids=[1], pad_id=0)
     configs = {"moe": base, "engram": allocate(base, args.rho, template), "dense": dense_counterpart(base)}
     tok = CompressedTokenizer.identity(args.vocab)
     models, opts = {}, {}
@@ -77,7 +82,7 @@ def main() -> None:
                 times[name].append(t)
     tokens = args.batch * args.seq
     print(f"device={dev} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch}x{args.seq} "
-          f"steps={args.steps} (median)")
+          f"steps={args.steps} (median) load={os.getloadavg()[0]:.1f}")
     print("| model | total | activated | engram | routed experts | step ms | tokens/s | vs moe |")
     print("|---|---|---|---|---|---|---|---|")
     ref = statistics.median(times["moe"])

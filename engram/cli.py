@@ -2,10 +2,14 @@
 
     engram demo                                   # Engram vs matched MoE on the Python stdlib, report folder
     engram train --config run.yaml --set train.steps=200 model.hidden_size=256
+    torchrun --nproc_per_node 2 $(which engram) train --config run.yaml   # sharded tables, FSDP2 backbone
     engram eval --model runs/x/model [--data PATH]
     engram generate --model runs/x/model --prompt "def main(" [--temperature 0.8 --top-p 0.9]
     engram compare --config base.yaml --rho 0.75
     engram alloc --config configs/paper/moe-27b.yaml --rhos 1,0.9,0.8,0.7
+    engram profile --config run.yaml --cache-mb 1,8,64   # Zipf profile of the hash ids, cache hit rates
+    engram sweep allocation|memory|ablate --out runs/sweeps/NAME [--jobs 2 --seeds 0,1 --set train.steps=400]
+    engram analyze logit-lens|cka|engram-off|curves --model POINT [--model POINT] --out fig.png
 """
 
 from __future__ import annotations
@@ -18,19 +22,15 @@ from typing import Any
 
 import yaml
 
+from .yamlio import load_yaml
+
 
 def _parse_value(text: str) -> Any:
     """A YAML scalar/list ("3", "1e-3", "true", "[1, 2]", "null") or the plain string."""
     try:
-        value = yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str):  # PyYAML reads "2e-3" as a string (YAML 1.1); numbers are meant here
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
@@ -55,7 +55,7 @@ def load_run_dict(path: str | None, overrides: list[str]) -> dict:
         p = Path(path)
         if not p.is_file():
             raise SystemExit(f"config file {path!r} not found")
-        d = yaml.safe_load(p.read_text()) or {}
+        d = load_yaml(p.read_text()) or {}
         if not isinstance(d, dict):
             raise SystemExit(f"{path} must hold a mapping with sections model / train / optim")
     return apply_overrides(d, overrides)
@@ -68,10 +68,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .distributed.train import is_main_process, launched_distributed
     from .train.trainer import RunConfig, train
 
     run = RunConfig.from_dict(load_run_dict(args.config, args.set))
+    if launched_distributed():  # torchrun: tables row-sharded, backbone data-parallel (docs/distributed.md)
+        from .distributed.train import train_distributed as train
     r = train(run)
+    if not is_main_process():
+        return
     state = "interrupted (checkpoint saved; rerun to resume)" if r.interrupted else "done"
     print(f"{state}: step {r.steps_done}, val loss {r.final.get('val_loss', float('nan')):.4f}, "
           f"{r.tokens_per_s:,.0f} tokens/s; run folder {r.out_dir}")
@@ -149,6 +154,88 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"Report folder: {Path(args.out).resolve()} (report.md, loss_curves.png, gate_heatmap.png, summary.json)")
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .model.model import engram_hasher
+    from .storage.profile import corpus_row_batches, plot_rank_frequency, profile_corpus, simulate_cache
+    from .train.trainer import RunConfig, model_config_for, prepare_data
+
+    if args.model:
+        from .model.config import ModelConfig
+        from .model.io import load_tokenizer_table
+        from .train.data import build_token_files, default_cache_dir, load_corpus, load_tokenizer
+
+        cfg, ctok, tok = ModelConfig.load(Path(args.model) / "config.json"), load_tokenizer_table(args.model), \
+            load_tokenizer(args.model)
+        corpus = load_corpus(args.data, max_bytes=args.max_bytes or 4_000_000)
+        key = f"{corpus.fingerprint('train')[:12]}-{corpus.fingerprint('val')[:8]}-{tok.fingerprint[:12]}"
+        tokens = build_token_files(corpus, tok, default_cache_dir() / "tokens" / key).train.tokens
+    else:
+        run = RunConfig.from_dict(load_run_dict(args.config, args.set))
+        tcfg = dataclasses.replace(run.train, data=args.data or run.train.data,
+                                   max_bytes=args.max_bytes or run.train.max_bytes)
+        tok, files = prepare_data(tcfg)
+        cfg, ctok = model_config_for(run.model, tok)
+        tokens = files.train.tokens
+    if cfg.family != "engram" or ctok is None:
+        raise ValueError(f"profile needs an engram-family model (got family {cfg.family!r})")
+    hasher = engram_hasher(cfg, ctok)
+    cache_mb = [mb.strip() for mb in args.cache_mb.split(",")] if args.cache_mb else []
+    cache_bytes = [int(float(mb) * 2**20) for mb in cache_mb]
+    batching = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    profiles = profile_corpus(hasher, tokens, dim=cfg.engram.head_dim, min_count=args.min_count, **batching)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for layer, prof in profiles.items():
+        print(f"## Engram layer {layer}: {prof.num_rows:,} rows x {cfg.engram.head_dim} (float32), "
+              f"{min(len(tokens), args.max_tokens or len(tokens)):,} tokens\n")
+        print(prof.summary(cache_bytes=cache_bytes))
+        if cache_bytes:
+            print("\n| cache | ideal hit rate | HotRowCache hit rate (replayed) |\n|---|---|---|")
+            for mb, b in zip(cache_mb, cache_bytes):
+                stats = simulate_cache(corpus_row_batches(hasher, tokens, layer, **batching), b,
+                                       cfg.engram.head_dim)
+                print(f"| {mb} MiB | {prof.ideal_hit_rate(b):.2%} | {stats.hit_rate:.2%} |")
+        png = plot_rank_frequency(prof, out / f"rank_frequency_layer{layer}.png",
+                                  title=f"Engram layer {layer}: rank-frequency of table rows")
+        print(f"\nrank-frequency plot: {png}\n")
+
+
+def _csv(text: str | None, cast=str) -> list | None:
+    return None if not text else [cast(x) for x in text.split(",") if x.strip()]
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .experiments.sweeps import run
+
+    s = run(args.kind, args.out, overrides=load_run_dict(args.config, args.set), seeds=_csv(args.seeds, int),
+            jobs=args.jobs, threads=args.threads, figure=args.figure, rhos=_csv(args.rhos, float),
+            rows=_csv(args.rows, int), variants=_csv(args.variants), dense_ffn_share=args.dense_ffn_share)
+    print((Path(args.out) / "results.csv").read_text())
+    print(f"figure: {s['figure']}; summary: {Path(args.out) / 'summary.json'}")
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from .experiments import analyze
+
+    labels = args.label or [Path(m).name for m in args.model]
+    if len(labels) != len(args.model):
+        raise ValueError(f"give one --label per --model ({len(args.model)}), got {len(labels)}")
+    if args.kind == "logit-lens":
+        r = analyze.analyze_logit_lens(args.model, labels, args.out)
+    elif args.kind == "curves":
+        r = analyze.analyze_curves(args.model, labels, args.out)
+    elif len(args.model) != (2 if args.kind == "cka" else 1):
+        raise ValueError(f"analyze {args.kind} takes {2 if args.kind == 'cka' else 1} --model, got {len(args.model)}")
+    elif args.kind == "cka":
+        r = analyze.analyze_cka(args.model[0], args.model[1], (labels[0], labels[1]), args.out, k=args.k)
+    else:
+        r = analyze.analyze_engram_off(args.model[0], args.out)
+    print(json.dumps(r, indent=2))
+    print(f"figure: {args.out}; numbers: {Path(args.out).with_suffix('.json')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="engram", description="Conditional memory (Engram) for language models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -193,6 +280,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.add_argument("--rhos", default="1.0,0.9,0.8,0.7,0.6,0.5,0.4")
     s.set_defaults(func=cmd_alloc)
+
+    s = sub.add_parser("profile", help="Zipf profile of a corpus's Engram hash ids and the hit rate per cache size")
+    _add_common(s)
+    s.add_argument("--model", help="a saved model folder (its config and tokenizer); default: --config")
+    s.add_argument("--data", default=None, help="text file, folder or .jsonl (default: the run's data / stdlib)")
+    s.add_argument("--max-bytes", type=int, default=None, help="corpus bytes to read (default: the run's, or 4 MB)")
+    s.add_argument("--max-tokens", type=int, default=None)
+    s.add_argument("--cache-mb", default="1,8,64", help="cache sizes in MiB per table, comma-separated")
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--min-count", type=int, default=5, help="rows seen fewer times are left out of the Zipf fit")
+    s.add_argument("--out", default="reports/profile", help="folder for the rank-frequency PNGs")
+    s.set_defaults(func=cmd_profile)
+
+    s = sub.add_parser("sweep", help="train a sweep of points (resumable, --jobs in parallel): table + figure")
+    s.add_argument("kind", choices=["allocation", "memory", "ablate"])
+    s.add_argument("--config", help="YAML with sections model (backbone), engram, train, optim")
+    s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. train.steps=400 model.hc_mult=2")
+    s.add_argument("--out", required=True, help="sweep folder (rerun the same command to resume)")
+    s.add_argument("--jobs", type=int, default=1, help="points trained at once, in separate processes")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per point (default: cores / jobs)")
+    s.add_argument("--seeds", default=None, help="comma-separated seeds; every point is run once per seed")
+    s.add_argument("--figure", default=None, help="PNG path (default OUT/KIND.png)")
+    s.add_argument("--rhos", default=None, help="allocation: comma-separated rho values (default 1.0..0.4)")
+    s.add_argument("--rows", default=None, help="memory: comma-separated table rows per head")
+    s.add_argument("--variants", default=None, help="ablate: comma-separated subset of the variants")
+    s.add_argument("--dense-ffn-share", type=float, default=0.5,
+                   help="ablate: share of the dense FFN width traded for Engram in dense+engram-iso")
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("analyze", help="LogitLens, CKA, Engram-off or learning-curve analysis of trained models")
+    s.add_argument("kind", choices=["logit-lens", "cka", "engram-off", "curves"])
+    s.add_argument("--model", action="append", required=True,
+                   help="a model, run or sweep-point folder (repeat: logit-lens / curves any, cka 2 (rows, "
+                        "columns), engram-off 1)")
+    s.add_argument("--label", action="append", help="a name per --model for the figure")
+    s.add_argument("--out", required=True, help="PNG path; the numbers go beside it as .json")
+    s.add_argument("--k", type=int, default=5, help="cka: top-k of the soft alignment index")
+    s.set_defaults(func=cmd_analyze)
     return p
 
 

@@ -165,9 +165,9 @@ class ModelConfig:
             raise FileNotFoundError(f"no config file at {path}")
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
-            import yaml
+            from ..yamlio import load_yaml
 
-            d = yaml.safe_load(text)
+            d = load_yaml(text)
         else:
             d = json.loads(text)
         if not isinstance(d, dict):

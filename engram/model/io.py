@@ -1,5 +1,8 @@
 """Save / load a model: ``model.safetensors`` + ``config.json`` + ``tokenizer.safetensors``.
 
+Engram tables held in a host or disk tier (``engram.storage``) are written as their own files under ``tables/``
+with a ``tables.json`` manifest, not through ``model.safetensors``; see :mod:`engram.storage.tables`.
+
 The compressed-tokenizer lookup and the tokenizer's vocabulary fingerprint travel with the weights, because the
 Engram hash multipliers depend on V': loading with a different tokenizer would silently rehash every n-gram, so
 it is refused.
@@ -40,9 +43,12 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_model(model: EngramLM, directory: str | os.PathLike) -> Path:
     """Write the model to ``directory`` (created if needed); each file is replaced atomically."""
+    from ..storage.tables import save_table_files
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    table_keys = save_table_files(model, d)   # offloaded tables: their own files (a disk table stays in place)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in table_keys}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     _atomic_write(d / WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
@@ -72,12 +78,16 @@ def load_tokenizer_table(directory: str | os.PathLike) -> CompressedTokenizer | 
 
 
 def load_model(directory: str | os.PathLike, tokenizer: CompressedTokenizer | None = None,
-               map_location: str | torch.device = "cpu") -> EngramLM:
+               map_location: str | torch.device = "cpu", table_files=None) -> EngramLM:
     """Load a model saved by :func:`save_model`.
 
     ``tokenizer``, when given, must be the one the model was trained with (same vocabulary fingerprint and
-    compression table); otherwise the stored table is used.
+    compression table); otherwise the stored table is used. Tables saved as their own files open in the tier
+    they were saved in; ``table_files`` (an :class:`engram.storage.tables.TableFiles`, as
+    :func:`engram.storage.load_offloaded` passes) opens them elsewhere.
     """
+    from ..storage.tables import TableFiles
+
     d = Path(directory)
     for name in (WEIGHTS, CONFIG):
         if not (d / name).is_file():
@@ -99,8 +109,12 @@ def load_model(directory: str | os.PathLike, tokenizer: CompressedTokenizer | No
         state = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{d / WEIGHTS} is corrupt or truncated ({e}); re-save or re-download it") from e
-    model = EngramLM(cfg, tok)
+    if table_files is None:
+        table_files = TableFiles.open(d)
+    model = EngramLM(cfg, tok, table_factory=table_files)
     expected = model.state_dict()
+    for key in table_files.state_keys if table_files is not None else ():
+        expected.pop(key, None)
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
@@ -116,5 +130,5 @@ def load_model(directory: str | os.PathLike, tokenizer: CompressedTokenizer | No
             detail.append("shape mismatch " + ", ".join(
                 f"{k}: config {tuple(expected[k].shape)} vs file {tuple(state[k].shape)}" for k in wrong[:5]))
         raise ModelLoadError(f"{d / CONFIG} does not match the weights in {d / WEIGHTS}: " + "; ".join(detail))
-    model.load_state_dict(state, strict=not cfg.tie_embeddings)
+    model.load_state_dict(state, strict=not cfg.tie_embeddings and table_files is None)
     return model.to(map_location)

@@ -13,6 +13,7 @@ before the first block (and asks offloaded tables to start fetching their rows t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,10 @@ from .config import ModelConfig
 from .ffn import MoE, build_ffn
 from .mhc import build_residual, expand_streams, reduce_streams
 from .overencoding import OverEncoding
+
+
+# (layer_id, head_sizes, head_dim, init_std) -> the Engram table of that layer (see EngramLM)
+TableFactory = Callable[[int, list[int], int, float], nn.Module]
 
 
 @dataclass
@@ -51,8 +56,17 @@ class ModelOutput:
     hidden_states: list[torch.Tensor] | None = None  # after each block, streams reduced, before the final norm
 
 
+def engram_hasher(cfg: ModelConfig, tokenizer: CompressedTokenizer) -> NgramHasher:
+    """The hasher of an ``engram``-family model (no weights needed): compressed ids, or raw ids for the
+    ``compress_tokens = False`` ablation."""
+    hash_tok = tokenizer if cfg.engram.compress_tokens else CompressedTokenizer.identity(
+        tokenizer.vocab_size, tokenizer.fingerprint)
+    return NgramHasher.from_tokenizer(cfg.engram, hash_tok)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, idx: int, hasher: NgramHasher | None):
+    def __init__(self, cfg: ModelConfig, idx: int, hasher: NgramHasher | None,
+                 table_factory: TableFactory | None = None):
         super().__init__()
         self.idx = idx
         self.engram: Engram | None = None
@@ -60,8 +74,12 @@ class Block(nn.Module):
         if cfg.family == "engram" and idx in cfg.engram.layer_ids:
             # "w/o multi-branch" ablation: one fusion on the H_pre-mixed hidden state, written back by H_post
             per_branch = cfg.engram.multi_branch or cfg.hc_mult == 1
+            table = None
+            if table_factory is not None:
+                head_sizes = [p for heads in hasher.table_sizes[idx] for p in heads]
+                table = table_factory(idx, head_sizes, cfg.engram.head_dim, cfg.init_std)
             self.engram = Engram(cfg.engram, idx, cfg.hidden_size, cfg.hc_mult if per_branch else 1, hasher,
-                                 init_std=cfg.init_std)
+                                 init_std=cfg.init_std, table=table)
             if not per_branch:
                 self.engram_res = build_residual(cfg)
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -94,9 +112,14 @@ class EngramLM(nn.Module):
     ``tokenizer`` (a :class:`CompressedTokenizer`) is required for the ``engram`` family: it fixes V' and so the
     hash multipliers, and its fingerprint is saved with the model. With ``cfg.engram.compress_tokens = False`` the
     tokenizer's vocabulary is kept but ids are hashed uncompressed (the ablation).
+
+    ``table_factory(layer_id, head_sizes, head_dim, init_std) -> table`` builds each Engram layer's table in
+    place of the default on-device :class:`~engram.module.MultiHeadEmbedding`, e.g. a host or disk table from
+    :func:`engram.storage.table_factory`, so that it is created directly in its tier.
     """
 
-    def __init__(self, cfg: ModelConfig, tokenizer: CompressedTokenizer | None = None):
+    def __init__(self, cfg: ModelConfig, tokenizer: CompressedTokenizer | None = None,
+                 table_factory: TableFactory | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -110,14 +133,12 @@ class EngramLM(nn.Module):
         if cfg.family == "engram":
             if tokenizer is None:
                 raise ValueError("the engram family needs a CompressedTokenizer: EngramLM(cfg, CompressedTokenizer(tok))")
-            hash_tok = tokenizer if cfg.engram.compress_tokens else CompressedTokenizer.identity(
-                tokenizer.vocab_size, tokenizer.fingerprint)
-            self.hasher = NgramHasher.from_tokenizer(cfg.engram, hash_tok)
+            self.hasher = engram_hasher(cfg, tokenizer)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.overencoding = None
         if cfg.family == "overencoding":
             self.overencoding = OverEncoding(cfg.overencoding, cfg.vocab_size, cfg.hidden_size, init_std=cfg.init_std)
-        self.blocks = nn.ModuleList(Block(cfg, i, self.hasher) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, self.hasher, table_factory) for i in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

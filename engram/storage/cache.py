@@ -16,6 +16,10 @@ Policy (TinyLFU-style frequency admission with LFU eviction):
 * Admission: after a batch, the rows it missed are offered, most frequent first. Free slots take them as they
   come; once the cache is full a candidate replaces the least frequent cached row only if its estimate is
   strictly higher (ties keep the incumbent, so one-off rows do not churn the cache).
+* Cost: a batch of n unique rows costs O(n log capacity) plus O(capacity) memory passes (a selection over one
+  int32 per slot and merging the sorted index), never a re-estimate or re-sort of every cached row. The
+  frequency of a cached row is read from the sketch when the row is admitted or accessed and halved with it at
+  aging; collisions that raise its sketch counters in between are not seen until its next access.
 
 The capacity is ``capacity_bytes // (dim * itemsize)`` rows of payload on the cache's device; the index
 (slot -> row, and a sorted copy for lookups) and the sketch live on the CPU and are not counted.
@@ -81,6 +85,7 @@ class HotRowCache:
         self.slot_rows = torch.full((self.capacity_rows,), -1, dtype=torch.int64)  # row held by each slot, -1 free
         self._sorted_rows = torch.empty(0, dtype=torch.int64)   # cached rows, ascending, for searchsorted
         self._sorted_slots = torch.empty(0, dtype=torch.int64)
+        self._slot_est = torch.zeros(self.capacity_rows, dtype=torch.int32)  # frequency of each slot's row
         width = 1 << max(10, (2 * self.capacity_rows - 1).bit_length())
         self._sketch = torch.zeros(_SKETCH_DEPTH, width, dtype=torch.int32)
         self._shift = 64 - (width.bit_length() - 1)
@@ -138,7 +143,12 @@ class HotRowCache:
         self._since_aging += int(counts.sum())
         while self._since_aging >= self.aging_period:
             self._sketch.bitwise_right_shift_(1)
+            self._slot_est.bitwise_right_shift_(1)   # min(c_i >> 1) == min(c_i) >> 1: still the estimate
             self._since_aging -= self.aging_period
+        if self.size and rows.numel():
+            pos = torch.searchsorted(self._sorted_rows, rows).clamp_(max=self.size - 1)
+            cached = self._sorted_rows[pos] == rows
+            self._slot_est[self._sorted_slots[pos[cached]]] = self.estimate(rows[cached])
 
     # ------------------------------------------------------------------ reads
     def lookup(self, rows: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,26 +188,32 @@ class HotRowCache:
         est = self.estimate(rows)
         order = torch.argsort(est, descending=True, stable=True)
         ranked, est = rows[order], est[order]                       # candidates, most frequent first
-        free = (self.slot_rows < 0).nonzero().squeeze(1)
+        if self.size < self.capacity_rows:
+            free = (self.slot_rows < 0).nonzero().squeeze(1)
+        else:
+            free = torch.empty(0, dtype=torch.int64)
         n_free = min(free.numel(), ranked.numel())
         slots, n_take = [free[:n_free]], n_free
+        evicted = torch.empty(0, dtype=torch.int64)                  # positions in the sorted index
         rest = ranked.numel() - n_free
         if rest and self.size:
             occupied = self._sorted_slots
             k = min(rest, occupied.numel())
-            victim_est, victim_idx = torch.topk(self.estimate(self.slot_rows[occupied]), k, largest=False)
+            victim_est, victim_idx = torch.topk(self._slot_est[occupied], k, largest=False, sorted=True)
             # candidates descend, victims ascend: the candidates that beat their victim form a prefix
             wins = int((est[n_free:n_free + k] > victim_est).sum())
-            slots.append(occupied[victim_idx[:wins]])
+            evicted = victim_idx[:wins]
+            slots.append(occupied[evicted])
             n_take += wins
             self._stats.evictions += wins
         slots = torch.cat(slots)
         if n_take:
             self.slot_rows[slots] = ranked[:n_take]
+            self._slot_est[slots] = est[:n_take]
             src = to_device(order[:n_take], values.device)
             self.values[to_device(slots, self.device)] = values[src].to(self.device, self.dtype)
             self._stats.admissions += n_take
-            self._reindex()
+            self._merge_index(evicted, ranked[:n_take], slots)
 
     def update(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Write-through: the new ``values`` of ``rows`` (unique, CPU) replace the cached copies of those that are
@@ -235,6 +251,22 @@ class HotRowCache:
     def _contains(self, rows: torch.Tensor) -> torch.Tensor:
         pos = torch.searchsorted(self._sorted_rows, rows).clamp_(max=self.size - 1)
         return self._sorted_rows[pos] == rows
+
+    def _merge_index(self, removed: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Drop positions ``removed`` of the sorted index and insert ``rows`` (not cached yet) held in ``slots``,
+        in one O(size) pass instead of a re-sort."""
+        keep = torch.ones(self.size, dtype=torch.bool)
+        keep[removed] = False
+        kept_rows, kept_slots = self._sorted_rows[keep], self._sorted_slots[keep]
+        rows, order = torch.sort(rows)
+        pos = torch.searchsorted(kept_rows, rows) + torch.arange(rows.numel())
+        is_new = torch.zeros(kept_rows.numel() + rows.numel(), dtype=torch.bool)
+        is_new[pos] = True
+        merged_rows = torch.empty(is_new.numel(), dtype=torch.int64)
+        merged_slots = torch.empty(is_new.numel(), dtype=torch.int64)
+        merged_rows[pos], merged_slots[pos] = rows, slots[order]
+        merged_rows[~is_new], merged_slots[~is_new] = kept_rows, kept_slots
+        self._sorted_rows, self._sorted_slots = merged_rows, merged_slots
 
     def _reindex(self) -> None:
         occupied = (self.slot_rows >= 0).nonzero().squeeze(1)

@@ -158,6 +158,7 @@ class OffloadedEmbedding(nn.Module):
         self.init_std = init_std
         self.validate_ids = True   # range-check ids each call, as MultiHeadEmbedding does
         self.trainable = True      # capture row gradients when autograd is on
+        self.prefetch_enabled = True  # False: prefetch() does nothing and every forward gathers synchronously
         self.cache_bytes, self.max_pending = int(cache_bytes), int(max_pending)
         if device is None:
             device = store.device if store.kind == "device" else torch.device("cpu")
@@ -301,7 +302,9 @@ class OffloadedEmbedding(nn.Module):
         forward that will be called with the same ids. Cache hits are copied now; misses are gathered by a
         worker thread (and copied on a side stream on CUDA). Writes made through :meth:`update_rows` /
         :meth:`write_rows` before that forward are patched into the fetched rows; a write made directly to the
-        store drops the prefetch."""
+        store drops the prefetch. Does nothing when :attr:`prefetch_enabled` is False."""
+        if not self.prefetch_enabled:
+            return
         self._check_store_version()
         self._pending.append(self._start_fetch(ids, asynchronous=True))
         while len(self._pending) > self.max_pending:
@@ -331,6 +334,11 @@ class OffloadedEmbedding(nn.Module):
             self._captures.append((fetch.unique, values))
         return values[fetch.inverse].view(*ids.shape, self.head_dim)
 
+    def wait_for_prefetches(self) -> None:
+        """Block until every pending prefetch has its rows (before the store is written or copied directly)."""
+        for fetch in self._pending:
+            fetch.result()
+
     # ------------------------------------------------------------------ gradients and writes
     def row_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The gradient captured since the last :meth:`zero_grad`, coalesced over forwards:
@@ -345,6 +353,12 @@ class OffloadedEmbedding(nn.Module):
         grad = torch.cat(grads)
         total = torch.zeros(unique.numel(), self.head_dim, dtype=torch.float32, device=grad.device)
         return unique, total.index_add_(0, to_device(inverse, grad.device), grad)
+
+    def row_grad_tensors(self) -> list[torch.Tensor]:
+        """The captured leaves whose ``.grad`` holds the row gradients, one per forward since :meth:`zero_grad`.
+        Pass them to a global-norm clip with the model's parameters: scaling their ``.grad`` in place scales what
+        :meth:`row_grads` returns."""
+        return [leaf for _, leaf in self._captures if leaf.grad is not None]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget captured row gradients (and zero any parameter gradients, as ``nn.Module.zero_grad``)."""
@@ -371,8 +385,7 @@ class OffloadedEmbedding(nn.Module):
             raise ValueError(f"expected [{rows.numel()}, {self.head_dim}] values for {rows.numel()} rows, "
                              f"got {tuple(values.shape)}")
         self._check_store_version()
-        for fetch in self._pending:
-            fetch.result()   # no gather may still be reading the rows we are about to write
+        self.wait_for_prefetches()   # no gather may still be reading the rows we are about to write
         rows, order = torch.sort(rows.cpu())
         return rows, values[to_device(order, values.device)]
 
@@ -400,8 +413,7 @@ class OffloadedEmbedding(nn.Module):
                                   f"{(self.num_rows, self.head_dim)}")
             else:
                 chunk = max(1, (64 << 20) // self.store.row_bytes)
-                for fetch in self._pending:
-                    fetch.result()
+                self.wait_for_prefetches()
                 for start in range(0, self.num_rows, chunk):
                     stop = min(self.num_rows, start + chunk)
                     self.store.write_range(start, weight[start:stop].to(self.store.device, self.store.dtype))

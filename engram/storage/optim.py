@@ -24,6 +24,11 @@ Use::
 
     opt = SparseRowOptimizer(model, lr=5 * base_lr)   # finds every OffloadedEmbedding in the model
     loss.backward(); dense_opt.step(); opt.step(); dense_opt.zero_grad(); opt.zero_grad()
+
+The captured gradients belong to the forward that made them, so ``opt.zero_grad()`` goes after ``opt.step()``
+(not between the forward and the backward, where a training loop may zero a dense optimizer). The learning
+rate lives in ``opt.param_groups[0]["lr"]`` as in a torch optimizer, so a schedule that sets the ``lr`` of every
+param group (:class:`engram.train.optim.LRSchedule`) drives it too.
 """
 
 from __future__ import annotations
@@ -71,9 +76,18 @@ class SparseRowOptimizer:
             raise ValueError(f"need lr >= 0, eps > 0, weight_decay >= 0, 0 <= beta2 < 1; got lr={lr}, eps={eps}, "
                              f"weight_decay={weight_decay}, beta2={beta2}")
         self.tables = tables
-        self.lr, self.method, self.beta2, self.eps, self.weight_decay = lr, method, beta2, eps, weight_decay
+        self.param_groups = [{"name": "tables", "lr": lr, "base_lr": lr}]
+        self.method, self.beta2, self.eps, self.weight_decay = method, beta2, eps, weight_decay
         self.steps = 0
         self.row_state: list[RowStore] = [self._new_state(t, i, state_dir) for i, t in enumerate(tables)]
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.param_groups[0]["lr"] = value
 
     @staticmethod
     def _new_state(table: OffloadedEmbedding, index: int, state_dir: str | os.PathLike | None) -> RowStore:
@@ -109,8 +123,14 @@ class SparseRowOptimizer:
             table.update_rows(rows, delta, scale)
         self.steps += 1
 
-    def zero_grad(self) -> None:
-        """Forget the captured gradients (call after :meth:`step`, as with a torch optimizer)."""
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """The leaves holding the captured row gradients of every table, for a global-norm clip together with
+        the model's parameters (scaling their ``.grad`` scales this optimizer's next step)."""
+        return [leaf for table in self.tables for leaf in table.row_grad_tensors()]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the captured gradients (call after :meth:`step`; ``set_to_none`` is accepted for the torch
+        optimizer signature, captured gradients are always dropped)."""
         for table in self.tables:
             table.zero_grad()
 

@@ -10,19 +10,25 @@ ids (fused row ids, i.e. per-head ids plus the table's ``offsets``; ``OffloadedE
   (below that, counts are sampling noise and the curve flattens into a plateau of ones).
 * ``coverage(x)``: the fraction of accesses that go to the top x of rows.
 * ``ideal_hit_rate(bytes)``: the hit rate of an ideal frequency cache of that size: one that holds, from the
-  start, the ``bytes // (dim * itemsize)`` rows most accessed over the profiled stream. No real cache beats it
-  on the same stream; :class:`~engram.storage.HotRowCache` can be compared with it.
+  start, the ``bytes // (dim * itemsize)`` rows most accessed over the profiled stream. No cache that keeps a
+  fixed set of rows does better on that stream; an adaptive cache can only beat it where popularity drifts along
+  the stream. :class:`~engram.storage.HotRowCache` can be compared with it (:func:`simulate_cache`).
+
+:func:`profile_corpus` hashes a token stream with a model's :class:`~engram.hashing.NgramHasher` and profiles
+every Engram layer's table; ``engram profile`` is its command line.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .cache import CacheStats, HotRowCache
 
 _COALESCE_AT = 1 << 22   # merge partial (row, count) lists when they reach this many entries
 
@@ -181,3 +187,52 @@ def plot_rank_frequency(profile: ZipfProfile, path: str | os.PathLike, title: st
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
+
+
+def corpus_row_batches(hasher, tokens, layer_id: int, *, seq_len: int = 256, batch_size: int = 16,
+                       max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+    """Fused row ids ``[batch_size, seq_len, (N-1)K]`` of ``layer_id``'s table for a stream of raw token ids.
+
+    The stream is cut into consecutive windows of ``seq_len`` tokens (each hashed from a fresh, padded start,
+    as a training window is), ``batch_size`` windows per batch; a last partial window is dropped.
+    """
+    if seq_len <= 0 or batch_size <= 0:
+        raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
+    if layer_id not in hasher.offsets:
+        raise ValueError(f"layer {layer_id} has no Engram table; the hasher's layers are {sorted(hasher.offsets)}")
+    n = len(tokens) if max_tokens is None else min(len(tokens), int(max_tokens))
+    step = seq_len * batch_size
+    offsets = hasher.offsets[layer_id]
+    for start in range(0, n - seq_len + 1, step):
+        stop = min(n, start + step)
+        stop -= (stop - start) % seq_len
+        raw = torch.from_numpy(np.asarray(tokens[start:stop]).astype(np.int64)).view(-1, seq_len)
+        yield hasher.hash_tokens(raw)[layer_id] + offsets
+
+
+def profile_corpus(hasher, tokens, *, dim: int, dtype: torch.dtype = torch.float32, seq_len: int = 256,
+                   batch_size: int = 16, max_tokens: int | None = None, min_count: int = 5,
+                   layer_ids: Iterable[int] | None = None) -> dict[int, ZipfProfile]:
+    """The :class:`ZipfProfile` of every Engram layer's table (``dim`` = the table's row width) over a stream of
+    raw token ids, hashed as :func:`corpus_row_batches` does."""
+    layers = list(hasher.offsets) if layer_ids is None else list(layer_ids)
+    return {layer: zipf_profile(corpus_row_batches(hasher, tokens, layer, seq_len=seq_len, batch_size=batch_size,
+                                                   max_tokens=max_tokens),
+                                num_rows=hasher.num_rows[layer], dim=dim, dtype=dtype, min_count=min_count)
+            for layer in layers}
+
+
+def simulate_cache(batches: Iterable[torch.Tensor], cache_bytes: int, dim: int,
+                   dtype: torch.dtype = torch.float32) -> CacheStats:
+    """Replay batches of fused row ids through a :class:`HotRowCache` of ``cache_bytes`` (on the CPU, with
+    placeholder values) in the order :class:`~engram.storage.OffloadedEmbedding` drives it: look up, count,
+    admit the misses. Returns its statistics; compare ``hit_rate`` with :meth:`ZipfProfile.ideal_hit_rate`."""
+    cache = HotRowCache(cache_bytes, dim, dtype, "cpu")
+    placeholder = torch.zeros(1, dim, dtype=dtype)
+    for batch in batches:
+        unique, counts = torch.unique(_as_ids(batch), return_counts=True)
+        hit, _ = cache.lookup(unique, counts)
+        cache.record(unique, counts)
+        missed = unique[~hit]
+        cache.admit(missed, placeholder.expand(missed.numel(), dim))
+    return cache.stats

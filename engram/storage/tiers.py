@@ -36,6 +36,7 @@ prefetches) compare it to know whether their copies may be stale.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import warnings
 from abc import ABC, abstractmethod
@@ -419,6 +420,10 @@ class DiskRowStore(RowStore):
         self.readonly = readonly
         self._map = np.memmap(self.path, dtype=_NUMPY_STORAGE[self.dtype], mode="r" if readonly else "r+",
                               offset=DISK_HEADER_BYTES, shape=(self.num_rows, self.dim))
+        # Rows are read at random: without this hint every page fault also reads the pages around it (hundreds
+        # of KiB for one 4 KiB page), which on a table much larger than the page cache multiplies the bytes
+        # read, and the time, many times over. Sequential copies ask for their range explicitly (read_range).
+        self._advise(getattr(mmap, "MADV_RANDOM", None))
         with warnings.catch_warnings():
             # a read-only map gives a non-writable array; torch warns, we refuse writes ourselves
             warnings.simplefilter("ignore", UserWarning)
@@ -475,7 +480,21 @@ class DiskRowStore(RowStore):
 
     def read_range(self, start, stop):
         self._check_range(start, stop)
+        if (stop - start) * self.row_bytes <= _COPY_CHUNK_BYTES:   # a chunk of a copy: read it ahead in bulk
+            self._advise(getattr(mmap, "MADV_WILLNEED", None), start, stop)   # (not a view of the whole table)
         return self.rows[start:stop]
+
+    def _advise(self, option: int | None, start: int = 0, stop: int | None = None) -> None:
+        """madvise the pages of rows ``[start, stop)`` (all rows by default) where the platform supports it."""
+        mm = getattr(self._map, "_mmap", None)   # numpy's map object, mapped from the header's end rounded down
+        if option is None or mm is None or not hasattr(mm, "madvise"):   # to the allocation granularity
+            return
+        stop = self.num_rows if stop is None else stop
+        base = DISK_HEADER_BYTES % mmap.ALLOCATIONGRANULARITY   # where row 0 sits in that map
+        first = (base + start * self.row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        length = base + stop * self.row_bytes - first
+        if length > 0:
+            mm.madvise(option, first, length)
 
     def write_range(self, start, values):
         self._writable()

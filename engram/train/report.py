@@ -36,38 +36,48 @@ def plot_loss_curves(runs: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def plot_gate_heatmap(model: EngramLM, tok: TextTokenizer, text: str, path: Path, max_tokens: int = 160) -> Path:
-    """The paper's gate figure: each token of ``text`` shaded by its Engram gate (one row block per layer).
+def plot_gate_heatmap(model: EngramLM, tok: TextTokenizer, text: str, path: Path, max_tokens: int = 200) -> Path:
+    """The paper's gate figure: each token of ``text`` shaded by its Engram gate (one panel per Engram layer).
 
     For every Engram layer the branch whose gate varies most over the text is shown (the paper notes that not
-    every branch is interpretable and shows the most interpretable one).
+    every branch is interpretable and shows the most interpretable one). Colours span that branch's range over
+    the text (white = lowest alpha, red = highest); spaces inside tokens are dropped and newlines shown as ⏎.
     """
     ids = tok.encode([text])[0][:max_tokens]
     device = next(model.parameters()).device
     gates = gate_trace(model, torch.tensor([ids], device=device))
-    pieces = [tok.decode([i]) for i in ids]
+    pieces = [tok.decode([i]).replace("\n", "⏎").replace("\t", "→").strip(" ") or "␣" for i in ids]
     layers = sorted(gates)
-    fig, axes = plt.subplots(len(layers), 1, figsize=(12, 0.6 + 2.6 * len(layers)), squeeze=False)
     cmap = plt.get_cmap("Reds")
-    for ax, layer in zip(axes[:, 0], layers):
+    n_lines = 2 + sum(set(p) == {"⏎"} for p in pieces)  # source lines (+ room for wrapped ones)
+    panel_in = 0.26 * (n_lines + 3)
+    fig = plt.figure(figsize=(12, panel_in * len(layers)))
+    renderer = fig.canvas.get_renderer()
+    for row, layer in enumerate(layers):
         g = gates[layer]  # [T, M]
         branch = int(g.std(0).argmax())
         vals = g[:, branch]
         lo, hi = float(vals.min()), float(vals.max())
-        x, y, line_h = 0.0, 1.0, 0.14
+        top_margin = 0.45 / (panel_in * len(layers))  # room for the panel title, in figure fractions
+        ax = fig.add_axes((0.01, 1 - (row + 1) / len(layers) + 0.01, 0.9, 1 / len(layers) - 0.01 - top_margin))
         ax.set_axis_off()
+        ax_w = ax.get_window_extent(renderer).width
+        x, y, line_h, gap = 0.0, 1.0, 1.0 / n_lines, 0.004
         for piece, v in zip(pieces, vals.tolist()):
-            shown = piece.replace("\n", "⏎").replace("\t", "→") or "∅"
-            w = 0.0085 * len(shown) + 0.004
-            if x + w > 1.0:
+            if set(piece) == {"⏎"}:  # a line break in the source is a line break in the figure
                 x, y = 0.0, y - line_h
-            norm = (v - lo) / (hi - lo + 1e-9)
-            ax.text(x, y, shown, fontsize=7.5, family="monospace", va="top",
-                    bbox=dict(boxstyle="square,pad=0.12", fc=cmap(0.05 + 0.85 * norm), ec="none"))
-            x += w
-        ax.set_title(f"Engram block {layer}, branch {branch}: gate α from {lo:.2f} (white) to {hi:.2f} (red)",
+                continue
+            t = ax.text(x, y, piece, fontsize=8, family="monospace", va="top", transform=ax.transAxes,
+                        bbox=dict(boxstyle="square,pad=0.15", fc=cmap(0.9 * (v - lo) / (hi - lo + 1e-9)), ec="none"))
+            w = t.get_window_extent(renderer).width / ax_w
+            if x + w > 1.0 and x > 0:
+                x, y = 0.0, y - line_h
+                t.set_position((x, y))
+            x += w + gap
+        ax.set_title(f"Engram block {layer}, branch {branch}: gate alpha from {lo:.2f} (white) to {hi:.2f} (red)",
                      fontsize=9, loc="left")
-    fig.tight_layout()
+        cax = fig.add_axes((0.93, 1 - (row + 1) / len(layers) + 0.05, 0.012, 1 / len(layers) - 0.1 - top_margin))
+        fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(lo, hi), cmap=cmap), cax=cax)
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path

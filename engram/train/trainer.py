@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..model.config import ModelConfig
 from ..model.io import save_model
-from ..model.model import EngramLM
+from ..model.model import EngramLM, TableFactory
 from ..model.params import count_params
 from ..tokenizer import CompressedTokenizer
 from .checkpoint import CheckpointManager, capture_rng_state, install_signal_handlers, restore_rng_state
@@ -52,11 +52,26 @@ class TrainConfig:
     cache_dir: str | None = None
     resume: bool = True
     progress: bool = True
+    # Engram tables: "device" (nn.Parameter, trained by the table optimizer of optim) or "host" / "disk"
+    # (created in that tier, trained row-wise in place by engram.storage.SparseRowOptimizer)
+    table_tier: str = "device"
+    table_dir: str | None = None  # disk tier: folder of the table files (default out_dir/tables)
+    table_cache_bytes: int = 0  # host / disk tiers: hot-row cache per table on the compute device
+    data_parallel: str = "fsdp"  # under torchrun: backbone "fsdp" (FSDP2 fully_shard) or "ddp"; tables row-sharded
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every", "ckpt_every", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.data_parallel not in ("fsdp", "ddp"):
+            raise ValueError(f"train.data_parallel must be 'fsdp' or 'ddp', got {self.data_parallel!r}")
+        if self.table_tier not in ("device", "host", "disk"):
+            raise ValueError(f"train.table_tier must be 'device', 'host' or 'disk', got {self.table_tier!r}")
+        if self.table_dir is not None and self.table_tier != "disk":
+            raise ValueError("train.table_dir is the folder of disk tables; set train.table_tier=disk or drop it")
+        if self.table_cache_bytes < 0 or (self.table_cache_bytes and self.table_tier == "device"):
+            raise ValueError(f"train.table_cache_bytes must be >= 0 and is for host / disk tables, got "
+                             f"{self.table_cache_bytes} with table_tier={self.table_tier!r}")
 
 
 @dataclass
@@ -112,8 +127,9 @@ def prepare_data(tcfg: TrainConfig) -> tuple[TextTokenizer, TokenizedCorpus]:
     return tok, build_token_files(corpus, tok, token_dir, progress=tcfg.progress)
 
 
-def build_model(cfg: ModelConfig, tok: TextTokenizer) -> EngramLM:
-    """The model for this tokenizer: vocab size and (for Engram) the compressed tokenizer and pad id follow it."""
+def model_config_for(cfg: ModelConfig, tok: TextTokenizer) -> tuple[ModelConfig, CompressedTokenizer | None]:
+    """The model config for this tokenizer (vocab size and Engram pad id follow it) and, for Engram, its
+    compressed tokenizer: everything but the weights (the hasher is ``engram_hasher(cfg, ctok)``)."""
     changes: dict[str, Any] = {"vocab_size": tok.vocab_size}
     if cfg.engram is not None:
         changes["engram"] = {**cfg.engram.to_dict(), "pad_id": tok.pad_id}
@@ -122,7 +138,28 @@ def build_model(cfg: ModelConfig, tok: TextTokenizer) -> EngramLM:
     if ctok is not None and ctok.vocab_size != cfg.vocab_size:
         # tokenizers with id gaps: the compressed table covers the decoded range; pad it to the embedding size
         raise ValueError(f"tokenizer reports {ctok.vocab_size} ids but its largest id implies {cfg.vocab_size}")
-    return EngramLM(cfg, ctok)
+    return cfg, ctok
+
+
+def build_model(cfg: ModelConfig, tok: TextTokenizer, table_factory: TableFactory | None = None) -> EngramLM:
+    """The model for this tokenizer (:func:`model_config_for`). ``table_factory`` builds the Engram tables in
+    their tier (see :class:`EngramLM`)."""
+    cfg, ctok = model_config_for(cfg, tok)
+    return EngramLM(cfg, ctok, table_factory=table_factory)
+
+
+def offloaded_table_factory(tcfg: TrainConfig) -> TableFactory | None:
+    """The table factory for ``train.table_tier`` (None for device tables). Tables are seeded from
+    ``train.seed``; a disk run recreates its table files, and a resume then restores them from the checkpoint."""
+    if tcfg.table_tier == "device":
+        return None
+    from ..storage import table_factory
+
+    table_dir = None
+    if tcfg.table_tier == "disk":
+        table_dir = tcfg.table_dir or str(Path(tcfg.out_dir) / "tables")
+    return table_factory(tcfg.table_tier, path_dir=table_dir, cache_bytes=tcfg.table_cache_bytes, seed=tcfg.seed,
+                         overwrite=True, progress=tcfg.progress)
 
 
 class _MetricsLog:
@@ -169,13 +206,19 @@ def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tcfg.seed)
     tok, tokens = data or prepare_data(tcfg)
-    model = build_model(run.model, tok)
+    model = build_model(run.model, tok, offloaded_table_factory(tcfg))
     run = dataclasses.replace(run, model=model.cfg)
     device = pick_device(tcfg.device)
     model.to(device)
     amp = torch.bfloat16 if device.type == "cuda" else None
     optimizers = build_optimizers(model, run.optim)
-    schedule = LRSchedule(optimizers, run.optim, tcfg.steps)
+    table_opt = None  # offloaded tables: row-wise Adam in their own tier, no dense state (engram.storage)
+    if tcfg.table_tier != "device":
+        from ..storage import SparseRowOptimizer
+
+        table_opt = SparseRowOptimizer(model, lr=run.optim.lr * run.optim.table_lr_mult, beta2=run.optim.betas[1],
+                                       eps=run.optim.eps, weight_decay=run.optim.table_weight_decay)
+    schedule = LRSchedule(optimizers + ([table_opt] if table_opt is not None else []), run.optim, tcfg.steps)
     gen = torch.Generator().manual_seed(tcfg.seed)
     ckpt = CheckpointManager(out / "checkpoints", keep_last=tcfg.keep_last)
     start = 0
@@ -193,6 +236,11 @@ def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None 
         model.load_state_dict(state["model"])
         for o, s in zip(optimizers, state["optimizers"]):
             o.load_state_dict(s)
+        if (table_opt is None) != ("table_optimizer" not in state):
+            raise ValueError(f"{out} holds checkpoints written with other table storage than "
+                             f"train.table_tier={tcfg.table_tier!r}; resume with the tier the run started with")
+        if table_opt is not None:
+            table_opt.load_state_dict(state["table_optimizer"])
         schedule.load_state_dict(state["schedule"])
         gen.set_state(state["data_generator"])
         restore_rng_state(state["rng"])
@@ -206,6 +254,7 @@ def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None 
         ckpt.save(step, {
             "model": model.state_dict(), "config": config_dict,
             "optimizers": [o.state_dict() for o in optimizers], "schedule": schedule.state_dict(),
+            **({"table_optimizer": table_opt.state_dict()} if table_opt is not None else {}),
             "data_generator": gen.get_state(), "rng": capture_rng_state(),
             "extra": {"history": history, "evals": evals},
         })
@@ -238,9 +287,13 @@ def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None 
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = clip_grad_norm(model.parameters(), run.optim.grad_clip) if run.optim.grad_clip else None
+            clipped = [*model.parameters(), *(table_opt.grad_tensors() if table_opt is not None else [])]
+            gnorm = clip_grad_norm(clipped, run.optim.grad_clip) if run.optim.grad_clip else None
             for o in optimizers:
                 o.step()
+            if table_opt is not None:  # after the step: its gradients belong to this step's forward
+                table_opt.step()
+                table_opt.zero_grad()
             schedule.step()
             model.update_moe_biases()
             loss_v = loss.item()
