@@ -149,7 +149,7 @@ def cmd_alloc(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .train.compare import demo
 
-    s = demo(args.out, steps=args.steps, rho=args.rho, device=args.device)
+    demo(args.out, steps=args.steps, rho=args.rho, device=args.device)
     print((Path(args.out) / "report.md").read_text().split("![loss curves]")[0])
     print(f"Report folder: {Path(args.out).resolve()} (report.md, loss_curves.png, gate_heatmap.png, summary.json)")
 

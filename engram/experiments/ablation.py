@@ -123,14 +123,14 @@ def ablation_variants(backbone: ModelConfig, reference: EngramConfig, optim: Opt
     for b in range(backbone.num_layers):
         single = ref(reference, layer_ids=[b], n_embed_per_ngram=reference.n_embed_per_ngram * widen)
         out.append(Variant(f"block-{b}", with_engram(backbone, match_table_budget(single, budget)), optim))
-    out.append(Variant("one-row-table", with_engram(backbone, ref(reference, engram_vocab_size=[2] * reference.num_orders)),
-                       optim))
+    one_row = ref(reference, engram_vocab_size=[2] * reference.num_orders)
+    out.append(Variant("one-row-table", with_engram(backbone, one_row), optim))
     out.append(Variant("table-lr-1x", with_engram(backbone, reference), one_x))
     dense = backbone.replace(family="dense")
     out.append(Variant("dense", dense, optim))
     out.append(Variant("dense+engram-iso", allocate_dense(dense, dense_ffn_share, reference), optim))
-    out.append(Variant("dense+engram-extra", with_engram(backbone, reference).replace(first_k_dense=backbone.num_layers),
-                       optim))
+    extra = with_engram(backbone, reference).replace(first_k_dense=backbone.num_layers)  # every block dense
+    out.append(Variant("dense+engram-extra", extra, optim))
     return out
 
 

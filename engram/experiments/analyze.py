@@ -16,7 +16,8 @@ import torch
 
 from ..model.io import load_model
 from ..model.model import EngramLM
-from ..train.data import TextTokenizer, TokenizedCorpus, build_token_files, default_cache_dir, eval_batches, load_corpus, load_tokenizer
+from ..train.data import (TextTokenizer, TokenizedCorpus, build_token_files, default_cache_dir, eval_batches,
+                          load_corpus, load_tokenizer)
 from .cka import MinibatchCKA, layer_features, plot_cka, soft_alignment_index
 from .logit_lens import logit_lens, plot_logit_lens
 from .sensitivity import BigramStats, SplitRule, engram_off_eval, plot_engram_off

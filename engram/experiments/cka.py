@@ -121,7 +121,7 @@ def plot_cka(s: torch.Tensor | np.ndarray, path: str | Path, name_a: str, name_b
     a = soft_alignment_index(s, k)
     la, lb = s.shape
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
-    im = ax.imshow(s, origin="lower", cmap="viridis", vmin=0, vmax=1,
+    im = ax.imshow(s, origin="lower", cmap="viridis", vmin=float(s.min()), vmax=float(s.max()),
                    extent=(0.5, lb + 0.5, 0.5, la + 0.5), aspect="auto")
     cols = np.arange(1, lb + 1)
     ax.plot(cols, cols, "w--", lw=1, label="a_j = j")

@@ -237,8 +237,8 @@ def run_sweep(sweep: str, points: list[SweepPoint], out_dir: str | Path, *, jobs
     flush()
     for tcfg in {json.dumps(dataclasses.asdict(p.run.train), sort_keys=True): p.run.train for p, _, _ in todo}.values():
         prepare_data(dataclasses.replace(tcfg, progress=False))  # build tokenizer/token caches once, not per worker
-    bar = tqdm(total=len(points), initial=len(done), desc=f"sweep {sweep}", unit="point", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(points), initial=sum(n in done for n in names), desc=f"sweep {sweep}", unit="point",
+               disable=not progress, dynamic_ncols=True)
     failures: list[str] = []
 
     def finished(res: dict) -> None:
@@ -267,7 +267,8 @@ def run_sweep(sweep: str, points: list[SweepPoint], out_dir: str | Path, *, jobs
     bar.close()
     rows = flush()
     if failures:
-        raise RuntimeError(f"{len(failures)} point(s) failed (the others are recorded in {out}): " + "; ".join(failures))
+        raise RuntimeError(f"{len(failures)} point(s) failed (the others are recorded in {out}): "
+                           + "; ".join(failures))
     return rows
 
 

@@ -109,7 +109,8 @@ def test_dense_engram_iso_matches_the_dense_total_and_extra_adds_the_reference(v
     assert iso.intermediate_size < vs["dense"].model.intermediate_size
     extra = vs["dense+engram-extra"].model
     assert extra.engram == vs["reference"].model.engram
-    assert count_params(extra).total == pytest.approx(dense.total + count_params(vs["reference"].model).engram, rel=1e-6)
+    added = count_params(vs["reference"].model).engram
+    assert count_params(extra).total == pytest.approx(dense.total + added, rel=1e-6)
 
 
 def test_allocate_dense_refuses_a_share_too_small_for_the_projections():
