@@ -231,7 +231,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     elif args.kind == "cka":
         r = analyze.analyze_cka(args.model[0], args.model[1], (labels[0], labels[1]), args.out, k=args.k)
     else:
-        r = analyze.analyze_engram_off(args.model[0], args.out)
+        r = analyze.analyze_engram_off(args.model[0], args.out, baseline=args.baseline)
     print(json.dumps(r, indent=2))
     print(f"figure: {args.out}; numbers: {Path(args.out).with_suffix('.json')}")
 
@@ -318,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", action="append", help="a name per --model for the figure")
     s.add_argument("--out", required=True, help="PNG path; the numbers go beside it as .json")
     s.add_argument("--k", type=int, default=5, help="cka: top-k of the soft alignment index")
+    s.add_argument("--baseline", help="engram-off: a model trained without Engram, scored on the same tokens")
     s.set_defaults(func=cmd_analyze)
     return p
 

@@ -148,7 +148,8 @@ def ablation_points(backbone: ModelConfig, reference: EngramConfig, train: Train
 
 
 def plot_ablation(rows: list[dict], path: str | Path) -> Path:
-    """Left: each variant's loss against the reference and the MoE backbone. Right: the single-module placement."""
+    """Left: each variant's loss (mean and min-max over seeds; n = seeds where more than one) against the reference,
+    the MoE and the dense backbones. Right: the single-module placement."""
     stats = {s["variant"]: s for s in summarize(rows, "variant")}
     blocks = sorted((int(k.split("-")[1]), s) for k, s in stats.items() if k.startswith("block-"))
     others = [k for k in stats if not k.startswith("block-")]
@@ -157,7 +158,7 @@ def plot_ablation(rows: list[dict], path: str | Path) -> Path:
     ax.errorbar([stats[k]["mean"] for k in others], list(ys),
                 xerr=[[stats[k]["mean"] - stats[k]["min"] for k in others],
                       [stats[k]["max"] - stats[k]["mean"] for k in others]], fmt="o", color="C0", capsize=3)
-    ax.set_yticks(list(ys), others, fontsize=8)
+    ax.set_yticks(list(ys), [k if stats[k]["n"] == 1 else f"{k} (n={stats[k]['n']})" for k in others], fontsize=8)
     ax.invert_yaxis()
     for key, color in (("reference", "C2"), ("moe", "gray"), ("dense", "C4")):
         if key in stats:
@@ -167,7 +168,9 @@ def plot_ablation(rows: list[dict], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if blocks:
-        bx.plot([b for b, _ in blocks], [s["mean"] for _, s in blocks], "o-", color="C1", label="one module at block")
+        bx.errorbar([b for b, _ in blocks], [s["mean"] for _, s in blocks],
+                    yerr=[[s["mean"] - s["min"] for _, s in blocks], [s["max"] - s["mean"] for _, s in blocks]],
+                    fmt="o-", color="C1", capsize=3, label="one module at block (min-max over seeds)")
         for key, color in (("reference", "C2"), ("moe", "gray")):
             if key in stats:
                 bx.axhline(stats[key]["mean"], color=color, ls="--", lw=1, label=key)

@@ -47,19 +47,28 @@ def budget(base: ModelConfig, train: TrainConfig) -> dict:
 
 
 def plot_u_curve(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    """Validation loss against rho (mean over seeds, min-max bars), the pure MoE as a dashed line."""
+    """Validation loss against rho (mean over seeds with min-max bars where there are several; open markers for
+    single-seed points), the pure MoE as a dashed line."""
     stats = sorted(summarize(rows, "rho"), key=lambda s: s["rho"])
     rhos = [s["rho"] for s in stats]
     means = [s["mean"] for s in stats]
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
-    err = [[m - s["min"] for m, s in zip(means, stats)], [s["max"] - m for m, s in zip(means, stats)]]
-    ax.errorbar(rhos, means, yerr=err if any(s["n"] > 1 for s in stats) else None, fmt="o-", color="C0",
-                capsize=3, label="MoE + Engram")
+    ax.plot(rhos, means, "-", color="C0", lw=1.2)
+    multi = [s for s in stats if s["n"] > 1]
+    single = [s for s in stats if s["n"] == 1]
+    if multi:
+        ax.errorbar([s["rho"] for s in multi], [s["mean"] for s in multi],
+                    yerr=[[s["mean"] - s["min"] for s in multi], [s["max"] - s["mean"] for s in multi]],
+                    fmt="o", color="C0", capsize=3,
+                    label=f"MoE + Engram: mean, min-max over {max(s['n'] for s in multi)} seeds")
+    if single:
+        ax.plot([s["rho"] for s in single], [s["mean"] for s in single], "o", mfc="white", color="C0",
+                label="MoE + Engram: one seed")
     moe = [s for s in stats if s["rho"] == 1.0]
     if moe:
         ax.axhline(moe[0]["mean"], color="gray", ls="--", lw=1, label="pure MoE (rho = 1)")
     best = min(stats, key=lambda s: s["mean"])
-    ax.plot([best["rho"]], [best["mean"]], "*", color="C3", ms=13, label=f"best rho = {best['rho']:.2f}")
+    ax.plot([best["rho"]], [best["mean"]], "*", color="C3", ms=13, label=f"lowest loss: rho = {best['rho']:.2f}")
     ax.set_xlabel("rho: share of the sparse budget kept in routed experts")
     ax.set_ylabel("validation loss (nats/token)")
     first = rows[0]

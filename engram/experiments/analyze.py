@@ -20,7 +20,7 @@ from ..train.data import (TextTokenizer, TokenizedCorpus, build_token_files, def
                           load_corpus, load_tokenizer)
 from .cka import MinibatchCKA, layer_features, plot_cka, soft_alignment_index
 from .logit_lens import logit_lens, plot_logit_lens
-from .sensitivity import BigramStats, SplitRule, engram_off_eval, plot_engram_off
+from .sensitivity import BigramStats, SplitRule, engram_off_eval, plot_engram_off, split_eval
 from .token_classes import identifier_ends, word_pieces
 
 
@@ -144,13 +144,20 @@ def analyze_curves(models: list[str], labels: list[str], out_png: str | Path) ->
     return {"gap_to_first": gaps}
 
 
-def analyze_engram_off(model: str, out_png: str | Path, *, rule: SplitRule = SplitRule(),
-                       max_batches: int = 40) -> dict:
-    """Accuracy with Engram on and zeroed on fact-heavy / context-heavy validation tokens (see sensitivity.py)."""
+def analyze_engram_off(model: str, out_png: str | Path, *, baseline: str | None = None,
+                       rule: SplitRule = SplitRule(), max_batches: int = 40) -> dict:
+    """Accuracy with Engram on and zeroed on fact-heavy / context-heavy validation tokens (see sensitivity.py);
+    ``baseline``, a model trained without Engram on the same data, is scored on the same tokens."""
     m, tok, corpus = load_trained(model)
     stats = BigramStats.from_tokens(np.asarray(corpus.train.tokens), tok.vocab_size)
     is_word, _ = word_pieces(tok.decode, tok.vocab_size)
     result = engram_off_eval(m, corpus.val.tokens, stats, is_word, rule=rule, max_batches=max_batches)
     data = {"model": model, "rule": rule.__dict__, "result": result}
-    plot_engram_off(result, _write(out_png, data))
+    base = None
+    if baseline is not None:
+        mb, tok_b, _ = load_trained(baseline)
+        _same_tokenizer([tok, tok_b])
+        base = split_eval(mb, corpus.val.tokens, stats, is_word, rule=rule, max_batches=max_batches)
+        data.update(baseline=baseline, baseline_result=base)
+    plot_engram_off(result, _write(out_png, data), baseline=base)
     return data

@@ -134,6 +134,32 @@ def split_masks(x: np.ndarray, y: np.ndarray, stats: BigramStats, is_word: np.nd
 
 
 @torch.no_grad()
+def split_eval(model: EngramLM, val_tokens: np.ndarray, stats: BigramStats, is_word: np.ndarray, *,
+               rule: SplitRule = SplitRule(), batch_size: int = 8, seq_len: int = 128,
+               max_batches: int | None = 40) -> dict:
+    """Top-1 accuracy and mean loss of ``model`` on the fact-heavy, context-heavy and all target tokens.
+
+    Returns ``{split: {"n", "acc", "loss"}}`` for ``split`` in fact / context / all.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = {s: {"n": 0, "acc": 0.0, "loss": 0.0} for s in ("fact", "context", "all")}
+    for x, y in eval_batches(val_tokens, batch_size, min(seq_len, model.cfg.max_seq_len), max_batches):
+        fact, context = split_masks(x.numpy(), y.numpy(), stats, is_word, rule)
+        logits = model(x.to(device)).logits.float().cpu()
+        correct = logits.argmax(-1) == y
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        for split, m in (("fact", torch.from_numpy(fact)), ("context", torch.from_numpy(context)),
+                         ("all", torch.ones_like(y, dtype=torch.bool))):
+            sums[split]["n"] += int(m.sum())
+            sums[split]["acc"] += float(correct[m].sum())
+            sums[split]["loss"] += float(loss[m].sum())
+    model.train(was_training)
+    return {k: {"n": v["n"], "acc": v["acc"] / max(v["n"], 1), "loss": v["loss"] / max(v["n"], 1)}
+            for k, v in sums.items()}
+
+
 def engram_off_eval(model: EngramLM, val_tokens: np.ndarray, stats: BigramStats, is_word: np.ndarray, *,
                     rule: SplitRule = SplitRule(), batch_size: int = 8, seq_len: int = 128,
                     max_batches: int | None = 40) -> dict:
@@ -141,50 +167,37 @@ def engram_off_eval(model: EngramLM, val_tokens: np.ndarray, stats: BigramStats,
 
     Returns ``{split: {"n", "acc_on", "acc_off", "loss_on", "loss_off", "retained"}}``.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums = {s: {"n": 0, "acc_on": 0.0, "acc_off": 0.0, "loss_on": 0.0, "loss_off": 0.0}
-            for s in ("fact", "context", "all")}
-    for x, y in eval_batches(val_tokens, batch_size, min(seq_len, model.cfg.max_seq_len), max_batches):
-        fact, context = split_masks(x.numpy(), y.numpy(), stats, is_word, rule)
-        masks = {"fact": torch.from_numpy(fact), "context": torch.from_numpy(context),
-                 "all": torch.ones_like(y, dtype=torch.bool)}
-        xd, yd = x.to(device), y.to(device)
-        logits_on = model(xd).logits.float().cpu()
-        with engram_disabled(model):
-            logits_off = model(xd).logits.float().cpu()
-        for tag, logits in (("on", logits_on), ("off", logits_off)):
-            correct = logits.argmax(-1) == y
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-            for split, m in masks.items():
-                sums[split][f"acc_{tag}"] += float(correct[m].sum())
-                sums[split][f"loss_{tag}"] += float(loss[m].sum())
-        for split, m in masks.items():
-            sums[split]["n"] += int(m.sum())
-    model.train(was_training)
+    kw = dict(rule=rule, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
+    on = split_eval(model, val_tokens, stats, is_word, **kw)
+    with engram_disabled(model):
+        off = split_eval(model, val_tokens, stats, is_word, **kw)
     out = {}
-    for split, s in sums.items():
-        n = max(s["n"], 1)
-        r = {"n": s["n"], **{k: s[k] / n for k in ("acc_on", "acc_off", "loss_on", "loss_off")}}
+    for split in on:
+        r = {"n": on[split]["n"], "acc_on": on[split]["acc"], "acc_off": off[split]["acc"],
+             "loss_on": on[split]["loss"], "loss_off": off[split]["loss"]}
         r["retained"] = r["acc_off"] / r["acc_on"] if r["acc_on"] > 0 else float("nan")
         out[split] = r
     return out
 
 
-def plot_engram_off(result: dict, path: str | Path, title: str = "") -> Path:
-    """Bars: accuracy with Engram on and zeroed for each split, labelled with the retained fraction."""
+def plot_engram_off(result: dict, path: str | Path, title: str = "", baseline: dict | None = None,
+                    baseline_label: str = "baseline without Engram") -> Path:
+    """Bars: accuracy with Engram on and zeroed for each split, labelled with the retained fraction; with
+    ``baseline`` (a :func:`split_eval` result) a third bar per split for a model trained without Engram."""
     splits = [s for s in ("fact", "context", "all") if s in result]
     labels = {"fact": "fact-heavy", "context": "context-heavy", "all": "all tokens"}
-    fig, ax = plt.subplots(figsize=(5.4, 3.6))
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
     xs = np.arange(len(splits))
-    on = [result[s]["acc_on"] for s in splits]
-    off = [result[s]["acc_off"] for s in splits]
-    ax.bar(xs - 0.18, on, 0.36, label="Engram on", color="C0")
-    ax.bar(xs + 0.18, off, 0.36, label="Engram output zeroed", color="C3")
+    w = 0.27 if baseline else 0.36
+    shift = -w if baseline else -w / 2
+    ax.bar(xs + shift, [result[s]["acc_on"] for s in splits], w, label="Engram on", color="C0")
+    ax.bar(xs + shift + w, [result[s]["acc_off"] for s in splits], w, label="Engram output zeroed", color="C3")
+    if baseline:
+        ax.bar(xs + shift + 2 * w, [baseline[s]["acc"] for s in splits], w, label=baseline_label, color="gray")
     for x, s in zip(xs, splits):
-        ax.text(x, max(result[s]["acc_on"], result[s]["acc_off"]) + 0.02,
-                f"retained {result[s]['retained']:.0%}\n(n={result[s]['n']:,})", ha="center", fontsize=8)
+        top = max(result[s]["acc_on"], result[s]["acc_off"], baseline[s]["acc"] if baseline else 0.0)
+        ax.text(x, top + 0.02, f"retained {result[s]['retained']:.0%}\n(n={result[s]['n']:,})", ha="center",
+                fontsize=8)
     ax.set_xticks(xs, [labels[s] for s in splits])
     ax.set_ylabel("top-1 next-token accuracy")
     ax.set_ylim(0, 1.15)

@@ -47,7 +47,7 @@ def run(sweep: str, out_dir: str | Path, *, overrides: dict | None = None, seeds
     results = run_sweep(sweep, points, out, jobs=jobs, threads=threads, progress=progress)
     fig = Path(figure) if figure else out / f"{sweep}.png"
     fig.parent.mkdir(parents=True, exist_ok=True)
-    summary: dict = {"sweep": sweep, "spec": d, "points": len(points), "figure": str(fig)}
+    summary: dict = {"sweep": sweep, "spec": d, "points": len(results), "figure": str(fig)}
     if sweep == "allocation":
         plot_u_curve(results, fig)
         summary["budget"] = budget(model, train)

@@ -6,7 +6,8 @@ import torch
 
 from engram import CompressedTokenizer, EngramConfig
 from engram.experiments.logit_lens import layer_kl, logit_lens
-from engram.experiments.sensitivity import BigramStats, SplitRule, engram_disabled, engram_off_eval, split_masks
+from engram.experiments.sensitivity import (BigramStats, SplitRule, engram_disabled, engram_off_eval, split_eval,
+                                           split_masks)
 from engram.experiments.token_classes import identifier_ends
 from engram.model import EngramLM, ModelConfig
 
@@ -105,6 +106,10 @@ def test_engram_off_eval_reports_both_splits():
     assert r["all"]["n"] == 2 * 2 * 16
     assert r["fact"]["n"] > 0 and 0 <= r["fact"]["acc_off"] <= 1
     assert r["all"]["loss_off"] != pytest.approx(r["all"]["loss_on"])
+    on = split_eval(model, tokens, stats, is_word, batch_size=2, seq_len=16, max_batches=2)
+    assert on["fact"]["acc"] == r["fact"]["acc_on"] and on["all"]["loss"] == pytest.approx(r["all"]["loss_on"])
+    base = split_eval(_model(family="moe"), tokens, stats, is_word, batch_size=2, seq_len=16, max_batches=2)
+    assert base["fact"]["n"] == r["fact"]["n"]  # a model without Engram is scored on the same tokens
 
 
 def test_identifier_ends_mark_the_last_piece_of_multi_piece_words():
