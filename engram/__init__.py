@@ -9,6 +9,7 @@ from .config import EngramConfig
 from .hashing import NgramHasher
 from .module import Engram, MultiHeadEmbedding, ShortConv
 from .tokenizer import CompressedTokenizer
+from .validation import set_validation, validation_enabled
 
 __all__ = [
     "CompressedTokenizer",
@@ -19,5 +20,7 @@ __all__ = [
     "NgramHasher",
     "ShortConv",
     "engram_counts",
+    "set_validation",
+    "validation_enabled",
 ]
 __version__ = "0.1.0"
