@@ -375,7 +375,7 @@ def fetch_report(base: EngramLM, stores, prefill_batches, prompts, args, baselin
     n_rows = ([], [])
     for r in range(1, args.rounds + 1):
         # a decode step fetches the rows of one position per sequence: the prompt's last, say
-        ids = (base.hash(prefill_batches[r])[1], base.hash(prompts[r])[1][:, -1:])
+        ids = (base.hash_tokens(prefill_batches[r])[1], base.hash_tokens(prompts[r])[1][:, -1:])
         rows = [torch.unique(table.fused_ids(x).reshape(-1)).cpu() for x in ids]
         for i in range(2):
             n_rows[i].append(rows[i].numel())

@@ -168,8 +168,12 @@ class EngramLM(nn.Module):
     def new_state(self) -> DecodeState:
         return DecodeState(kv=[LayerKVCache() for _ in self.blocks])
 
-    def hash(self, input_ids: torch.Tensor, history: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Hash ids of every Engram layer for ``input_ids`` (raw ids); computable before the forward pass."""
+    def hash_tokens(self, input_ids: torch.Tensor, history: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Hash ids of every Engram layer for RAW token ids ``input_ids`` [B, T]; computable before the forward.
+
+        ``history`` ([B, N-1] compressed ids of the preceding tokens, as kept in :class:`DecodeState`) continues a
+        sequence. Named like :meth:`NgramHasher.hash_tokens` (raw ids), unlike ``NgramHasher.hash`` (compressed).
+        """
         if self.hasher is None:
             return {}
         compressed = self.hasher.compress(input_ids)
@@ -222,7 +226,7 @@ class EngramLM(nn.Module):
                 key_mask_arg = token_mask
 
         if hash_ids is None and self.hasher is not None:
-            hash_ids = self.hash(input_ids, None if state is None else state.history)
+            hash_ids = self.hash_tokens(input_ids, None if state is None else state.history)
         if state is not None and self.hasher is not None:
             state.history = self.hasher.advance_history(
                 state.history if state.history is not None else self.hasher.initial_history(b, dev),

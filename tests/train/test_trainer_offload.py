@@ -64,7 +64,7 @@ def test_host_table_training_updates_exactly_the_touched_rows_and_lowers_the_los
     touched = set()
     for _ in range(run.train.steps):
         x, _ = random_batch(tokens.train.tokens, run.train.batch_size, run.train.seq_len, gen)
-        touched |= set(initial_table.fused_ids(initial_model.hash(x)[1]).reshape(-1).tolist())
+        touched |= set(initial_table.fused_ids(initial_model.hash_tokens(x)[1]).reshape(-1).tolist())
     table, final = table_rows(result.model)
     changed = set((final != initial).any(dim=1).nonzero().squeeze(1).tolist())
     assert changed == touched
