@@ -10,63 +10,187 @@
     engram profile --config run.yaml --cache-mb 1,8,64   # Zipf profile of the hash ids, cache hit rates
     engram sweep allocation|memory|ablate --out runs/sweeps/NAME [--jobs 2 --seeds 0,1 --set train.steps=400]
     engram analyze logit-lens|cka|engram-off|curves --model POINT [--model POINT] --out fig.png
+
+Each subcommand is a ``cmd_NAME(args)`` function and an ``add_NAME(sub)`` function that declares its parser (help
+text for every option and one example); :data:`SUBCOMMANDS` lists the parsers. A failure prints one
+``engram NAME: error: ...`` line that says what to do (see :func:`describe_error`); ``--debug`` or
+``ENGRAM_DEBUG=1`` also prints the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import errno
 import json
+import logging
+import os
 import sys
+import traceback
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .errors import CheckpointError, ConfigError, DataError, EngramError
+from .yamlio import load_yaml, read_yaml
 
-from .yamlio import load_yaml
+# ---------------------------------------------------------------------------------------------------- configs
 
 
 def _parse_value(text: str) -> Any:
     """A YAML scalar/list ("3", "1e-3", "true", "[1, 2]", "null") or the plain string."""
     try:
         return load_yaml(text)
-    except yaml.YAMLError:
+    except ConfigError:
         return text
 
 
+def _override_schema() -> dict[str, type]:
+    """The dataclass behind each top-level config section (what ``--set`` values are checked against)."""
+    from .config import EngramConfig
+    from .train.trainer import RunConfig
+
+    return {**typing.get_type_hints(RunConfig), "engram": EngramConfig}
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if dataclasses.is_dataclass(hint):
+        return "a section of fields"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, raw: str, hint: Any) -> tuple[bool, Any]:
+    """(matches, value converted to ``hint``) for a ``--set`` value parsed from ``raw``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            ok, v = _coerce(value, raw, a)
+            if ok and a is not str:
+                return True, v
+        return (True, raw) if str in args else (False, value)
+    if hint is type(None):
+        return value is None, value
+    if hint is str:
+        return True, raw if not isinstance(value, str) else value  # "train.data=123" names a file called 123
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            return False, value
+        elem = args[0] if args else Any
+        items = [_coerce(v, str(v), elem) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    return True, value  # dict, Any: taken as written
+
+
+def _checked_override(item: str, keys: list[str], raw: str, value: Any) -> Any:
+    """``value`` converted to the type of field ``keys`` (a dotted path), or a ConfigError naming field and type."""
+    schema = _override_schema()
+    if keys[0] not in schema or len(keys) < 2:
+        return value  # a section the config loader does not know: it names it itself
+    cls, path = schema[keys[0]], keys[0]
+    for i, k in enumerate(keys[1:], start=1):
+        hints = typing.get_type_hints(cls)
+        if k not in hints:
+            near = difflib.get_close_matches(k, list(hints), n=1)
+            raise ConfigError(f"--set {item}: {path} has no field {k!r}" +
+                              (f"; did you mean {path}.{near[0]}?" if near else f"; fields: {', '.join(hints)}"))
+        hint, path = hints[k], f"{path}.{k}"
+        nested = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+        if i < len(keys) - 1:
+            if not nested:
+                raise ConfigError(f"--set {item}: {path} is a value, not a section")
+            cls = nested[0]
+            continue
+        if nested and isinstance(value, dict):
+            return value
+        ok, converted = _coerce(value, raw, hint)
+        if not ok:
+            raise ConfigError(f"--set {item}: {path} expects {_type_name(hint)}, got {raw!r}")
+        return converted
+    return value
+
+
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` overrides (dotted paths, YAML values) to a nested dict."""
+    """Apply ``section.key=value`` overrides (dotted paths, YAML values) to a nested dict.
+
+    Values are checked against the config dataclasses: a wrong type or an unknown field raises
+    :class:`ConfigError` naming the field and the type it expects.
+    """
     for item in overrides:
         if "=" not in item:
-            raise SystemExit(f"--set expects key=value (e.g. train.steps=100), got {item!r}")
-        path, value = item.split("=", 1)
+            raise ConfigError(f"--set expects key=value (e.g. train.steps=100), got {item!r}")
+        path, raw = item.split("=", 1)
         keys = path.split(".")
         node = d
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise SystemExit(f"--set {item!r}: {k!r} is not a section")
-        node[keys[-1]] = _parse_value(value)
+                raise ConfigError(f"--set {item}: {k!r} is not a section")
+        node[keys[-1]] = _checked_override(item, keys, raw, _parse_value(raw))
     return d
 
 
 def load_run_dict(path: str | None, overrides: list[str]) -> dict:
+    """The YAML file at ``path`` (if any) with the ``--set`` overrides applied."""
     d: dict = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise SystemExit(f"config file {path!r} not found")
-        d = load_yaml(p.read_text()) or {}
+        d = read_yaml(path) or {}
         if not isinstance(d, dict):
-            raise SystemExit(f"{path} must hold a mapping with sections model / train / optim")
+            raise ConfigError(f"{path} must hold a mapping with sections model / train / optim, "
+                              f"got {type(d).__name__}")
     return apply_overrides(d, overrides)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file with sections model, train, optim")
+# ---------------------------------------------------------------------------------------------------- parsers
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the example's layout and appends each option's default (when it has one worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default in ([], "", argparse.SUPPRESS):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _debug_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="print the full Python traceback when a command fails (also ENGRAM_DEBUG=1)")
+    return p
+
+
+def _subparser(sub: Any, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand parser: ``summary`` in the command list, ``example`` (shell lines) under its --help."""
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                          epilog="example:\n" + "\n".join(f"  {line}" for line in example.strip().splitlines()),
+                          formatter_class=_HelpFormatter, parents=[_debug_parent()])
+
+
+def _add_config_args(p: argparse.ArgumentParser, sections: str = "model, train, optim") -> None:
+    p.add_argument("--config", help=f"YAML file with the sections {sections}; fields left out keep their defaults")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="overrides, e.g. train.steps=100 optim.lr=1e-3 model.engram.layer_ids=[1,2]")
+                   help="override config fields after the file, as dotted paths with YAML values, e.g. "
+                        "train.steps=100 optim.lr=1e-3 model.engram.layer_ids=[1,2]")
 
 
+# ---------------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> None:
     from .distributed.train import is_main_process, launched_distributed
     from .train.trainer import RunConfig, train
@@ -74,7 +198,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     run = RunConfig.from_dict(load_run_dict(args.config, args.set))
     if launched_distributed():  # torchrun: tables row-sharded, backbone data-parallel (docs/distributed.md)
         from .distributed.train import train_distributed as train
-    r = train(run)
+    try:
+        r = train(run)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n{_resume_hint(Path(run.train.out_dir) / 'checkpoints')}") from e
     if not is_main_process():
         return
     state = "interrupted (checkpoint saved; rerun to resume)" if r.interrupted else "done"
@@ -82,15 +209,37 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"{r.tokens_per_s:,.0f} tokens/s; run folder {r.out_dir}")
 
 
+def _resume_hint(ckpt_dir: Path) -> str:
+    from .train.checkpoint import CheckpointManager
+
+    steps = CheckpointManager(ckpt_dir).list()
+    on_disk = f"steps in {ckpt_dir}: {', '.join(map(str, steps))}" if steps else f"no other checkpoint in {ckpt_dir}"
+    return (f"to resume from an earlier intact checkpoint add --resume-from STEP ({on_disk}); "
+            f"or start over with --set train.resume=false")
+
+
+def add_train(sub: Any) -> None:
+    s = _subparser(sub, "train", "train one model; rerunning the same command resumes from its train.out_dir",
+                   "engram train --config run.yaml --set train.steps=200 train.out_dir=runs/small")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_train)
+
+
+# ---------------------------------------------------------------------------------------------------- eval
 def _load_model_and_tokenizer(model_dir: str):
+    """The saved model (checked against its folder) and the text tokenizer stored beside it."""
     from .model.io import load_model
     from .train.data import load_tokenizer
     from .train.trainer import pick_device
 
-    tok = load_tokenizer(model_dir)
     model = load_model(model_dir, map_location=pick_device("auto"))
+    if not (Path(model_dir) / "tokenizer.json").is_file() and not (Path(model_dir) / "tokenizer_config.json").is_file():
+        raise DataError(f"{model_dir} holds no tokenizer.json (the text tokenizer `engram train` saves beside the "
+                        f"model); copy it from the run's model/ folder")
+    tok = load_tokenizer(model_dir)
     if model.cfg.vocab_size != tok.vocab_size:
-        raise SystemExit(f"{model_dir}: tokenizer has {tok.vocab_size} ids, the model {model.cfg.vocab_size}")
+        raise DataError(f"{model_dir}: tokenizer.json has {tok.vocab_size} ids, the model {model.cfg.vocab_size}; "
+                        f"restore the tokenizer the model was trained with")
     return model, tok
 
 
@@ -107,11 +256,45 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(r, indent=2))
 
 
+def add_eval(sub: Any) -> None:
+    s = _subparser(sub, "eval", "validation loss, perplexity and bits per byte of a saved model",
+                   "engram eval --model runs/small/model --data notes/ --max-batches 20")
+    s.add_argument("--model", required=True, help="the model folder a finished run writes (runs/NAME/model)")
+    s.add_argument("--data", default=None,
+                   help="text file, folder of text files or .jsonl with a \"text\" field; its validation split is "
+                        "scored (default: the Python standard library)")
+    s.add_argument("--max-bytes", type=int, default=4_000_000, help="read at most this many bytes of the corpus")
+    s.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    s.add_argument("--seq-len", type=int, default=128, help="tokens per window (capped at the model's max_seq_len)")
+    s.add_argument("--max-batches", type=int, default=50, help="stop after this many batches")
+    s.set_defaults(func=cmd_eval)
+
+
+# ---------------------------------------------------------------------------------------------------- generate
+def _utf8_prompts(prompts: list[str] | None) -> list[str]:
+    """The ``--prompt`` values, or stdin; bytes that are not UTF-8 are refused with their position."""
+    if not prompts:
+        data = sys.stdin.buffer.read()
+        try:
+            return [data.decode("utf-8")]
+        except UnicodeDecodeError as e:
+            raise DataError(f"the prompt on stdin is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                            f"pipe UTF-8 text") from e
+    for i, p in enumerate(prompts, start=1):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # undecodable argv bytes arrive as lone surrogates
+            byte = p.encode("utf-8", "surrogateescape")[e.start]
+            raise DataError(f"--prompt number {i} is not UTF-8 (byte 0x{byte:02x} at position {e.start}); "
+                            f"pass UTF-8 text") from e
+    return prompts
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .model.generate import SamplingConfig, generate
 
+    prompts = _utf8_prompts(args.prompt)
     model, tok = _load_model_and_tokenizer(args.model)
-    prompts = args.prompt or [sys.stdin.read()]
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, eos_id=tok.eos_id, seed=args.seed)
     for p, out in zip(prompts, generate(model, tok.encode(prompts), cfg, pad_id=tok.pad_id)):
@@ -119,6 +302,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print("-" * 40)
 
 
+def add_generate(sub: Any) -> None:
+    s = _subparser(sub, "generate", "sample continuations of prompts from a saved model",
+                   'engram generate --model runs/small/model --prompt "def main(" --prompt "import " --seed 0\n'
+                   'echo "class Foo:" | engram generate --model runs/small/model')
+    s.add_argument("--model", required=True, help="the model folder a finished run writes (runs/NAME/model)")
+    s.add_argument("--prompt", action="append",
+                   help="a prompt (UTF-8); repeat for a batch; without it one prompt is read from stdin")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="tokens to sample after each prompt")
+    s.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 picks the likeliest token")
+    s.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only (0: no limit)")
+    s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set with this mass")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
+    s.set_defaults(func=cmd_generate)
+
+
+# ---------------------------------------------------------------------------------------------------- compare
 def cmd_compare(args: argparse.Namespace) -> None:
     from .config import EngramConfig
     from .model.config import ModelConfig
@@ -134,6 +333,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.out) / 'report.md'} (val loss engram - moe = {s['delta_val_loss']:+.4f})")
 
 
+def add_compare(sub: Any) -> None:
+    s = _subparser(sub, "compare", "train an Engram model and its parameter-matched MoE from a base MoE config",
+                   "engram compare --config base.yaml --rho 0.75 --out reports/compare --set train.steps=300")
+    _add_config_args(s, "model (the base MoE), engram, train, optim")
+    s.add_argument("--rho", type=float, default=0.75,
+                   help="share of the sparse parameter budget kept in routed experts; the rest goes to Engram")
+    s.add_argument("--out", default="reports/compare", help="folder for report.md, its figures and summary.json")
+    s.set_defaults(func=cmd_compare)
+
+
+# ---------------------------------------------------------------------------------------------------- alloc
 def cmd_alloc(args: argparse.Namespace) -> None:
     from .config import EngramConfig
     from .model.config import ModelConfig
@@ -142,10 +352,23 @@ def cmd_alloc(args: argparse.Namespace) -> None:
     d = load_run_dict(args.config, args.set)
     base = ModelConfig.from_dict(d.get("model", d))
     engram = EngramConfig.from_dict(d["engram"]) if "engram" in d else None
-    rhos = [float(r) for r in args.rhos.split(",")]
+    try:
+        rhos = [float(r) for r in args.rhos.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--rhos takes comma-separated numbers such as 1,0.8,0.6, got {args.rhos!r}") from e
     print(format_table(allocation_table(base, rhos, engram)))
 
 
+def add_alloc(sub: Any) -> None:
+    s = _subparser(sub, "alloc", "the sparsity-allocation table (experts vs Engram) for a base MoE config",
+                   "engram alloc --config configs/paper/moe-27b.yaml --rhos 1,0.9,0.8,0.7")
+    _add_config_args(s, "model (the base MoE) and engram")
+    s.add_argument("--rhos", default="1.0,0.9,0.8,0.7,0.6,0.5,0.4",
+                   help="comma-separated shares of the sparse budget kept in routed experts, one table row each")
+    s.set_defaults(func=cmd_alloc)
+
+
+# ---------------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> None:
     from .train.compare import demo
 
@@ -154,9 +377,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"Report folder: {Path(args.out).resolve()} (report.md, loss_curves.png, gate_heatmap.png, summary.json)")
 
 
-def cmd_profile(args: argparse.Namespace) -> None:
-    import dataclasses
+def add_demo(sub: Any) -> None:
+    s = _subparser(sub, "demo", "train a matched MoE and an Engram model on the Python stdlib; write a report",
+                   "engram demo --steps 300 --out reports/demo")
+    s.add_argument("--out", default="reports/demo", help="report folder (report.md, figures, summary.json)")
+    s.add_argument("--steps", type=int, default=600, help="training steps of each of the two models")
+    s.add_argument("--rho", type=float, default=0.75, help="share of the sparse budget kept in routed experts")
+    s.add_argument("--device", default="auto", help="torch device to train on: auto (CUDA if present), cpu, cuda:N")
+    s.set_defaults(func=cmd_demo)
 
+
+# ---------------------------------------------------------------------------------------------------- profile
+def cmd_profile(args: argparse.Namespace) -> None:
     from .model.model import engram_hasher
     from .storage.profile import corpus_row_batches, plot_rank_frequency, profile_corpus, simulate_cache
     from .train.trainer import RunConfig, model_config_for, prepare_data
@@ -179,7 +411,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
         cfg, ctok = model_config_for(run.model, tok)
         tokens = files.train.tokens
     if cfg.family != "engram" or ctok is None:
-        raise ValueError(f"profile needs an engram-family model (got family {cfg.family!r})")
+        raise ConfigError(f"profile needs an engram-family model (got family {cfg.family!r}); "
+                          f"set model.family=engram and model.engram")
     hasher = engram_hasher(cfg, ctok)
     cache_mb = [mb.strip() for mb in args.cache_mb.split(",")] if args.cache_mb else []
     cache_bytes = [int(float(mb) * 2**20) for mb in cache_mb]
@@ -202,102 +435,49 @@ def cmd_profile(args: argparse.Namespace) -> None:
         print(f"\nrank-frequency plot: {png}\n")
 
 
-def _csv(text: str | None, cast=str) -> list | None:
-    return None if not text else [cast(x) for x in text.split(",") if x.strip()]
+def add_profile(sub: Any) -> None:
+    s = _subparser(sub, "profile", "Zipf profile of a corpus's Engram hash ids and the hit rate per cache size",
+                   "engram profile --config run.yaml --cache-mb 1,8,64 --out reports/profile\n"
+                   "engram profile --model runs/small/model --data notes/")
+    _add_config_args(s)
+    s.add_argument("--model", help="a saved model folder whose config and tokenizer are profiled "
+                                   "(default: the model of --config)")
+    s.add_argument("--data", default=None, help="text file, folder or .jsonl (default: the run's data / stdlib)")
+    s.add_argument("--max-bytes", type=int, default=None, help="corpus bytes to read (default: the run's, or 4 MB)")
+    s.add_argument("--max-tokens", type=int, default=None, help="stop after hashing this many tokens (default: all)")
+    s.add_argument("--cache-mb", default="1,8,64", help="cache sizes in MiB per table, comma-separated")
+    s.add_argument("--seq-len", type=int, default=256, help="tokens per hashed window")
+    s.add_argument("--batch-size", type=int, default=16, help="windows hashed at once")
+    s.add_argument("--min-count", type=int, default=5, help="rows seen fewer times are left out of the Zipf fit")
+    s.add_argument("--out", default="reports/profile", help="folder for the rank-frequency PNGs")
+    s.set_defaults(func=cmd_profile)
+
+
+# ---------------------------------------------------------------------------------------------------- sweep
+def _csv(text: str | None, cast=str, option: str = "") -> list | None:
+    try:
+        return None if not text else [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ConfigError(f"{option} takes comma-separated values of type {cast.__name__}, got {text!r}") from e
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .experiments.sweeps import run
 
-    s = run(args.kind, args.out, overrides=load_run_dict(args.config, args.set), seeds=_csv(args.seeds, int),
-            jobs=args.jobs, threads=args.threads, figure=args.figure, rhos=_csv(args.rhos, float),
-            rows=_csv(args.rows, int), variants=_csv(args.variants), dense_ffn_share=args.dense_ffn_share)
+    s = run(args.kind, args.out, overrides=load_run_dict(args.config, args.set),
+            seeds=_csv(args.seeds, int, "--seeds"), jobs=args.jobs, threads=args.threads, figure=args.figure,
+            rhos=_csv(args.rhos, float, "--rhos"), rows=_csv(args.rows, int, "--rows"), variants=_csv(args.variants),
+            dense_ffn_share=args.dense_ffn_share)
     print((Path(args.out) / "results.csv").read_text())
     print(f"figure: {s['figure']}; summary: {Path(args.out) / 'summary.json'}")
 
 
-def cmd_analyze(args: argparse.Namespace) -> None:
-    from .experiments import analyze
-
-    labels = args.label or [Path(m).name for m in args.model]
-    if len(labels) != len(args.model):
-        raise ValueError(f"give one --label per --model ({len(args.model)}), got {len(labels)}")
-    if args.kind == "logit-lens":
-        r = analyze.analyze_logit_lens(args.model, labels, args.out)
-    elif args.kind == "curves":
-        r = analyze.analyze_curves(args.model, labels, args.out)
-    elif len(args.model) != (2 if args.kind == "cka" else 1):
-        raise ValueError(f"analyze {args.kind} takes {2 if args.kind == 'cka' else 1} --model, got {len(args.model)}")
-    elif args.kind == "cka":
-        r = analyze.analyze_cka(args.model[0], args.model[1], (labels[0], labels[1]), args.out, k=args.k)
-    else:
-        r = analyze.analyze_engram_off(args.model[0], args.out, baseline=args.baseline)
-    print(json.dumps(r, indent=2))
-    print(f"figure: {args.out}; numbers: {Path(args.out).with_suffix('.json')}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="engram", description="Conditional memory (Engram) for language models")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("demo", help="train a matched MoE and an Engram model on the stdlib corpus; write a report")
-    s.add_argument("--out", default="reports/demo")
-    s.add_argument("--steps", type=int, default=600)
-    s.add_argument("--rho", type=float, default=0.75, help="share of the sparse budget kept in routed experts")
-    s.add_argument("--device", default="auto")
-    s.set_defaults(func=cmd_demo)
-
-    s = sub.add_parser("train", help="train one model (resumes from its out_dir)")
-    _add_common(s)
-    s.set_defaults(func=cmd_train)
-
-    s = sub.add_parser("eval", help="validation loss / perplexity / bits per byte of a saved model")
-    s.add_argument("--model", required=True, help="a model folder (runs/NAME/model)")
-    s.add_argument("--data", default=None, help="text file, folder or .jsonl (default: stdlib corpus)")
-    s.add_argument("--max-bytes", type=int, default=4_000_000)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--seq-len", type=int, default=128)
-    s.add_argument("--max-batches", type=int, default=50)
-    s.set_defaults(func=cmd_eval)
-
-    s = sub.add_parser("generate", help="sample continuations from a saved model")
-    s.add_argument("--model", required=True)
-    s.add_argument("--prompt", action="append", help="repeat for a batch; default: read stdin")
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--seed", type=int, default=None)
-    s.set_defaults(func=cmd_generate)
-
-    s = sub.add_parser("compare", help="Engram vs its matched MoE from a base MoE config")
-    _add_common(s)
-    s.add_argument("--rho", type=float, default=0.75)
-    s.add_argument("--out", default="reports/compare")
-    s.set_defaults(func=cmd_compare)
-
-    s = sub.add_parser("alloc", help="the sparsity-allocation table for a base MoE config")
-    _add_common(s)
-    s.add_argument("--rhos", default="1.0,0.9,0.8,0.7,0.6,0.5,0.4")
-    s.set_defaults(func=cmd_alloc)
-
-    s = sub.add_parser("profile", help="Zipf profile of a corpus's Engram hash ids and the hit rate per cache size")
-    _add_common(s)
-    s.add_argument("--model", help="a saved model folder (its config and tokenizer); default: --config")
-    s.add_argument("--data", default=None, help="text file, folder or .jsonl (default: the run's data / stdlib)")
-    s.add_argument("--max-bytes", type=int, default=None, help="corpus bytes to read (default: the run's, or 4 MB)")
-    s.add_argument("--max-tokens", type=int, default=None)
-    s.add_argument("--cache-mb", default="1,8,64", help="cache sizes in MiB per table, comma-separated")
-    s.add_argument("--seq-len", type=int, default=256)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--min-count", type=int, default=5, help="rows seen fewer times are left out of the Zipf fit")
-    s.add_argument("--out", default="reports/profile", help="folder for the rank-frequency PNGs")
-    s.set_defaults(func=cmd_profile)
-
-    s = sub.add_parser("sweep", help="train a sweep of points (resumable, --jobs in parallel): table + figure")
-    s.add_argument("kind", choices=["allocation", "memory", "ablate"])
-    s.add_argument("--config", help="YAML with sections model (backbone), engram, train, optim")
-    s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. train.steps=400 model.hc_mult=2")
+def add_sweep(sub: Any) -> None:
+    s = _subparser(sub, "sweep", "train a sweep of points (resumable, --jobs in parallel): table + figure",
+                   "engram sweep allocation --out runs/sweeps/alloc --jobs 2 --seeds 0,1 --set train.steps=400")
+    s.add_argument("kind", choices=["allocation", "memory", "ablate"],
+                   help="allocation: vary rho; memory: vary table rows; ablate: switch Engram parts off")
+    _add_config_args(s, "model (backbone), engram, train, optim")
     s.add_argument("--out", required=True, help="sweep folder (rerun the same command to resume)")
     s.add_argument("--jobs", type=int, default=1, help="points trained at once, in separate processes")
     s.add_argument("--threads", type=int, default=None, help="torch threads per point (default: cores / jobs)")
@@ -310,8 +490,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ablate: share of the dense FFN width traded for Engram in dense+engram-iso")
     s.set_defaults(func=cmd_sweep)
 
-    s = sub.add_parser("analyze", help="LogitLens, CKA, Engram-off or learning-curve analysis of trained models")
-    s.add_argument("kind", choices=["logit-lens", "cka", "engram-off", "curves"])
+
+# ---------------------------------------------------------------------------------------------------- analyze
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from .experiments import analyze
+
+    labels = args.label or [Path(m).name for m in args.model]
+    if len(labels) != len(args.model):
+        raise ConfigError(f"give one --label per --model ({len(args.model)}), got {len(labels)}")
+    if args.kind == "logit-lens":
+        r = analyze.analyze_logit_lens(args.model, labels, args.out)
+    elif args.kind == "curves":
+        r = analyze.analyze_curves(args.model, labels, args.out)
+    elif len(args.model) != (2 if args.kind == "cka" else 1):
+        raise ConfigError(f"analyze {args.kind} takes {2 if args.kind == 'cka' else 1} --model, "
+                          f"got {len(args.model)}")
+    elif args.kind == "cka":
+        r = analyze.analyze_cka(args.model[0], args.model[1], (labels[0], labels[1]), args.out, k=args.k)
+    else:
+        r = analyze.analyze_engram_off(args.model[0], args.out, baseline=args.baseline)
+    print(json.dumps(r, indent=2))
+    print(f"figure: {args.out}; numbers: {Path(args.out).with_suffix('.json')}")
+
+
+def add_analyze(sub: Any) -> None:
+    s = _subparser(sub, "analyze", "LogitLens, CKA, Engram-off or learning-curve analysis of trained models",
+                   "engram analyze cka --model runs/engram/model --model runs/moe/model --out reports/cka.png")
+    s.add_argument("kind", choices=["logit-lens", "cka", "engram-off", "curves"],
+                   help="logit-lens: per-layer next-token loss; cka: layer similarity of two models; engram-off: "
+                        "loss with Engram switched off; curves: validation loss over training")
     s.add_argument("--model", action="append", required=True,
                    help="a model, run or sweep-point folder (repeat: logit-lens / curves any, cka 2 (rows, "
                         "columns), engram-off 1)")
@@ -320,15 +527,91 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=5, help="cka: top-k of the soft alignment index")
     s.add_argument("--baseline", help="engram-off: a model trained without Engram, scored on the same tokens")
     s.set_defaults(func=cmd_analyze)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+SUBCOMMANDS = (add_demo, add_train, add_eval, add_generate, add_compare, add_alloc, add_profile, add_sweep,
+               add_analyze)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engram", description="Conditional memory (Engram) for language models",
+                                epilog="example:\n  engram demo --steps 300\n  engram train --help",
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--debug", action="store_true", default=False,
+                   help="print the full Python traceback when a command fails (also ENGRAM_DEBUG=1)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
     return p
+
+
+def _where(e: OSError) -> str:
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return " -> ".join(names) + ": " if names else ""
+
+
+def describe_error(e: BaseException) -> str:
+    """The one-line (at most two) message the CLI prints for ``e``: what failed, where, and what to do."""
+    torch = sys.modules.get("torch")  # only a command that imported torch can run out of its memory
+    if isinstance(e, EngramError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{_where(e)}no space left on the disk; free some space or write elsewhere "
+                f"(train.out_dir, --out, ENGRAM_CACHE_DIR)")
+    if isinstance(e, OSError) and e.errno == errno.EROFS:
+        return (f"{_where(e)}the file system is read-only; write elsewhere "
+                f"(train.out_dir, --out, ENGRAM_CACHE_DIR)")
+    if isinstance(e, PermissionError):
+        return f"{_where(e)}permission denied; make it writable/readable for you or use another path"
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        return f"{_where(e)}{e.strerror.lower()}; check the path"
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):
+        return f"out of accelerator memory ({str(e).splitlines()[0]}); lower train.batch_size or train.seq_len"
+    if isinstance(e, MemoryError):
+        return "out of host memory; lower train.batch_size, train.seq_len or the model size"
+    if isinstance(e, (ValueError, TypeError, OSError)):
+        return str(e)
+    return (f"unexpected {type(e).__name__}: {e}\n"
+            f"this may be a bug in engram: rerun with --debug and report the traceback")
+
+
+class _LogFormatter(logging.Formatter):
+    """``engram NAME: warning: message``: library warnings (a skipped file, an old model) read like errors."""
+
+    def __init__(self, command: str):
+        super().__init__()
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"engram {self.command}: {record.levelname.lower()}: {record.getMessage()}"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("ENGRAM_DEBUG", "") not in ("", "0")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_LogFormatter(args.command))
+    log = logging.getLogger("engram")
+    log.addHandler(handler)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        raise SystemExit(f"engram {args.command}: error: {e}") from e
+    except BrokenPipeError:  # the reader of stdout went away (| head): nothing left to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush at exit cannot fail
+        raise SystemExit(141) from None
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"engram {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        print(f"engram {args.command}: error: {describe_error(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        log.removeHandler(handler)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..errors import DivergenceError
 from ..model.io import save_model
 from ..train.checkpoint import capture_rng_state, install_signal_handlers, restore_rng_state
 from ..train.data import TextTokenizer, TokenizedCorpus, random_batch
@@ -194,7 +195,8 @@ def train_distributed(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCor
             model.update_moe_biases()
             loss_v = global_mean(loss)
             if not math.isfinite(loss_v):
-                raise FloatingPointError(f"loss became {loss_v} at step {step + 1}; lower optim.lr or check the data")
+                raise DivergenceError(f"loss became {loss_v} at step {step + 1} with optim.lr={run.optim.lr:g}; "
+                                      f"lower it (e.g. --set optim.lr={run.optim.lr / 3:.2g}) or check the data")
             dt = time.perf_counter() - t0
             t_train += dt
             steps_this_call += 1

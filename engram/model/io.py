@@ -6,28 +6,35 @@ with a ``tables.json`` manifest, not through ``model.safetensors``; see :mod:`en
 The compressed-tokenizer lookup and the tokenizer's vocabulary fingerprint travel with the weights, because the
 Engram hash multipliers depend on V': loading with a different tokenizer would silently rehash every n-gram, so
 it is refused.
+
+``addresses.json`` records everything else that decides which table row an n-gram reads (the hashing fields of the
+config and the compression table); a folder whose ``config.json``, ``tokenizer.safetensors`` or ``tokenizer.json``
+was changed after saving so that the addresses would move is refused with the fields that changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..tokenizer import CompressedTokenizer
+from ..errors import ModelLoadError
+from ..tokenizer import CompressedTokenizer, vocab_fingerprint
 from .config import ModelConfig
 from .model import EngramLM
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.safetensors"
-
-
-class ModelLoadError(ValueError):
-    """A saved model that cannot be loaded as asked (missing/corrupt file, config or tokenizer mismatch)."""
+ADDRESSES, TEXT_TOKENIZER = "addresses.json", "tokenizer.json"
+logger = logging.getLogger(__name__)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -57,6 +64,7 @@ def save_model(model: EngramLM, directory: str | os.PathLike) -> Path:
         tok = model.tokenizer
         _atomic_write(d / TOKENIZER, lambda p: save_file(
             {"lookup": torch.from_numpy(tok.lookup.copy())}, p, metadata={"fingerprint": tok.fingerprint}))
+    _write_addresses(d, model.cfg, model.tokenizer)
     return d
 
 
@@ -89,9 +97,7 @@ def load_model(directory: str | os.PathLike, tokenizer: CompressedTokenizer | No
     from ..storage.tables import TableFiles
 
     d = Path(directory)
-    for name in (WEIGHTS, CONFIG):
-        if not (d / name).is_file():
-            raise ModelLoadError(f"{d} holds no {name}: not a saved engram model (save_model writes it)")
+    _check_model_folder(d)
     try:
         cfg = ModelConfig.from_dict(json.loads((d / CONFIG).read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
@@ -105,6 +111,7 @@ def load_model(directory: str | os.PathLike, tokenizer: CompressedTokenizer | No
     tok = stored if stored is not None else tokenizer
     if cfg.family == "engram" and tok is None:
         raise ModelLoadError(f"{d} is an engram model but has no {TOKENIZER} and no tokenizer was given")
+    _check_addresses(d, cfg, tok)
     try:
         state = load_file(str(d / WEIGHTS))
     except (SafetensorError, OSError) as e:
@@ -132,3 +139,109 @@ def load_model(directory: str | os.PathLike, tokenizer: CompressedTokenizer | No
         raise ModelLoadError(f"{d / CONFIG} does not match the weights in {d / WEIGHTS}: " + "; ".join(detail))
     model.load_state_dict(state, strict=not cfg.tie_embeddings and table_files is None)
     return model.to(map_location)
+
+
+def _check_model_folder(d: Path) -> None:
+    """Refuse a path that is not a saved model, pointing at the right folder where we can tell."""
+    if not d.exists():
+        raise ModelLoadError(f"no model folder at {d}; pass the model/ folder of a finished run (runs/NAME/model)")
+    if not d.is_dir():
+        raise ModelLoadError(f"{d} is a file; pass the folder that holds {WEIGHTS} and {CONFIG}")
+    if not (d / WEIGHTS).is_file() and (d / "model" / WEIGHTS).is_file():
+        raise ModelLoadError(f"{d} is a run folder; its saved model is {d / 'model'}: load that folder instead")
+    if not (d / WEIGHTS).is_file() and (d / "checkpoints").is_dir():
+        raise ModelLoadError(f"{d} is a run folder without a saved model yet (training did not finish); rerun "
+                             f"`engram train` with the same config to finish it, which writes {d / 'model'}")
+    for name in (WEIGHTS, CONFIG):
+        if not (d / name).is_file():
+            raise ModelLoadError(f"{d} holds no {name}: not a saved engram model (save_model writes it)")
+
+
+# ---------------------------------------------------------------------------------------------------- addresses
+# A table row is chosen by the hash of compressed ids: the hashing fields of the config and the compression table
+# decide every address. Weights are only meaningful under the addresses they were trained with, so save_model
+# records them (addresses.json) and load_model refuses a folder whose config or tokenizer would move them.
+
+_ENGRAM_ADDRESS_FIELDS = ("engram_vocab_size", "max_ngram_size", "n_head_per_ngram", "layer_ids", "pad_id", "seed",
+                          "compress_tokens")
+_ADDRESS_FORMAT = 1
+_warned_unrecorded: set[str] = set()
+
+
+def address_record(cfg: ModelConfig, tokenizer: CompressedTokenizer | None) -> dict[str, Any]:
+    """The fields that decide hash addresses, flat: ``{"engram.seed": 0, "tokenizer.lookup_sha256": ..., ...}``."""
+    rec: dict[str, Any] = {"family": cfg.family, "vocab_size": cfg.vocab_size}
+    if cfg.engram is not None:
+        rec.update({f"engram.{k}": getattr(cfg.engram, k) for k in _ENGRAM_ADDRESS_FIELDS})
+    if cfg.overencoding is not None:
+        rec.update({f"overencoding.{k}": v for k, v in dataclasses.asdict(cfg.overencoding).items()})
+    if tokenizer is not None:
+        lookup = tokenizer.lookup.astype("<i8", copy=False)
+        rec.update({"tokenizer.fingerprint": tokenizer.fingerprint,
+                    "tokenizer.compressed_vocab_size": tokenizer.compressed_vocab_size,
+                    "tokenizer.lookup_sha256": hashlib.sha256(lookup.tobytes()).hexdigest()})
+    return rec
+
+
+def _record_sha256(rec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(rec, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _write_addresses(d: Path, cfg: ModelConfig, tokenizer: CompressedTokenizer | None) -> None:
+    rec = address_record(cfg, tokenizer)
+    text = json.dumps({"format": _ADDRESS_FORMAT, "sha256": _record_sha256(rec), "addresses": rec}, indent=2)
+    _atomic_write(d / ADDRESSES, lambda p: Path(p).write_text(text))
+
+
+def _check_addresses(d: Path, cfg: ModelConfig, tokenizer: CompressedTokenizer | None) -> None:
+    """Refuse ``d`` when its config, compression table or tokenizer.json no longer give the saved addresses."""
+    if tokenizer is not None:
+        _check_text_tokenizer(d, tokenizer)
+    path = d / ADDRESSES
+    if not path.is_file():
+        if str(d.resolve()) not in _warned_unrecorded:
+            _warned_unrecorded.add(str(d.resolve()))
+            logger.warning("%s has no %s (saved by an older engram): its hashing config and tokenizer cannot be "
+                           "checked; re-save it with engram.model.save_model to record them", d, ADDRESSES)
+        return
+    try:
+        saved = json.loads(path.read_text())
+        rec = saved["addresses"]
+        intact = saved["sha256"] == _record_sha256(rec)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path} is corrupt ({e}); re-save the model") from e
+    if not intact:
+        raise ModelLoadError(f"{path} was edited after saving (its checksum does not match); restore it from the "
+                             f"saved model")
+    now = address_record(cfg, tokenizer)
+    changed = [k for k in sorted(set(rec) | set(now)) if rec.get(k) != now.get(k)]
+    if not changed:
+        return
+    config_fields = [k for k in changed if not k.startswith("tokenizer.")]
+    parts = []
+    if config_fields:
+        parts.append(f"{d / CONFIG} changes " + ", ".join(
+            f"{k} (saved {rec.get(k)!r}, now {now.get(k)!r})" for k in config_fields))
+    if len(config_fields) < len(changed):
+        parts.append(f"{d / TOKENIZER} holds a different compression table than the model was saved with "
+                     f"({', '.join(k for k in changed if k.startswith('tokenizer.'))})")
+    raise ModelLoadError(f"refusing to load {d}: " + "; ".join(parts) + ". Every Engram table row would be read at "
+                         "another address; restore the saved values (or retrain with the new ones)")
+
+
+def _check_text_tokenizer(d: Path, tokenizer: CompressedTokenizer) -> None:
+    """The tokenizer.json beside the weights must have the vocabulary the compression table was built from."""
+    path = d / TEXT_TOKENIZER
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        vocab = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise ModelLoadError(f"{path} is not a valid Hugging Face tokenizer.json ({e}); restore the saved one") from e
+    if vocab_fingerprint(vocab) != tokenizer.fingerprint:
+        raise ModelLoadError(
+            f"refusing to load {d}: {path} is not the tokenizer the model was trained with (its vocabulary "
+            f"fingerprint differs from the one in {TOKENIZER}, so every token id and hash address would be wrong); "
+            f"restore the original tokenizer.json")

@@ -33,14 +33,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointError
+
 MODEL_FILE, STATE_FILE, META_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "meta.json", "manifest.json"
 LATEST_FILE = "latest"
 JSON_KEYS = ("config", "extra")
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt."""
 
 
 # ---------------------------------------------------------------------------------------------------- rng

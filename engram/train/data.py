@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import DataError
+
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = frozenset({
@@ -101,6 +103,11 @@ def _split_named(name: str, docs: list[tuple[str, str]], val_fraction: float) ->
             val_set = {min(score, key=score.get)}
         if len(val_set) == len(docs):
             val_set.discard(max(val_set, key=score.get))
+    if val_fraction > 0 and not val_set:
+        raise DataError(
+            f"{name}: the validation split is empty: the corpus has one document ({docs[0][0]}) and validation "
+            f"holds out whole documents; add a second file (or JSONL line), raise the byte cap (train.max_bytes / "
+            f"--max-bytes) if it kept only one, or pass one text file (its tail is held out)")
     corpus = Corpus(name=name, train=[], val=[])
     for n, text in docs:
         if n in val_set:
@@ -125,7 +132,12 @@ def _read_files(root: Path, files: list[Path], max_bytes: int | None) -> list[tu
             break
         try:
             text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+        except UnicodeDecodeError as e:
+            logger.warning("skipping %s: not UTF-8 text (byte 0x%02x at offset %d); convert it to UTF-8 to include "
+                           "it", path, e.object[e.start], e.start)
+            continue
+        except OSError as e:
+            logger.warning("skipping %s: cannot read it (%s)", path, e.strerror or e)
             continue
         if not text:
             continue
@@ -175,8 +187,13 @@ def _load_folder(root: Path, max_bytes: int | None, val_fraction: float) -> Corp
 def _load_jsonl(path: Path, max_bytes: int | None, val_fraction: float) -> Corpus:
     docs: list[tuple[str, str]] = []
     total = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from e
             if not line.strip():
                 continue
             try:
@@ -575,8 +592,10 @@ def _check_window(tokens: np.ndarray, batch_size: int, seq_len: int) -> None:
     if batch_size <= 0 or seq_len <= 0:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
     if len(tokens) < seq_len + 1:
-        raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} tokens for one window, the split has "
-                         f"{len(tokens)}; use a shorter seq_len or more text")
+        split = {"val.bin": "the validation split", "train.bin": "the training split"}.get(
+            Path(getattr(tokens, "filename", None) or "").name, "the split")
+        raise DataError(f"need at least seq_len + 1 = {seq_len + 1} tokens for one window, {split} has "
+                        f"{len(tokens)}; use a shorter seq_len (train.seq_len / --seq-len) or more text")
 
 
 def _to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError, DivergenceError
 from ..model.config import ModelConfig
 from ..model.io import save_model
 from ..model.model import EngramLM, TableFactory
@@ -109,9 +110,22 @@ class TrainResult:
 
 
 def pick_device(spec: str) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU) or a torch device name that must exist on this machine."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device={spec!r} is not a device name ({e}); use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={spec!r} but CUDA is not available on this machine; "
+                          f"use train.device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={spec!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                          f"use cuda:0..cuda:{torch.cuda.device_count() - 1} or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={spec!r} but MPS is not available on this machine; use auto or cpu")
+    return device
 
 
 def prepare_data(tcfg: TrainConfig) -> tuple[TextTokenizer, TokenizedCorpus]:
@@ -298,7 +312,8 @@ def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None 
             model.update_moe_biases()
             loss_v = loss.item()
             if not math.isfinite(loss_v):
-                raise FloatingPointError(f"loss became {loss_v} at step {step + 1}; lower optim.lr or check the data")
+                raise DivergenceError(f"loss became {loss_v} at step {step + 1} with optim.lr={run.optim.lr:g}; "
+                                      f"lower it (e.g. --set optim.lr={run.optim.lr / 3:.2g}) or check the data")
             dt = time.perf_counter() - t0
             t_train += dt
             steps_this_call += 1

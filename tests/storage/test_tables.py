@@ -165,6 +165,7 @@ def test_a_layer_missing_from_the_manifest_is_refused(tmp_path, device_model):
     one_layer = build_offloaded(small_cfg(layer_ids=[1]), TOK, "host")
     save_model(one_layer, tmp_path / "m")
     small_cfg().save_json(tmp_path / "m" / "config.json")   # a config with one more Engram layer
+    (tmp_path / "m" / "addresses.json").unlink()   # saved before addresses were recorded: the manifest must catch it
     with pytest.raises(ModelLoadError, match="no table for Engram layer 2"):
         load_model(tmp_path / "m")
 
