@@ -395,9 +395,10 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
     if args.model:
         from .model.config import ModelConfig
-        from .model.io import load_tokenizer_table
+        from .model.io import check_model_folder, load_tokenizer_table
         from .train.data import build_token_files, default_cache_dir, load_corpus, load_tokenizer
 
+        check_model_folder(args.model)
         cfg, ctok, tok = ModelConfig.load(Path(args.model) / "config.json"), load_tokenizer_table(args.model), \
             load_tokenizer(args.model)
         corpus = load_corpus(args.data, max_bytes=args.max_bytes or 4_000_000)

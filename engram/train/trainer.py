@@ -113,18 +113,18 @@ def pick_device(spec: str) -> torch.device:
     """``"auto"`` (CUDA when available, else CPU) or a torch device name that must exist on this machine."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = f"device {spec!r} (train.device / --device)"
     try:
         device = torch.device(spec)
     except RuntimeError as e:
-        raise ConfigError(f"train.device={spec!r} is not a device name ({e}); use auto, cpu, cuda or cuda:N") from e
+        raise ConfigError(f"{where} is not a device name ({e}); use auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={spec!r} but CUDA is not available on this machine; "
-                          f"use train.device=auto or cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"train.device={spec!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
-                          f"use cuda:0..cuda:{torch.cuda.device_count() - 1} or auto")
+        raise ConfigError(f"{where}: CUDA is not available on this machine; use auto or cpu")
+    n_cuda = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= n_cuda:
+        raise ConfigError(f"{where}: this machine has {n_cuda} CUDA device(s); use cuda:0..cuda:{n_cuda - 1} or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"train.device={spec!r} but MPS is not available on this machine; use auto or cpu")
+        raise ConfigError(f"{where}: MPS is not available on this machine; use auto or cpu")
     return device
 
 

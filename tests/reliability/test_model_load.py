@@ -114,3 +114,18 @@ def test_a_model_saved_before_address_records_loads_with_one_warning(model_dir, 
         load_model(model_dir)
     warnings = [r for r in caplog.records if "addresses.json" in r.getMessage()]
     assert len(warnings) == 1 and str(model_dir) in warnings[0].getMessage()
+
+
+def test_an_edited_overencoding_hash_seed_is_refused(tmp_path):
+    """OverEncoding hashes n-grams too: its seed and table size are part of the address record."""
+    from engram.model import EngramLM, ModelConfig, OverEncodingConfig, save_model
+
+    cfg = ModelConfig(family="overencoding", vocab_size=64, hidden_size=16, num_layers=2, num_heads=2,
+                      intermediate_size=32, moe_intermediate_size=8, n_routed_experts=2, num_experts_per_tok=1,
+                      overencoding=OverEncodingConfig(table_size=31))
+    save_model(EngramLM(cfg), tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["overencoding"]["seed"] = 3
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=re.escape("overencoding.seed (saved 0, now 3)")):
+        load_model(tmp_path / "m")
