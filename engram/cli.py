@@ -33,7 +33,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ConfigError, DataError, EngramError
+from .errors import CheckpointError, ConfigError, DataError, EngramError, ModelLoadError
 from .yamlio import load_yaml, read_yaml
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -234,12 +234,12 @@ def _load_model_and_tokenizer(model_dir: str):
 
     model = load_model(model_dir, map_location=pick_device("auto"))
     if not (Path(model_dir) / "tokenizer.json").is_file() and not (Path(model_dir) / "tokenizer_config.json").is_file():
-        raise DataError(f"{model_dir} holds no tokenizer.json (the text tokenizer `engram train` saves beside the "
-                        f"model); copy it from the run's model/ folder")
+        raise ModelLoadError(f"{model_dir} holds no tokenizer.json (the text tokenizer `engram train` saves beside the "
+                             f"model); copy it from the run's model/ folder")
     tok = load_tokenizer(model_dir)
     if model.cfg.vocab_size != tok.vocab_size:
-        raise DataError(f"{model_dir}: tokenizer.json has {tok.vocab_size} ids, the model {model.cfg.vocab_size}; "
-                        f"restore the tokenizer the model was trained with")
+        raise ModelLoadError(f"{model_dir}: tokenizer.json has {tok.vocab_size} ids, the model {model.cfg.vocab_size}; "
+                             f"restore the tokenizer the model was trained with")
     return model, tok
 
 
