@@ -12,15 +12,12 @@ across heads, orders and layers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from .config import EngramConfig
-
-if TYPE_CHECKING:
-    from .tokenizer import CompressedTokenizer
+from .tokenizer import CompressedTokenizer
+from .validation import validation_enabled
 
 _INT64_MAX = 2**63 - 1
 
@@ -83,7 +80,8 @@ class NgramHasher:
 
     ``NgramHasher(config, compressed_vocab_size, compressed_pad_id)``, or ``NgramHasher.from_tokenizer(config,
     ctok)`` which takes V' and the pad id from a :class:`~engram.tokenizer.CompressedTokenizer` and can then also
-    hash raw ids (:meth:`hash_tokens`).
+    hash raw ids. The two kinds of ids never mix in one method: :meth:`hash` and :meth:`hash_incremental` take
+    compressed ids, :meth:`hash_tokens` and :meth:`compress` take raw ids.
 
     Attributes:
         multipliers: ``{layer_id: np.ndarray[int64] of length N}``.
@@ -93,7 +91,7 @@ class NgramHasher:
     """
 
     def __init__(self, config: EngramConfig, compressed_vocab_size: int, compressed_pad_id: int,
-                 tokenizer: "CompressedTokenizer | None" = None):
+                 tokenizer: CompressedTokenizer | None = None):
         config.validate()
         if compressed_vocab_size <= 0:
             raise ValueError(f"compressed_vocab_size must be positive, got {compressed_vocab_size}")
@@ -122,79 +120,99 @@ class NgramHasher:
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_tokenizer(cls, config: EngramConfig, tokenizer: "CompressedTokenizer") -> "NgramHasher":
+    def from_tokenizer(cls, config: EngramConfig, tokenizer: CompressedTokenizer) -> "NgramHasher":
+        """The hasher of a model built with ``tokenizer``.
+
+        With ``config.compress_tokens = False`` (the paper's "w/o tokenizer compression" ablation) ids are hashed
+        uncompressed: the hasher keeps an identity compression of the same vocabulary (V' = V, same
+        fingerprint), so :meth:`hash_tokens` hashes raw ids and :meth:`compress` returns them unchanged.
+        """
         if not 0 <= config.pad_id < tokenizer.vocab_size:
             raise ValueError(f"pad_id {config.pad_id} is outside the tokenizer's vocabulary (size {tokenizer.vocab_size})")
+        if not config.compress_tokens:
+            tokenizer = CompressedTokenizer.identity(tokenizer.vocab_size, tokenizer.fingerprint)
         pad = int(tokenizer.lookup[config.pad_id])
         return cls(config, tokenizer.compressed_vocab_size, pad, tokenizer)
 
     # ------------------------------------------------------------------ device constants
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[L, N] multipliers and [L, (N-1)K] primes, cached per device."""
+        """[L, N] multipliers and [L, N-1, K] primes, cached per device."""
         cached = self._device_cache.get(device)
         if cached is None:
             mult = torch.from_numpy(np.stack([self.multipliers[l] for l in self.config.layer_ids]))
-            primes = torch.tensor(
-                [[p for heads in self.table_sizes[l] for p in heads] for l in self.config.layer_ids], dtype=torch.int64
-            )
+            primes = torch.tensor([self.table_sizes[l] for l in self.config.layer_ids], dtype=torch.int64)
             cached = (mult.to(device), primes.to(device))
             self._device_cache[device] = cached
         return cached
 
-    def _check_ids(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+    # ------------------------------------------------------------------ id checks
+    @staticmethod
+    def _as_ids(ids: torch.Tensor, name: str) -> torch.Tensor:
+        """Type and shape checks (free: no device read); returns int64 ids."""
         if not isinstance(ids, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
         if ids.dim() != 2:
             raise ValueError(f"{name} must be [batch, seq], got shape {tuple(ids.shape)}")
-        ids = ids.to(torch.int64)
-        if ids.numel():
-            lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync for both bounds
-            if hi >= self.compressed_vocab_size:
-                raise ValueError(
-                    f"{name} holds id {hi} >= compressed vocab size {self.compressed_vocab_size}: pass "
-                    f"compressed ids (CompressedTokenizer.compress), or use hash_tokens() for raw ids"
-                )
+        return ids.to(torch.int64)
+
+    @staticmethod
+    def _check_range(named: dict[str, torch.Tensor], size: int, what: str) -> None:
+        """Raise unless every tensor holds ids in [0, size): one device-to-host read for all of them, and none
+        when :func:`engram.validation.validation_enabled` is off."""
+        named = {k: v for k, v in named.items() if v.numel()}
+        if not named or not validation_enabled():
+            return
+        bounds = torch.stack([b for v in named.values() for b in torch.aminmax(v)]).tolist()
+        for i, name in enumerate(named):
+            lo, hi = bounds[2 * i], bounds[2 * i + 1]
+            if hi >= size:
+                raise ValueError(f"{name} holds id {hi} >= {what} {size}: {_HINT[what]}")
             if lo < 0:
                 raise ValueError(
-                    f"{name} holds negative id {lo}: compressed ids must lie in [0, {self.compressed_vocab_size}); "
-                    f"replace padding / ignore-index values (e.g. -100) by the pad token before hashing"
+                    f"{name} holds negative id {lo}: ids must lie in [0, {size}); replace padding / ignore-index "
+                    f"values (e.g. -100) by the pad token before hashing"
                 )
-        return ids
 
     # ------------------------------------------------------------------ hashing
-    def _hash_padded(self, padded: torch.Tensor, t_out: int) -> dict[int, torch.Tensor]:
-        """Hash the last ``t_out`` positions of ``padded`` [B, N-1+t_out] (left context already in place)."""
-        n_max = self.config.max_ngram_size
-        k = self.config.n_head_per_ngram
-        mult, primes = self._constants(padded.device)
-        total = padded.shape[1]
-        # shifted[i] = token i positions back, for each output position
-        shifted = [padded[:, total - t_out - i: total - i] for i in range(n_max)]
+    def _hash_context(self, context: torch.Tensor, t_out: int) -> dict[int, torch.Tensor]:
+        """Hash the last ``t_out`` positions of compressed ids ``context`` [B, N-1+t_out] (the N-1 left context
+        of the first output position already in place), all layers and heads at once."""
+        n_max, k = self.config.max_ngram_size, self.config.n_head_per_ngram
+        mult, primes = self._constants(context.device)
+        b, total = context.shape
+        # s_i = the token i positions back, for every output position: [1, B, T] views, no copies
+        shifted = [context[None, :, total - t_out - i: total - i] for i in range(n_max)]
+        # mix[n-2] = mix_n of every layer [L, B, T]; each order's XOR builds on the previous one
+        mix = torch.empty((n_max - 1, len(self.config.layer_ids), b, t_out), dtype=torch.int64, device=context.device)
+        acc = shifted[0] * mult[:, 0, None, None]
+        for n in range(2, n_max + 1):
+            acc = torch.bitwise_xor(acc, shifted[n - 1] * mult[:, n - 1, None, None], out=mix[n - 2])
         out: dict[int, torch.Tensor] = {}
         for li, layer_id in enumerate(self.config.layer_ids):
-            mix = shifted[0] * mult[li, 0]
-            heads = []
-            for n in range(2, n_max + 1):
-                mix = torch.bitwise_xor(mix, shifted[n - 1] * mult[li, n - 1])
-                p = primes[li, (n - 2) * k: (n - 1) * k]
-                heads.append(torch.remainder(mix.unsqueeze(-1), p))
-            out[layer_id] = torch.cat(heads, dim=-1)
+            heads = torch.empty((b, t_out, n_max - 1, k), dtype=torch.int64, device=context.device)
+            for o in range(n_max - 1):
+                torch.remainder(mix[o, li, :, :, None], primes[li, o], out=heads[:, :, o])
+            out[layer_id] = heads.view(b, t_out, (n_max - 1) * k)
         return out
 
     def hash(self, compressed_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Hash a batch of compressed ids [B, T] -> ``{layer_id: LongTensor[B, T, (N-1)K]}``.
+        """Hash a batch of COMPRESSED ids [B, T] -> ``{layer_id: LongTensor[B, T, (N-1)K]}``.
 
         The result is on the input's device; ids are per-head row indices (add :attr:`offsets` for the fused
-        table; :class:`~engram.module.MultiHeadEmbedding` does that).
+        table; :class:`~engram.module.MultiHeadEmbedding` does that). Raw token ids go to :meth:`hash_tokens`.
         """
-        ids = self._check_ids(compressed_ids, "compressed_ids")
+        ids = self._as_ids(compressed_ids, "compressed_ids")
+        self._check_range({"compressed_ids": ids}, self.compressed_vocab_size, "compressed vocab size")
+        return self._hash_compressed(ids)
+
+    def _hash_compressed(self, ids: torch.Tensor) -> dict[int, torch.Tensor]:
         pad = ids.new_full((ids.shape[0], self.config.max_ngram_size - 1), self.compressed_pad_id)
-        return self._hash_padded(torch.cat([pad, ids], dim=1), ids.shape[1])
+        return self._hash_context(torch.cat([pad, ids], dim=1), ids.shape[1])
 
     def hash_incremental(self, history: torch.Tensor, new_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Hash only new positions during decoding.
+        """Hash only new positions during decoding (compressed ids throughout).
 
         Args:
             history: [B, N-1] the last N-1 compressed tokens of each sequence, oldest first (left-filled with the
@@ -204,14 +222,17 @@ class NgramHasher:
         Returns the same as :meth:`hash` over the whole sequence, restricted to the new positions. The cost is
         O(T_new): the prefix is never re-hashed. Use :meth:`advance_history` to roll the state forward.
         """
-        history = self._check_ids(history, "history")
-        new_ids = self._check_ids(new_ids, "new_ids")
+        history = self._as_ids(history, "history")
+        new_ids = self._as_ids(new_ids, "new_ids")
         if history.shape != (new_ids.shape[0], self.config.max_ngram_size - 1):
             raise ValueError(
                 f"history must be [batch={new_ids.shape[0]}, N-1={self.config.max_ngram_size - 1}], "
                 f"got {tuple(history.shape)}"
             )
-        return self._hash_padded(torch.cat([history.to(new_ids.device), new_ids], dim=1), new_ids.shape[1])
+        history = history.to(new_ids.device)
+        self._check_range({"history": history, "new_ids": new_ids}, self.compressed_vocab_size,
+                          "compressed vocab size")
+        return self._hash_context(torch.cat([history, new_ids], dim=1), new_ids.shape[1])
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The decoding state of empty sequences: N-1 compressed pad ids each."""
@@ -219,20 +240,33 @@ class NgramHasher:
                           dtype=torch.int64, device=device)
 
     def advance_history(self, history: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
-        """Roll the [B, N-1] decoding state forward past ``new_ids`` [B, T_new]."""
+        """Roll the [B, N-1] decoding state forward past the compressed ids ``new_ids`` [B, T_new]."""
         return torch.cat([history.to(new_ids.device), new_ids.to(torch.int64)], dim=1)[:, -(self.config.max_ngram_size - 1):]
 
     # ------------------------------------------------------------------ raw ids
-    def compress(self, raw_ids: torch.Tensor) -> torch.Tensor:
+    def _require_tokenizer(self) -> CompressedTokenizer:
         if self.tokenizer is None:
             raise RuntimeError("this hasher has no CompressedTokenizer; build it with NgramHasher.from_tokenizer")
-        return self.tokenizer.compress(raw_ids)
+        return self.tokenizer
+
+    def compress(self, raw_ids: torch.Tensor) -> torch.Tensor:
+        """RAW token ids -> compressed ids (:meth:`CompressedTokenizer.compress`)."""
+        return self._require_tokenizer().compress(raw_ids)
 
     def hash_tokens(self, raw_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Compress raw token ids [B, T], then :meth:`hash` them."""
-        return self.hash(self.compress(raw_ids))
+        """Compress RAW token ids [B, T], then hash them as :meth:`hash` does (ids checked once, here)."""
+        tokenizer = self._require_tokenizer()
+        raw = self._as_ids(raw_ids, "raw_ids")
+        self._check_range({"raw_ids": raw}, tokenizer.vocab_size, "tokenizer vocab size")
+        return self._hash_compressed(tokenizer.compress(raw, check=False))
 
     def __repr__(self) -> str:
         c = self.config
         return (f"NgramHasher(layers={c.layer_ids}, N={c.max_ngram_size}, K={c.n_head_per_ngram}, "
                 f"V'={self.compressed_vocab_size}, pad={self.compressed_pad_id})")
+
+
+_HINT = {
+    "compressed vocab size": "pass compressed ids (CompressedTokenizer.compress), or use hash_tokens() for raw ids",
+    "tokenizer vocab size": "the ids come from a different (larger) tokenizer than the one this model was built with",
+}

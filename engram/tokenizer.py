@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, normalizers
 
+from .validation import validation_enabled
+
 TokenizerLike = Union[Tokenizer, "os.PathLike[str]", str, Any]
 
 
@@ -194,14 +196,19 @@ class CompressedTokenizer:
                 f"the ids come from a different (larger) tokenizer than the one this model was built with"
             )
 
-    def compress(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        """Raw ids -> compressed ids (same shape and device). Negative ids pass through unchanged."""
+    def compress(self, ids: torch.Tensor | np.ndarray, *, check: bool = True) -> torch.Tensor | np.ndarray:
+        """Raw ids -> compressed ids (same shape and device). Negative ids pass through unchanged.
+
+        ``check=False`` skips the range check, for callers that have checked the ids already. On a tensor the check
+        reads the largest id back to the host, so it also follows :func:`engram.validation_enabled`.
+        """
         if isinstance(ids, torch.Tensor):
             if ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise TypeError(f"token ids must be an integer tensor, got {ids.dtype}")
             if ids.numel() == 0:
                 return ids.to(torch.int64)
-            self._check_range(int(ids.max()))
+            if check and validation_enabled():
+                self._check_range(int(ids.max()))
             table = self._torch_lookup.get(ids.device)
             if table is None:
                 table = torch.from_numpy(self.lookup).to(ids.device)
@@ -213,7 +220,8 @@ class CompressedTokenizer:
             raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
         if arr.size == 0:
             return arr.astype(np.int64)
-        self._check_range(int(arr.max()))
+        if check:
+            self._check_range(int(arr.max()))
         arr = arr.astype(np.int64)
         return np.where(arr >= 0, self.lookup[np.maximum(arr, 0)], arr)
 

@@ -57,11 +57,9 @@ class ModelOutput:
 
 
 def engram_hasher(cfg: ModelConfig, tokenizer: CompressedTokenizer) -> NgramHasher:
-    """The hasher of an ``engram``-family model (no weights needed): compressed ids, or raw ids for the
+    """The hasher of an ``engram``-family model (no weights needed); ``NgramHasher.from_tokenizer`` honours the
     ``compress_tokens = False`` ablation."""
-    hash_tok = tokenizer if cfg.engram.compress_tokens else CompressedTokenizer.identity(
-        tokenizer.vocab_size, tokenizer.fingerprint)
-    return NgramHasher.from_tokenizer(cfg.engram, hash_tok)
+    return NgramHasher.from_tokenizer(cfg.engram, tokenizer)
 
 
 class Block(nn.Module):

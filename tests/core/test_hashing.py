@@ -1,6 +1,8 @@
-"""NgramHasher: bit-exact against the independent numpy reference, incremental == full, errors."""
+"""NgramHasher: bit-exact against the independent numpy reference, incremental == full, errors, host reads."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import engram
 from engram import CompressedTokenizer, EngramConfig, NgramHasher
 from engram.hashing import is_prime, layer_multipliers, table_primes
 
@@ -32,9 +35,10 @@ def small_config(n=3, k=2, sizes=None, layer_ids=(0, 3), seed=0, embed=None) -> 
 def random_config(rng: np.random.Generator) -> tuple[EngramConfig, int, int]:
     n = int(rng.integers(2, 6))
     k = int(rng.integers(1, 5))
-    # table sizes from tiny (many collisions between orders/layers) to DeepSeek-like
-    scale = int(rng.choice([2, 50, 1000, 129280 * 5]))
-    sizes = [int(rng.integers(2, scale + 2)) for _ in range(n - 1)]
+    # table sizes from tiny (many collisions between orders/layers) to DeepSeek-like and primes near 2^31
+    scale = int(rng.choice([2, 50, 1000, 129280 * 5, 2**31 - 2000]))
+    low = scale - 5000 if scale > 2**30 else 2
+    sizes = [int(rng.integers(low, scale + 2)) for _ in range(n - 1)]
     n_layers = int(rng.integers(1, 4))
     layer_ids = [int(x) for x in rng.choice(40, size=n_layers, replace=False)]
     seed = int(rng.integers(0, 2**31))
@@ -345,6 +349,44 @@ def test_from_tokenizer_and_raw_ids():
         NgramHasher(cfg, 40, 0).hash_tokens(raw)
 
 
+def test_from_tokenizer_honours_compress_tokens_false():
+    """The ablation hashes raw ids: V' = V, the raw pad id, and hash_tokens(raw) == the reference on raw ids."""
+    rng = np.random.default_rng(4)
+    lookup = rng.permutation(np.concatenate([np.arange(30), rng.integers(0, 30, 50)]))
+    ctok = CompressedTokenizer.from_lookup(lookup, "fp")
+    cfg = EngramConfig(engram_vocab_size=[50, 60], max_ngram_size=3, n_embed_per_ngram=4, n_head_per_ngram=2,
+                       layer_ids=[0, 2], pad_id=9, compress_tokens=False)
+    hasher = NgramHasher.from_tokenizer(cfg, ctok)
+    assert (hasher.compressed_vocab_size, hasher.compressed_pad_id) == (80, 9)
+    assert hasher.tokenizer.fingerprint == "fp"
+    raw = torch.from_numpy(rng.integers(0, 80, size=(2, 11)))
+    assert torch.equal(hasher.compress(raw), raw)
+    got = hasher.hash_tokens(raw)
+    ref = ref_for(cfg, raw.numpy(), 80, 9)
+    for l in (0, 2):
+        np.testing.assert_array_equal(got[l].numpy(), ref[l])
+    # and the compressed default differs: the switch really changes what is hashed
+    cfg.compress_tokens = True
+    compressed = NgramHasher.from_tokenizer(cfg, ctok)
+    assert compressed.compressed_vocab_size == 30
+    assert not torch.equal(compressed.hash_tokens(raw)[0], got[0])
+
+
+def test_hash_tokens_equals_hash_of_compressed_and_checks_raw_range():
+    rng = np.random.default_rng(6)
+    ctok = CompressedTokenizer.from_lookup(rng.permutation(np.arange(64)) % 20, "fp")
+    cfg = small_config(n=4, k=3, sizes=[300, 400, 500], layer_ids=(1, 5))
+    hasher = NgramHasher.from_tokenizer(cfg, ctok)
+    raw = torch.from_numpy(rng.integers(0, 64, size=(3, 17)))
+    full, via_raw = hasher.hash(ctok.compress(raw)), hasher.hash_tokens(raw)
+    for l in (1, 5):
+        assert torch.equal(full[l], via_raw[l])
+    with pytest.raises(ValueError, match="tokenizer vocab size 64"):
+        hasher.hash_tokens(torch.tensor([[1, 64]]))
+    with pytest.raises(ValueError, match="negative"):
+        hasher.hash_tokens(torch.tensor([[1, -100]]))
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 
@@ -389,3 +431,91 @@ def test_errors_vocab_and_pad():
     cfg2.n_head_per_ngram = 3
     with pytest.raises(ValueError, match="divisible"):
         NgramHasher(cfg2, 10, 0)
+
+
+# ---------------------------------------------------------------------------------------------- host reads
+
+_HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__index__", "__float__")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count the Python-level ways a tensor's values reach the host (each one is a device sync on a GPU)."""
+    calls: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _HOST_READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _original=original, _name=name, **kwargs):
+                calls.append(_name)
+                return _original(self, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, name, counted)
+        yield calls
+
+
+@pytest.fixture
+def validation(monkeypatch):
+    """Set the validation switch for one test; restored afterwards."""
+    def set_(enabled: bool) -> None:
+        monkeypatch.setattr(engram.validation, "_enabled", enabled)
+    return set_
+
+
+def _raw_hasher() -> tuple[NgramHasher, torch.Tensor]:
+    ctok = CompressedTokenizer.from_lookup(np.arange(200) % 70, "fp")
+    cfg = small_config(n=3, k=4, sizes=[9000, 700_000], layer_ids=(0, 3))
+    raw = torch.randint(0, 200, (2, 33), generator=torch.Generator().manual_seed(0))
+    return NgramHasher.from_tokenizer(cfg, ctok), raw
+
+
+def test_count_host_reads_sees_a_read():
+    """The counter itself can fail: a min/max check is counted."""
+    with count_host_reads() as calls:
+        int(torch.arange(5).max())
+    assert calls
+
+
+@pytest.mark.parametrize("entry", ["hash", "hash_tokens", "hash_incremental", "compress"])
+def test_no_host_reads_with_validation_off(entry, validation):
+    validation(False)
+    hasher, raw = _raw_hasher()
+    compressed = hasher.compress(raw)
+    hasher.hash(compressed)  # device constants are cached before counting
+    with count_host_reads() as calls:
+        if entry == "hash":
+            hasher.hash(compressed)
+        elif entry == "hash_tokens":
+            hasher.hash_tokens(raw)
+        elif entry == "compress":
+            hasher.compress(raw)
+        else:
+            history = hasher.advance_history(hasher.initial_history(2), compressed[:, :20])
+            hasher.hash_incremental(history, compressed[:, 20:])
+    assert calls == []
+
+
+@pytest.mark.parametrize("entry", ["hash", "hash_tokens", "hash_incremental"])
+def test_validation_on_reads_once_per_public_call(entry, validation):
+    validation(True)
+    hasher, raw = _raw_hasher()
+    compressed = hasher.compress(raw)
+    history = hasher.advance_history(hasher.initial_history(2), compressed[:, :20])
+    with count_host_reads() as calls:
+        if entry == "hash":
+            hasher.hash(compressed)
+        elif entry == "hash_tokens":
+            hasher.hash_tokens(raw)
+        else:
+            hasher.hash_incremental(history, compressed[:, 20:])
+    assert calls == ["tolist"]
+
+
+def test_validation_off_keeps_type_and_shape_checks(validation):
+    validation(False)
+    hasher = NgramHasher(small_config(n=3), 50, 0)
+    with pytest.raises(TypeError, match="integer"):
+        hasher.hash(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        hasher.hash(torch.zeros(5, dtype=torch.long))
+    hasher.hash(torch.tensor([[1, 2, 50]]))  # out of range, but not read back: no error by design
