@@ -3,7 +3,9 @@
 Both hashers run in one process on the same token ids, and their outputs are checked to be identical before
 anything is timed. Times are medians over ``--repeats`` runs (3x as many for the cheap hashing rows, with the two
 hashers alternating run by run so that both see the same machine load) after ``--warmup`` runs; on CUDA every
-run is synchronised. Prints a markdown table.
+run is synchronised. The hashing rows also give the median process CPU time, the steadier figure on a shared
+machine (with ``--threads 1`` both hashers run on one thread, so it is the work each does). Prints a markdown
+table.
 
     python benchmarks/bench_hashing.py                      # defaults: N=3, K=8, 2 layers, V'=99092, 8 x 4096
     python benchmarks/bench_hashing.py --device cpu --repeats 5 --module-batch 1 --module-seq 256
@@ -12,6 +14,7 @@ run is synchronised. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -75,23 +78,24 @@ def timeit(fn: Callable[[], object], device: torch.device, warmup: int, repeats:
 
 
 def timeit_interleaved(fns: list[Callable[[], object]], devices: list[torch.device], warmup: int,
-                       repeats: int) -> list[float]:
-    """Median seconds of each fn, alternating them run by run so that both see the same machine load."""
-    def once(fn: Callable[[], object], device: torch.device) -> float:
-        t0 = time.perf_counter()
+                       repeats: int) -> list[tuple[float, float]]:
+    """Median (wall, process CPU) seconds of each fn, alternating them run by run so that both see the same
+    machine load. On a shared machine the CPU time is the steadier measure of the work done."""
+    def once(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for _ in range(warmup):
         for fn, dev in zip(fns, devices):
             once(fn, dev)
-    times: list[list[float]] = [[] for _ in fns]
+    times: list[list[tuple[float, float]]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, (fn, dev) in enumerate(zip(fns, devices)):
             times[i].append(once(fn, dev))
-    return [statistics.median(t) for t in times]
+    return [(statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for t in times]
 
 
 def bench_hashing(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -120,16 +124,24 @@ def bench_hashing(args: argparse.Namespace, device: torch.device) -> list[dict]:
             raise SystemExit(f"torch and numpy hashes differ at layer {l}")
 
     n_tok = args.batch * args.seq
-    t_np, t_pt = timeit_interleaved([run_numpy, run_torch], [torch.device("cpu"), device], args.warmup,
-                                    3 * args.repeats)
+    (t_np, c_np), (t_pt, c_pt) = timeit_interleaved([run_numpy, run_torch], [torch.device("cpu"), device],
+                                                    args.warmup, 3 * args.repeats)
     desc = (f"N={n}, K={args.heads}, {args.layers} layers, V'={args.vprime}, table {args.table_size}, "
             f"{args.batch}x{args.seq}")
+    cpu_ratio = f", {c_np / c_pt:.2f}x in CPU time" if device.type == "cpu" else ""
     return [
-        dict(name="hash: numpy reference", device="cpu", config=desc, ms=t_np * 1e3, tok_s=n_tok / t_np,
-             us_tok=t_np / n_tok * 1e6, note="1.00x"),
+        dict(name="hash: numpy reference", device="cpu", config=desc, ms=t_np * 1e3, cpu_ms=c_np * 1e3,
+             tok_s=n_tok / t_np, us_tok=t_np / n_tok * 1e6, note="1.00x"),
         dict(name="hash: NgramHasher.hash (torch)", device=str(device), config=desc, ms=t_pt * 1e3,
-             tok_s=n_tok / t_pt, us_tok=t_pt / n_tok * 1e6, note=f"{t_np / t_pt:.2f}x numpy throughput"),
+             cpu_ms=c_pt * 1e3, tok_s=n_tok / t_pt, us_tok=t_pt / n_tok * 1e6,
+             note=f"{t_np / t_pt:.2f}x numpy throughput{cpu_ratio}"),
     ]
+
+
+def engram_step(mod: Engram, hidden: torch.Tensor, grad: torch.Tensor, hash_ids: torch.Tensor) -> None:
+    mod.zero_grad(set_to_none=True)
+    hidden.grad = None
+    mod(hidden, hash_ids=hash_ids).backward(grad)
 
 
 def bench_module(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -155,17 +167,12 @@ def bench_module(args: argparse.Namespace, device: torch.device) -> list[dict]:
         hidden = torch.randn(shape, generator=gen).to(device).requires_grad_(True)
         grad = torch.randn(shape, generator=gen).to(device)
 
-        def step() -> None:
-            mod.zero_grad(set_to_none=True)
-            hidden.grad = None
-            mod(hidden, hash_ids=hash_ids).backward(grad)
-
-        sec = timeit(step, device, args.warmup, args.repeats)
+        sec = timeit(functools.partial(engram_step, mod, hidden, grad, hash_ids), device, args.warmup, args.repeats)
         n_tok = b * t
         rows.append(dict(name=f"Engram fwd+bwd, M={m}", device=str(device),
                          config=f"d={args.hidden}, d_mem={args.d_mem}, N={n}, K={args.heads}, table {size}/head, "
                                 f"{b}x{t}",
-                         ms=sec * 1e3, tok_s=n_tok / sec, us_tok=sec / n_tok * 1e6, note=""))
+                         ms=sec * 1e3, cpu_ms=None, tok_s=n_tok / sec, us_tok=sec / n_tok * 1e6, note=""))
         del mod
     return rows
 
@@ -186,10 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = bench_hashing(args, device)
     if not args.skip_module:
         rows += bench_module(args, device)
-    print("| benchmark | device | config | median ms | tokens/s | us/token | ratio |")
-    print("|---|---|---|---:|---:|---:|---|")
+    print("| benchmark | device | config | median ms | CPU ms | tokens/s | us/token | ratio |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['device']} | {r['config']} | {r['ms']:.1f} | {r['tok_s']:,.0f} | "
+        cpu = "" if r["cpu_ms"] is None else f"{r['cpu_ms']:.1f}"
+        print(f"| {r['name']} | {r['device']} | {r['config']} | {r['ms']:.1f} | {cpu} | {r['tok_s']:,.0f} | "
               f"{r['us_tok']:.3f} | {r['note']} |")
 
 

@@ -120,7 +120,7 @@ class NgramHasher:
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_tokenizer(cls, config: EngramConfig, tokenizer: CompressedTokenizer) -> "NgramHasher":
+    def from_tokenizer(cls, config: EngramConfig, tokenizer: CompressedTokenizer) -> NgramHasher:
         """The hasher of a model built with ``tokenizer``.
 
         With ``config.compress_tokens = False`` (the paper's "w/o tokenizer compression" ablation) ids are hashed
@@ -159,8 +159,8 @@ class NgramHasher:
 
     @staticmethod
     def _check_range(named: dict[str, torch.Tensor], size: int, what: str) -> None:
-        """Raise unless every tensor holds ids in [0, size): one device-to-host read for all of them, and none
-        when :func:`engram.validation.validation_enabled` is off."""
+        """Raise unless every tensor holds ``what`` ("raw" or "compressed") ids in [0, size): one device-to-host
+        read for all of them, and none when :func:`engram.validation.validation_enabled` is off."""
         named = {k: v for k, v in named.items() if v.numel()}
         if not named or not validation_enabled():
             return
@@ -168,7 +168,7 @@ class NgramHasher:
         for i, name in enumerate(named):
             lo, hi = bounds[2 * i], bounds[2 * i + 1]
             if hi >= size:
-                raise ValueError(f"{name} holds id {hi} >= {what} {size}: {_HINT[what]}")
+                raise ValueError(_TOO_LARGE[what].format(name=name, hi=hi, size=size))
             if lo < 0:
                 raise ValueError(
                     f"{name} holds negative id {lo}: ids must lie in [0, {size}); replace padding / ignore-index "
@@ -204,7 +204,7 @@ class NgramHasher:
         table; :class:`~engram.module.MultiHeadEmbedding` does that). Raw token ids go to :meth:`hash_tokens`.
         """
         ids = self._as_ids(compressed_ids, "compressed_ids")
-        self._check_range({"compressed_ids": ids}, self.compressed_vocab_size, "compressed vocab size")
+        self._check_range({"compressed_ids": ids}, self.compressed_vocab_size, "compressed")
         return self._hash_compressed(ids)
 
     def _hash_compressed(self, ids: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -230,8 +230,7 @@ class NgramHasher:
                 f"got {tuple(history.shape)}"
             )
         history = history.to(new_ids.device)
-        self._check_range({"history": history, "new_ids": new_ids}, self.compressed_vocab_size,
-                          "compressed vocab size")
+        self._check_range({"history": history, "new_ids": new_ids}, self.compressed_vocab_size, "compressed")
         return self._hash_context(torch.cat([history, new_ids], dim=1), new_ids.shape[1])
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -257,7 +256,7 @@ class NgramHasher:
         """Compress RAW token ids [B, T], then hash them as :meth:`hash` does (ids checked once, here)."""
         tokenizer = self._require_tokenizer()
         raw = self._as_ids(raw_ids, "raw_ids")
-        self._check_range({"raw_ids": raw}, tokenizer.vocab_size, "tokenizer vocab size")
+        self._check_range({"raw_ids": raw}, tokenizer.vocab_size, "raw")
         return self._hash_compressed(tokenizer.compress(raw, check=False))
 
     def __repr__(self) -> str:
@@ -266,7 +265,9 @@ class NgramHasher:
                 f"V'={self.compressed_vocab_size}, pad={self.compressed_pad_id})")
 
 
-_HINT = {
-    "compressed vocab size": "pass compressed ids (CompressedTokenizer.compress), or use hash_tokens() for raw ids",
-    "tokenizer vocab size": "the ids come from a different (larger) tokenizer than the one this model was built with",
+_TOO_LARGE = {
+    "compressed": "{name} holds id {hi} >= compressed vocab size {size}: pass compressed ids "
+                  "(CompressedTokenizer.compress), or use hash_tokens() for raw ids",
+    "raw": "{name} holds token id {hi}, out of range for a tokenizer with vocab size {size}: the ids come from a "
+           "different (larger) tokenizer than the one this model was built with",
 }

@@ -381,7 +381,7 @@ def test_hash_tokens_equals_hash_of_compressed_and_checks_raw_range():
     full, via_raw = hasher.hash(ctok.compress(raw)), hasher.hash_tokens(raw)
     for l in (1, 5):
         assert torch.equal(full[l], via_raw[l])
-    with pytest.raises(ValueError, match="tokenizer vocab size 64"):
+    with pytest.raises(ValueError, match="vocab size 64"):
         hasher.hash_tokens(torch.tensor([[1, 64]]))
     with pytest.raises(ValueError, match="negative"):
         hasher.hash_tokens(torch.tensor([[1, -100]]))
