@@ -1,13 +1,15 @@
-"""Hashing throughput (torch NgramHasher vs the plain-numpy reference) and Engram forward+backward time.
+"""Hashing throughput (torch NgramHasher, eager and ``compile=True``, vs the plain-numpy reference) and Engram
+forward+backward time.
 
-Both hashers run in one process on the same token ids, and their outputs are checked to be identical before
+The hashers run in one process on the same token ids, and their outputs are checked to be identical before
 anything is timed. Times are medians over ``--repeats`` runs (3x as many for the cheap hashing rows, with the two
 hashers alternating run by run so that both see the same machine load) after ``--warmup`` runs; on CUDA every
 run is synchronised. The hashing rows also give the median process CPU time, the steadier figure on a shared
-machine (with ``--threads 1`` both hashers run on one thread, so it is the work each does). Prints a markdown
-table.
+machine (with ``--threads 1`` both hashers run on one thread, so it is the work each does; only then is its
+ratio printed). Prints a markdown table.
 
     python benchmarks/bench_hashing.py                      # defaults: N=3, K=8, 2 layers, V'=99092, 8 x 4096
+    python benchmarks/bench_hashing.py --skip-module --threads 1   # the hashing rows only, one thread
     python benchmarks/bench_hashing.py --device cpu --repeats 5 --module-batch 1 --module-seq 256
 """
 
@@ -105,6 +107,7 @@ def bench_hashing(args: argparse.Namespace, device: torch.device) -> list[dict]:
                        layer_ids=[1 + 13 * i for i in range(args.layers)], seed=args.seed, pad_id=0)
     pad = 2
     hasher = NgramHasher(cfg, args.vprime, pad)
+    compiled = NgramHasher(cfg, args.vprime, pad, compile=True)
     rng = np.random.default_rng(args.seed)
     tokens_np = rng.integers(0, args.vprime, size=(args.batch, args.seq), dtype=np.int64)
     tokens = torch.from_numpy(tokens_np).to(device)
@@ -115,27 +118,33 @@ def bench_hashing(args: argparse.Namespace, device: torch.device) -> list[dict]:
     def run_numpy() -> dict[int, np.ndarray]:
         return {l: ref_hash_layer(tokens_np, mults[l], primes[l], pad) for l in cfg.layer_ids}
 
-    def run_torch() -> dict[int, torch.Tensor]:
-        return hasher.hash(tokens)
-
-    ref, got = run_numpy(), run_torch()
-    for l in cfg.layer_ids:  # never time something wrong
-        if not np.array_equal(got[l].cpu().numpy(), ref[l]):
-            raise SystemExit(f"torch and numpy hashes differ at layer {l}")
+    runs = {"NgramHasher.hash (torch)": lambda: hasher.hash(tokens),
+            "NgramHasher(compile=True).hash": lambda: compiled.hash(tokens)}
+    t0 = time.perf_counter()
+    ref = run_numpy()
+    for name, run in runs.items():  # never time something wrong; the first compiled call compiles
+        got = run()
+        for l in cfg.layer_ids:
+            if not np.array_equal(got[l].cpu().numpy(), ref[l]):
+                raise SystemExit(f"{name} and numpy hashes differ at layer {l}")
+    print(f"outputs checked equal (incl. compiling: {time.perf_counter() - t0:.1f} s)")
 
     n_tok = args.batch * args.seq
-    (t_np, c_np), (t_pt, c_pt) = timeit_interleaved([run_numpy, run_torch], [torch.device("cpu"), device],
-                                                    args.warmup, 3 * args.repeats)
+    timed = timeit_interleaved([run_numpy, *runs.values()], [torch.device("cpu")] + [device] * len(runs),
+                               args.warmup, 3 * args.repeats)
+    (t_np, c_np) = timed[0]
     desc = (f"N={n}, K={args.heads}, {args.layers} layers, V'={args.vprime}, table {args.table_size}, "
             f"{args.batch}x{args.seq}")
-    cpu_ratio = f", {c_np / c_pt:.2f}x in CPU time" if device.type == "cpu" else ""
-    return [
-        dict(name="hash: numpy reference", device="cpu", config=desc, ms=t_np * 1e3, cpu_ms=c_np * 1e3,
-             tok_s=n_tok / t_np, us_tok=t_np / n_tok * 1e6, note="1.00x"),
-        dict(name="hash: NgramHasher.hash (torch)", device=str(device), config=desc, ms=t_pt * 1e3,
-             cpu_ms=c_pt * 1e3, tok_s=n_tok / t_pt, us_tok=t_pt / n_tok * 1e6,
-             note=f"{t_np / t_pt:.2f}x numpy throughput{cpu_ratio}"),
-    ]
+    rows = [dict(name="hash: numpy reference", device="cpu", config=desc, ms=t_np * 1e3, cpu_ms=c_np * 1e3,
+                 tok_s=n_tok / t_np, us_tok=t_np / n_tok * 1e6, note="1.00x")]
+    for name, (t_pt, c_pt) in zip(runs, timed[1:]):
+        # with more threads, idle OpenMP workers spinning between torch's parallel regions count as CPU time
+        one_thread = device.type == "cpu" and torch.get_num_threads() == 1
+        cpu_ratio = f", {c_np / c_pt:.2f}x in CPU time" if one_thread else ""
+        rows.append(dict(name=f"hash: {name}", device=str(device), config=desc, ms=t_pt * 1e3, cpu_ms=c_pt * 1e3,
+                         tok_s=n_tok / t_pt, us_tok=t_pt / n_tok * 1e6,
+                         note=f"{t_np / t_pt:.2f}x numpy throughput{cpu_ratio}"))
+    return rows
 
 
 def engram_step(mod: Engram, hidden: torch.Tensor, grad: torch.Tensor, hash_ids: torch.Tensor) -> None:

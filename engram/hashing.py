@@ -75,6 +75,35 @@ def table_primes(config: EngramConfig) -> dict[int, list[list[int]]]:
     return out
 
 
+def mod_primes_by_reciprocal(x: torch.Tensor, p: torch.Tensor, inv_p: torch.Tensor) -> torch.Tensor:
+    """``x mod p`` (non-negative) for int64 ``x`` and primes ``2 <= p < 2^50``, without an integer division.
+
+    ``inv_p`` is float64 ``1/p`` rounded once (Python's ``1.0 / p``); the three broadcast together. Eagerly this
+    is a dozen memory passes, slower than ``torch.remainder``; it exists for ``torch.compile``, which fuses it
+    into one loop of multiplies where a division would stay a division (``NgramHasher(compile=True)``).
+
+    Why it is exact (u = 2^-53, every float64 operation rounds to nearest with relative error <= u):
+
+    1. ``y = fl(fl(x) * inv_p)`` with ``|x| <= 2^63``: three roundings, so ``|y - x/p| <= (2^63/p) *
+       ((1+u)^3 - 1) < 3.0001 * 2^10 / p =: E``. ``q1 = floor(y)`` therefore differs from ``floor(x/p)`` by
+       ``|d1| <= E + 1``, and ``|y| < 2^63`` so the conversion to int64 is exact.
+    2. ``r1 = x - q1*p`` in wrapping int64: the true integer is ``(x mod p) - d1*p``, of magnitude
+       ``< p + (E + 1) p < 3074 + 2p < 2^52``; it lies in int64, so the product's wrap-around modulo 2^64
+       cancels and ``r1`` is that integer exactly (and exactly representable in float64).
+    3. ``q2 = floor(fl(r1 * inv_p))``: ``r1`` is exact, two roundings give ``|fl(r1 * inv_p) - r1/p| <=
+       |r1/p| * 2.0001u < 2^-40``, so ``q2`` is off ``floor(r1/p)`` by at most 1 and ``r2 = r1 - q2*p`` (exact,
+       small) lies in ``[-p, 2p)``, congruent to ``x`` mod ``p``.
+    4. One conditional ``+p`` and one conditional ``-p`` bring ``r2`` into ``[0, p)``.
+
+    Step 3 is needed only for ``p < 3074`` (where ``E >= 1``); it is kept for every prime so that one code
+    path serves all. The bound on ``p`` keeps ``r1`` exact in float64; table sizes are far below it.
+    """
+    r = x - torch.floor(x.to(torch.float64) * inv_p).to(torch.int64) * p
+    r = r - torch.floor(r.to(torch.float64) * inv_p).to(torch.int64) * p
+    r = torch.where(r < 0, r + p, r)
+    return torch.where(r >= p, r - p, r)
+
+
 class NgramHasher:
     """Hashes compressed token ids into per-head table rows for every Engram layer at once.
 
@@ -88,10 +117,14 @@ class NgramHasher:
         table_sizes: ``{layer_id: [[p_{2,1}..p_{2,K}], ..., [p_{N,1}..p_{N,K}]]}``.
         offsets: ``{layer_id: LongTensor[(N-1)K]}`` row offset of each head in that layer's fused table.
         num_rows: ``{layer_id: int}`` total rows of that layer's fused table.
+
+    ``compile=True`` hashes through ``torch.compile`` (:func:`mod_primes_by_reciprocal`, one fused kernel, several
+    times faster than eager on CPU; the first call of a process compiles for tens of seconds). Both are
+    bit-exact.
     """
 
     def __init__(self, config: EngramConfig, compressed_vocab_size: int, compressed_pad_id: int,
-                 tokenizer: CompressedTokenizer | None = None):
+                 tokenizer: CompressedTokenizer | None = None, compile: bool = False):
         config.validate()
         if compressed_vocab_size <= 0:
             raise ValueError(f"compressed_vocab_size must be positive, got {compressed_vocab_size}")
@@ -117,10 +150,14 @@ class NgramHasher:
             flat = [p for heads in per_order for p in heads]
             self.offsets[l] = torch.tensor([0] + np.cumsum(flat)[:-1].tolist(), dtype=torch.int64)
             self.num_rows[l] = int(sum(flat))
-        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        if compile and max(p for per_order in self.table_sizes.values() for heads in per_order for p in heads) >= 2**50:
+            raise ValueError("compile=True needs table heads below 2^50 rows (mod_primes_by_reciprocal's bound)")
+        self.compile = compile
+        self._mod = torch.compile(mod_primes_by_reciprocal) if compile else None
+        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_tokenizer(cls, config: EngramConfig, tokenizer: CompressedTokenizer) -> NgramHasher:
+    def from_tokenizer(cls, config: EngramConfig, tokenizer: CompressedTokenizer, compile: bool = False) -> NgramHasher:
         """The hasher of a model built with ``tokenizer``.
 
         With ``config.compress_tokens = False`` (the paper's "w/o tokenizer compression" ablation) ids are hashed
@@ -132,16 +169,19 @@ class NgramHasher:
         if not config.compress_tokens:
             tokenizer = CompressedTokenizer.identity(tokenizer.vocab_size, tokenizer.fingerprint)
         pad = int(tokenizer.lookup[config.pad_id])
-        return cls(config, tokenizer.compressed_vocab_size, pad, tokenizer)
+        return cls(config, tokenizer.compressed_vocab_size, pad, tokenizer, compile=compile)
 
     # ------------------------------------------------------------------ device constants
-    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[L, N] multipliers and [L, N-1, K] primes, cached per device."""
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[L, N] multipliers, [L, N-1, K] primes and their float64 reciprocals, cached per device."""
         cached = self._device_cache.get(device)
         if cached is None:
+            sizes = [self.table_sizes[l] for l in self.config.layer_ids]
             mult = torch.from_numpy(np.stack([self.multipliers[l] for l in self.config.layer_ids]))
-            primes = torch.tensor([self.table_sizes[l] for l in self.config.layer_ids], dtype=torch.int64)
-            cached = (mult.to(device), primes.to(device))
+            primes = torch.tensor(sizes, dtype=torch.int64)
+            inv = torch.tensor([[[1.0 / p for p in heads] for heads in per_order] for per_order in sizes],
+                               dtype=torch.float64)
+            cached = (mult.to(device), primes.to(device), inv.to(device))
             self._device_cache[device] = cached
         return cached
 
@@ -180,20 +220,24 @@ class NgramHasher:
         """Hash the last ``t_out`` positions of compressed ids ``context`` [B, N-1+t_out] (the N-1 left context
         of the first output position already in place), all layers and heads at once."""
         n_max, k = self.config.max_ngram_size, self.config.n_head_per_ngram
-        mult, primes = self._constants(context.device)
+        mult, primes, inv = self._constants(context.device)
         b, total = context.shape
         # s_i = the token i positions back, for every output position: [1, B, T] views, no copies
         shifted = [context[None, :, total - t_out - i: total - i] for i in range(n_max)]
-        # mix[n-2] = mix_n of every layer [L, B, T]; each order's XOR builds on the previous one
-        mix = torch.empty((n_max - 1, len(self.config.layer_ids), b, t_out), dtype=torch.int64, device=context.device)
+        # mix[..., n-2] = mix_n of every layer [L, B, T]; each order's XOR builds on the previous one
+        mix = torch.empty((len(self.config.layer_ids), b, t_out, n_max - 1), dtype=torch.int64, device=context.device)
         acc = shifted[0] * mult[:, 0, None, None]
         for n in range(2, n_max + 1):
-            acc = torch.bitwise_xor(acc, shifted[n - 1] * mult[:, n - 1, None, None], out=mix[n - 2])
+            acc = torch.bitwise_xor(acc, shifted[n - 1] * mult[:, n - 1, None, None])
+            mix[..., n - 2] = acc
+        if self._mod is not None:  # z_{n,k} of every layer and head in one fused kernel: [L, B, T, N-1, K]
+            heads = self._mod(mix[..., None], primes[:, None, None], inv[:, None, None])
+            return {l: heads[li].view(b, t_out, (n_max - 1) * k) for li, l in enumerate(self.config.layer_ids)}
         out: dict[int, torch.Tensor] = {}
         for li, layer_id in enumerate(self.config.layer_ids):
             heads = torch.empty((b, t_out, n_max - 1, k), dtype=torch.int64, device=context.device)
-            for o in range(n_max - 1):
-                torch.remainder(mix[o, li, :, :, None], primes[li, o], out=heads[:, :, o])
+            for o in range(n_max - 1):  # z_{n,k} = mix_n mod p_{n,k}, written straight into the output
+                torch.remainder(mix[li, :, :, o, None], primes[li, o], out=heads[:, :, o])
             out[layer_id] = heads.view(b, t_out, (n_max - 1) * k)
         return out
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import engram
 from engram import CompressedTokenizer, EngramConfig, NgramHasher
-from engram.hashing import is_prime, layer_multipliers, table_primes
+from engram.hashing import is_prime, layer_multipliers, mod_primes_by_reciprocal, table_primes
 
 from .reference_numpy import (
     INT64_MAX,
@@ -232,6 +232,54 @@ def test_pad_is_used_before_the_sequence_start():
     # a sequence that starts with N-1 pads hashes like the unpadded one
     padded = torch.tensor([[3, 3, 7, 8, 9, 10]])
     assert torch.equal(h_a.hash(padded)[0][:, 2:], a)
+
+
+# ---------------------------------------------------------------------------------------------- division-free modulo
+
+_EXTREME_PRIMES = [2, 3, 5, 7, 3067, 3079, 8191, 646403, 2147483629, 2147483647, 1099511627791, 1125899906842597]
+
+
+def test_mod_primes_by_reciprocal_exact_at_the_extremes():
+    """x mod p without a division equals Python's % for mixes at +-2^63, 0, -1, around multiples of p, and primes
+    from 2 to just below 2^50 (the bound of its proof)."""
+    rng = np.random.default_rng(11)
+    for p in _EXTREME_PRIMES:
+        assert is_prime(p)
+        big = (2**63 - 1) // p
+        xs = [-2**63, -2**63 + 1, 2**63 - 1, 2**63 - 2, 0, -1, 1, p - 1, p, p + 1, -p, -p + 1, -p - 1,
+              big * p, big * p - 1, big * p + 1, -big * p, -big * p - 1, -big * p + 1, (big // 2) * p - 1]
+        xs += [int(v) for v in rng.integers(-2**63, 2**63 - 1, size=200, dtype=np.int64)]
+        xs += [int(v) for v in rng.integers(-4 * p, 4 * p, size=50)]
+        xs = [v for v in xs if -2**63 <= v < 2**63]
+        x = torch.tensor(xs, dtype=torch.int64)
+        got = mod_primes_by_reciprocal(x, torch.tensor(p), torch.tensor(1.0 / p, dtype=torch.float64))
+        assert got.tolist() == [v % p for v in xs], p
+
+
+def test_mod_primes_by_reciprocal_broadcasts_like_the_hasher():
+    x = torch.randint(-2**63, 2**63 - 1, (3, 5, 2, 1), dtype=torch.int64)
+    p = torch.tensor([[2, 3, 646403], [2147483647, 8191, 5]])
+    got = mod_primes_by_reciprocal(x, p, 1.0 / p.double())
+    assert got.shape == (3, 5, 2, 3)
+    assert torch.equal(got, torch.remainder(x, p))
+
+
+def test_compiled_hasher_bit_exact():
+    """The torch.compile path (one fused kernel) agrees with the reference, over two shapes (dynamic)."""
+    rng = np.random.default_rng(12)
+    cfg, vprime, pad = random_config(rng)
+    hasher = NgramHasher(cfg, vprime, pad, compile=True)
+    for b, t in ((2, 33), (3, 7)):
+        tokens = rng.integers(0, vprime, size=(b, t), dtype=np.int64)
+        out = hasher.hash(torch.from_numpy(tokens))
+        ref = ref_for(cfg, tokens, vprime, pad)
+        for l in cfg.layer_ids:
+            assert out[l].shape == (b, t, cfg.num_heads_total) and out[l].dtype == torch.int64
+            np.testing.assert_array_equal(out[l].numpy(), ref[l])
+    history = hasher.initial_history(3)
+    inc = hasher.hash_incremental(history, torch.from_numpy(tokens))
+    for l in cfg.layer_ids:
+        np.testing.assert_array_equal(inc[l].numpy(), ref[l])
 
 
 # ---------------------------------------------------------------------------------------------- incremental
