@@ -60,11 +60,26 @@ def _write_tokenizer(tok: TextTokenizer, out: Path, max_len: int) -> None:
     config_path.write_text(json.dumps(config, indent=1))
 
 
+def hf_config(model: EngramLM, tok: TextTokenizer):
+    """The :class:`~engram.hf.configuration_engram.EngramHFConfig` of ``model`` with its text tokenizer."""
+    from .configuration_engram import EngramHFConfig
+
+    cfg, ctok = model.cfg, model.tokenizer
+    config = EngramHFConfig(
+        engram_model=cfg.to_dict(), vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+        tokenizer_fingerprint=None if ctok is None else ctok.fingerprint,
+        compressed_vocab_size=None if ctok is None else ctok.compressed_vocab_size)
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["EngramForCausalLM"]
+    config.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return config
+
+
 def export(model: EngramLM, out_dir: str | os.PathLike, tokenizer: TextTokenizer | str | os.PathLike) -> Path:
     """Write ``model`` with its text ``tokenizer`` (a :class:`~engram.train.data.TextTokenizer` or anything
     :func:`~engram.train.data.load_tokenizer` takes, e.g. the model folder) as a transformers folder."""
-    from .configuration_engram import EngramHFConfig
-
     tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
     _check_tokenizer(model, tok)
     out = Path(out_dir)
@@ -74,20 +89,10 @@ def export(model: EngramLM, out_dir: str | os.PathLike, tokenizer: TextTokenizer
     state = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in table_keys}
     if cfg.tie_embeddings:
         state.pop("model.lm_head.weight")
-    dtype = next(model.parameters()).dtype
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     if model.tokenizer is not None:
         save_tokenizer_table(model.tokenizer, out)
-    hf_config = EngramHFConfig(
-        engram_model=cfg.to_dict(), vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers, max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=cfg.tie_embeddings, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-        tokenizer_fingerprint=None if model.tokenizer is None else model.tokenizer.fingerprint,
-        compressed_vocab_size=None if model.tokenizer is None else model.tokenizer.compressed_vocab_size)
-    hf_config.auto_map = dict(AUTO_MAP)
-    hf_config.architectures = ["EngramForCausalLM"]
-    hf_config.dtype = str(dtype).removeprefix("torch.")
-    hf_config.save_pretrained(str(out))
+    hf_config(model, tok).save_pretrained(str(out))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, indent=1))
     for name in REMOTE_CODE:

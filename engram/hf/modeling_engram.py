@@ -81,8 +81,14 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
 
-    def __init__(self, config: EngramHFConfig):
+    def __init__(self, config: EngramHFConfig, model: EngramLM | None = None):
+        """Build the engram model of ``config`` from its exported folder, or wrap ``model`` (an engram model in
+        memory, e.g. to evaluate it with lm-eval without exporting it first)."""
         super().__init__(config)
+        if model is not None:
+            self.model = model
+            self.post_init()
+            return
         cfg = ModelConfig.from_dict(dict(config.engram_model))
         tokenizer, table_factory = None, None
         if cfg.family == "engram":
