@@ -24,7 +24,7 @@ def tiny_model(tok, attention="mha", hc_mult=1, family="engram", tie=False, seed
                               layer_ids=[0, 2], pad_id=tok.pad_id)
     cfg = ModelConfig(family=family, vocab_size=tok.vocab_size, hidden_size=64, num_layers=3, num_heads=4,
                       attention=attention, hc_mult=hc_mult, n_routed_experts=4, num_experts_per_tok=2,
-                      moe_intermediate_size=32, intermediate_size=128, max_seq_len=64, engram=engram,
+                      moe_intermediate_size=32, intermediate_size=128, max_seq_len=128, engram=engram,
                       tie_embeddings=tie, init_std=0.3)   # a wide init: greedy tokens vary with the context
     torch.manual_seed(seed)
     model = EngramLM(cfg, CompressedTokenizer(tok.hf) if family == "engram" else None)
