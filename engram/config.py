@@ -139,7 +139,7 @@ class EngramConfig:
 
     # ------------------------------------------------------------------ DeepSeek-V4.1 configs
     @classmethod
-    def from_hf_config(cls, d: dict[str, Any], tokenizer: "CompressedTokenizer | None" = None) -> "EngramConfig":
+    def from_hf_config(cls, d: dict[str, Any], tokenizer: CompressedTokenizer | None = None) -> EngramConfig:
         """The Engram config of a DeepSeek-V4.1-style ``config.json`` (its ``text_config``, or the dict itself).
 
         Reads ``engram_layer_ids``, ``engram_vocab_size`` (one per-head table size for every order, or one per

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +33,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from engram.model import EngramLM, ModelConfig
 from engram.model.ffn import MoE
-from engram.model.io import load_tokenizer_table
+from engram.model.io import load_tokenizer_table, save_tokenizer_table
 from engram.module import MultiHeadEmbedding
-from engram.model.io import save_tokenizer_table
-from engram.storage import OffloadedEmbedding, TableFiles, offloaded_tables, save_table_files
+from engram.storage import (
+    OffloadedEmbedding,
+    TableFiles,
+    offloaded_tables,
+    save_table_files,
+)
 
 from .configuration_engram import EngramHFConfig
 
@@ -79,7 +84,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = EngramHFConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _no_split_modules = ["Block"]
+    _no_split_modules: ClassVar[list[str]] = ["Block"]
 
     def __init__(self, config: EngramHFConfig, model: EngramLM | None = None):
         """Build the engram model of ``config`` from its exported folder, or wrap ``model`` (an engram model in

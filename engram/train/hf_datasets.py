@@ -79,7 +79,7 @@ def _rows(dataset: Any, field: str, max_bytes: int | None, source: Path) -> np.n
             if text is None or text == "":
                 continue
             if not isinstance(text, str):
-                raise ValueError(f"{source}: column {field!r} must hold strings, row {start + offset} holds a "
+                raise TypeError(f"{source}: column {field!r} must hold strings, row {start + offset} holds a "
                                  f"{type(text).__name__}")
             total += len(text.encode("utf-8"))
             if max_bytes is not None and total > max_bytes and (keep or rows):
