@@ -4,6 +4,8 @@
     engram train --config run.yaml --set train.steps=200 model.hidden_size=256
     torchrun --nproc_per_node 2 $(which engram) train --config run.yaml   # sharded tables, FSDP2 backbone
     engram eval --model runs/x/model [--data PATH]
+    engram eval --model runs/x/model --tasks engram_text,engram_choice   # lm-eval, offline (hf extra)
+    engram export --model runs/x/model --out hf/x                      # a transformers folder (hf extra)
     engram generate --model runs/x/model --prompt "def main(" [--temperature 0.8 --top-p 0.9]
     engram compare --config base.yaml --rho 0.75
     engram alloc --config configs/paper/moe-27b.yaml --rhos 1,0.9,0.8,0.7
@@ -247,6 +249,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .train.data import build_token_files, default_cache_dir, load_corpus
     from .train.evaluate import evaluate
 
+    if args.tasks:
+        return cmd_eval_tasks(args)
     model, tok = _load_model_and_tokenizer(args.model)
     corpus = load_corpus(args.data, max_bytes=args.max_bytes)
     files = build_token_files(corpus, tok, default_cache_dir() / "tokens" /
@@ -267,6 +271,7 @@ def add_eval(sub: Any) -> None:
     s.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     s.add_argument("--seq-len", type=int, default=128, help="tokens per window (capped at the model's max_seq_len)")
     s.add_argument("--max-batches", type=int, default=50, help="stop after this many batches")
+    add_eval_task_flags(s)
     s.set_defaults(func=cmd_eval)
 
 
@@ -530,9 +535,49 @@ def add_analyze(sub: Any) -> None:
     s.set_defaults(func=cmd_analyze)
 
 
+# ---------------------------------------------------------------------------------------------------- engram.hf
+# transformers export and lm-eval tasks (the hf extra): ``engram export`` and ``engram eval --tasks``.
+def cmd_export(args: argparse.Namespace) -> None:
+    from .hf.export import export
+    from .model.io import load_model
+
+    out = export(load_model(args.model), args.out, args.tokenizer or args.model)
+    print(f"exported to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> None:
+    from .hf.lmeval import evaluate_folder
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    r = evaluate_folder(args.model, tasks, batch_size=args.batch_size, limit=args.limit,
+                        num_fewshot=args.num_fewshot, include_path=args.include_path)
+    print(json.dumps(r, indent=2))
+
+
+def add_eval_task_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--tasks", default=None,
+                   help="lm-eval tasks, comma-separated, instead of --data: engram_text (bits per byte), "
+                        "engram_choice (accuracy), or any lm-eval task whose data is in the local HF cache; "
+                        "--model may then also be an exported folder (needs the hf extra)")
+    s.add_argument("--limit", type=int, default=None, help="--tasks: at most this many documents per task")
+    s.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per prompt")
+    s.add_argument("--include-path", action="append", default=None,
+                   help="--tasks: a folder of your own lm-eval YAML tasks (repeatable)")
+
+
+def add_export(sub: Any) -> None:
+    s = _subparser(sub, "export", "write a saved model as a transformers folder (AutoModelForCausalLM)",
+                   "engram export --model runs/small/model --out hf/small")
+    s.add_argument("--model", required=True, help="the model folder a finished run writes (runs/NAME/model)")
+    s.add_argument("--out", required=True, help="the transformers folder to write (created if needed)")
+    s.add_argument("--tokenizer", default=None,
+                   help="the text tokenizer (tokenizer.json or a folder); default: the one in --model")
+    s.set_defaults(func=cmd_export)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 SUBCOMMANDS = (add_demo, add_train, add_eval, add_generate, add_compare, add_alloc, add_profile, add_sweep,
-               add_analyze)
+               add_analyze, add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .tokenizer import CompressedTokenizer
 
 
 def _default_vocab_sizes() -> list[int]:
@@ -39,6 +42,8 @@ class EngramConfig:
         compress_tokens: hash compressed ids (ablation switch; off hashes raw ids).
         multi_branch: branch-specific fusion with one gate key per residual branch; off applies one fusion to
             the branch-mixed hidden state (ablation switch, only meaningful with several residual branches).
+        projection_bias: bias terms in the key and value projections W_K, W_V (the reference has them;
+            DeepSeek-V4.1 does not, see :meth:`from_hf_config`).
     """
 
     engram_vocab_size: list[int] = field(default_factory=_default_vocab_sizes)
@@ -54,6 +59,7 @@ class EngramConfig:
     short_conv: bool = True
     compress_tokens: bool = True
     multi_branch: bool = True
+    projection_bias: bool = True
 
     def __post_init__(self) -> None:
         self.engram_vocab_size = [int(v) for v in self.engram_vocab_size]
@@ -130,3 +136,51 @@ class EngramConfig:
         if unknown:
             raise ValueError(f"unknown EngramConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**d)
+
+    # ------------------------------------------------------------------ DeepSeek-V4.1 configs
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any], tokenizer: CompressedTokenizer | None = None) -> EngramConfig:
+        """The Engram config of a DeepSeek-V4.1-style ``config.json`` (its ``text_config``, or the dict itself).
+
+        Reads ``engram_layer_ids``, ``engram_vocab_size`` (one per-head table size for every order, or one per
+        order), ``engram_max_ngram_size``, ``engram_n_heads``, ``engram_head_dim``, ``engram_pad_token_id``, and
+        checks the derived sizes against the checkpoint's: the prime table sizes of each layer must add up to
+        ``engram_num_embeddings`` and, when ``tokenizer`` (a :class:`~engram.tokenizer.CompressedTokenizer`) is
+        given, its V' must be ``engram_compressed_vocab_size``; otherwise the hash ids would address other rows
+        than the ones the tables were trained on, so the config is refused. V4.1's module has no ShortConv and
+        bias-free key / value projections, hence ``short_conv=False, projection_bias=False``.
+        """
+        d = d.get("text_config", d)
+        required = ("engram_layer_ids", "engram_vocab_size", "engram_max_ngram_size", "engram_n_heads",
+                    "engram_head_dim", "engram_pad_token_id")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"not a DeepSeek-V4.1-style Engram config: missing {missing} (expected the keys "
+                             f"{list(required)}, in text_config or at the top level)")
+        n = int(d["engram_max_ngram_size"])
+        sizes = d["engram_vocab_size"]
+        sizes = [int(sizes)] * (n - 1) if isinstance(sizes, (int, float)) else [int(v) for v in sizes]
+        heads, head_dim = int(d["engram_n_heads"]), int(d["engram_head_dim"])
+        config = cls(engram_vocab_size=sizes, max_ngram_size=n, n_embed_per_ngram=heads * head_dim,
+                     n_head_per_ngram=heads, layer_ids=list(d["engram_layer_ids"]),
+                     pad_id=int(d["engram_pad_token_id"]), short_conv=False, projection_bias=False)
+        if "engram_num_embeddings" in d:
+            from .hashing import table_primes
+
+            primes = table_primes(config)
+            rows = [sum(p for heads_of_order in primes[layer] for p in heads_of_order) for layer in config.layer_ids]
+            if [int(r) for r in d["engram_num_embeddings"]] != rows:
+                raise ValueError(
+                    f"engram_num_embeddings {list(d['engram_num_embeddings'])} are not the table rows these keys "
+                    f"derive ({rows} for layers {config.layer_ids}: per head the next unused prime from "
+                    f"engram_vocab_size): the vocab size, n-gram size, head count or layer ids are wrong")
+        if tokenizer is not None:
+            want = d.get("engram_compressed_vocab_size")
+            if want is None:
+                raise ValueError("a tokenizer was given but the config has no engram_compressed_vocab_size to check")
+            if tokenizer.compressed_vocab_size != int(want):
+                raise ValueError(
+                    f"the tokenizer compresses to V' = {tokenizer.compressed_vocab_size}, the config says "
+                    f"engram_compressed_vocab_size = {want}: the hash multipliers depend on V', so this tokenizer "
+                    f"would address other rows; use the tokenizer the checkpoint was trained with")
+        return config

@@ -149,7 +149,8 @@ class NgramHasher:
         self.num_rows: dict[int, int] = {}
         for l, per_order in self.table_sizes.items():
             flat = [p for heads in per_order for p in heads]
-            self.offsets[l] = torch.tensor([0] + np.cumsum(flat)[:-1].tolist(), dtype=torch.int64)
+            # host constants, explicitly on the CPU: also when the model is built under a meta-device context
+            self.offsets[l] = torch.tensor([0] + np.cumsum(flat)[:-1].tolist(), dtype=torch.int64, device="cpu")
             self.num_rows[l] = int(sum(flat))
         if compile and max(p for per_order in self.table_sizes.values() for heads in per_order for p in heads) >= 2**50:
             raise ValueError("compile=True needs table heads below 2^50 rows (mod_primes_by_reciprocal's bound)")

@@ -162,8 +162,9 @@ class Engram(nn.Module):
         self.table = table  # MultiHeadEmbedding, or any row store with the same interface (engram.storage)
         d_mem = config.memory_dim
         n_keys = hc_mult if config.gating else 0
-        self.value_proj = nn.Linear(d_mem, hidden_size, device=device)
-        self.key_projs = nn.ModuleList(nn.Linear(d_mem, hidden_size, device=device) for _ in range(n_keys))
+        bias = config.projection_bias
+        self.value_proj = nn.Linear(d_mem, hidden_size, bias=bias, device=device)
+        self.key_projs = nn.ModuleList(nn.Linear(d_mem, hidden_size, bias=bias, device=device) for _ in range(n_keys))
         self.key_norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=1e-5, device=device) for _ in range(n_keys))
         self.query_norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=1e-5, device=device) for _ in range(n_keys))
         self.short_conv = (ShortConv(hidden_size, hc_mult, config.kernel_size, config.max_ngram_size)

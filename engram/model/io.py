@@ -61,11 +61,17 @@ def save_model(model: EngramLM, directory: str | os.PathLike) -> Path:
     _atomic_write(d / WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
     _atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(model.cfg.to_dict(), indent=2)))
     if model.tokenizer is not None:
-        tok = model.tokenizer
-        _atomic_write(d / TOKENIZER, lambda p: save_file(
-            {"lookup": torch.from_numpy(tok.lookup.copy())}, p, metadata={"fingerprint": tok.fingerprint}))
+        save_tokenizer_table(model.tokenizer, d)
     _write_addresses(d, model.cfg, model.tokenizer)
     return d
+
+
+def save_tokenizer_table(tok: CompressedTokenizer, directory: str | os.PathLike) -> Path:
+    """Write ``tokenizer.safetensors``: the compression lookup with the vocabulary fingerprint as metadata."""
+    path = Path(directory) / TOKENIZER
+    _atomic_write(path, lambda p: save_file(
+        {"lookup": torch.from_numpy(tok.lookup.copy())}, p, metadata={"fingerprint": tok.fingerprint}))
+    return path
 
 
 def load_tokenizer_table(directory: str | os.PathLike) -> CompressedTokenizer | None:

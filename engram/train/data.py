@@ -254,7 +254,7 @@ def _load_text_file(path: Path, max_bytes: int | None, val_fraction: float) -> C
 
 
 def load_corpus(source: str | os.PathLike[str] | None = None, *, max_bytes: int | None = None,
-                val_fraction: float = 0.05) -> Corpus:
+                val_fraction: float = 0.05, text_field: str = "text") -> Corpus:
     """Load a text corpus and split it into train and validation documents.
 
     Args:
@@ -262,7 +262,9 @@ def load_corpus(source: str | os.PathLike[str] | None = None, *, max_bytes: int 
             download; ``site-packages``/``dist-packages`` excluded), one document per file. A folder: every
             text-like file below it (:data:`TEXT_SUFFIXES`), one document per file. A ``.jsonl`` file: the
             ``"text"`` field of each line, one document per line. Any other file: its text, with the tail held
-            out for validation.
+            out for validation. A Hugging Face dataset (a ``save_to_disk`` folder, a ``.parquet`` or ``.csv``
+            file): the ``text_field`` column, one document per row, streamed from its Arrow files
+            (:mod:`engram.train.hf_datasets`).
         max_bytes: keep at most this many UTF-8 bytes (whole files/lines in sorted order; a first document that
             is already larger is cut), e.g. a few MB for a quick demo.
         val_fraction: share of documents held out, chosen by SHA-256 of the file's relative path (or the JSONL
@@ -279,8 +281,13 @@ def load_corpus(source: str | os.PathLike[str] | None = None, *, max_bytes: int 
     if not path.exists():
         raise FileNotFoundError(
             f"corpus path {str(path)!r} does not exist; pass a text file, a folder of text files, a .jsonl file "
-            f"with a \"text\" field per line, or nothing for the Python standard-library corpus"
+            f"with a \"text\" field per line, a Hugging Face dataset (save_to_disk folder, .parquet, .csv), or "
+            f"nothing for the Python standard-library corpus"
         )
+    from .hf_datasets import is_hf_dataset, load_hf_corpus
+
+    if is_hf_dataset(path):
+        return load_hf_corpus(path, text_field=text_field, max_bytes=max_bytes, val_fraction=val_fraction)
     if path.is_dir():
         return _load_folder(path, max_bytes, val_fraction)
     if path.suffix.lower() == ".jsonl":

@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto = cuda if available
     data: str | None = None  # None = the Python standard library corpus
+    text_field: str = "text"  # the text column when data is a Hugging Face dataset (save_to_disk, parquet, csv)
     max_bytes: int | None = 4_000_000
     val_fraction: float = 0.05
     tokenizer: str = "bpe"
@@ -130,7 +131,8 @@ def pick_device(spec: str) -> torch.device:
 
 def prepare_data(tcfg: TrainConfig) -> tuple[TextTokenizer, TokenizedCorpus]:
     """Load the corpus, get the tokenizer (training a BPE if asked), tokenise once into cached token files."""
-    corpus = load_corpus(tcfg.data, max_bytes=tcfg.max_bytes, val_fraction=tcfg.val_fraction)
+    corpus = load_corpus(tcfg.data, max_bytes=tcfg.max_bytes, val_fraction=tcfg.val_fraction,
+                         text_field=tcfg.text_field)
     cache_root = Path(tcfg.cache_dir) if tcfg.cache_dir else None
     tok = load_tokenizer(tcfg.tokenizer, corpus.train, vocab_size=tcfg.vocab_size,
                          cache_dir=None if cache_root is None else cache_root / "tokenizers")
