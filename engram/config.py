@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .yamlio import dataclass_from_dict
+
 
 def _default_vocab_sizes() -> list[int]:
     return [129280 * 5, 129280 * 5]
@@ -125,8 +127,4 @@ class EngramConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EngramConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown EngramConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
