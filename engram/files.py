@@ -26,13 +26,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .errors import EngramError
+
 TEMP_MARK = ".tmp-"  # temporaries are ".<name>.tmp-<pid>-<n>"
 _TEMP_NAME = re.compile(r"^\..+\.tmp-\d+-\d+$")
 _counter = iter(range(1 << 62))
 _counter_lock = threading.Lock()
 
 
-class LockedError(RuntimeError):
+class LockedError(EngramError, RuntimeError):
     """Another process owns the folder or file (the message names its pid)."""
 
 

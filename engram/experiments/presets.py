@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 from ..config import EngramConfig
+from ..errors import ConfigError
 from ..model.config import ModelConfig
 from ..train.optim import OptimConfig
 from ..train.trainer import RunConfig, TrainConfig
@@ -77,7 +78,7 @@ def parse_spec(d: dict) -> tuple[ModelConfig, EngramConfig | None, TrainConfig, 
     model = dict(d.get("model") or {})
     engram = model.pop("engram", None)
     if model.get("family") == "engram":
-        raise ValueError("model.family is 'engram', but this command derives the Engram model from a MoE backbone: "
+        raise ConfigError("model.family is 'engram', but this command derives the Engram model from a MoE backbone: "
                          "set model.family=moe and give the Engram shape as model.engram")
     run = RunConfig.from_dict({**d, "model": model})
     return run.model, None if engram is None else EngramConfig.from_dict(engram), run.train, run.optim

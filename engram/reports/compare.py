@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import EngramConfig
+from ..errors import EngramError
 from ..files import atomic_write, write_json
 from ..model.config import ModelConfig
 from ..model.generate import SamplingConfig, generate
@@ -53,7 +54,7 @@ class Cache(object):
 PROMPTS = ["def __init__(self", "import os\nimport sys\n\n\ndef main(", "    raise ValueError("]
 
 
-class ReportError(RuntimeError):
+class ReportError(EngramError, RuntimeError):
     """Report steps failed after training; the runs and the other report parts are written. ``summary`` is what
     was written to ``summary.json``; ``failures`` maps each failed step to its error."""
 

@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+from ..errors import DataError
 from ..files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def read_metrics(path: str | Path) -> list[dict]:
                 logger.warning("%s: the last line (%d) is incomplete (the run was killed while writing it); "
                                "ignoring it", path, i + 1)
                 break
-            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e}); the file is corrupt: remove the line "
+            raise DataError(f"{path}, line {i + 1}: not a JSON record ({e}); the file is corrupt: remove the line "
                              f"or the file") from e
     return records
 

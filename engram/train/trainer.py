@@ -86,7 +86,7 @@ class TrainConfig:
         if self.table_dir is not None and self.table_tier != "disk":
             raise ValueError("train.table_dir is the folder of disk tables; set train.table_tier=disk or drop it")
         if self.resume_from is not None and (self.resume_from < 0 or not self.resume):
-            raise ValueError(f"train.resume_from must be a checkpoint step >= 0 with train.resume=true, got "
+            raise ConfigError(f"train.resume_from must be a checkpoint step >= 0 with train.resume=true, got "
                              f"{self.resume_from} (resume={self.resume})")
         if self.table_cache_bytes < 0 or (self.table_cache_bytes and self.table_tier == "device"):
             raise ValueError(f"train.table_cache_bytes must be >= 0 and is for host / disk tables, got "
@@ -107,7 +107,7 @@ class RunConfig:
         """The run config of a YAML / JSON mapping with sections ``model`` (Engram shape in ``model.engram``),
         ``train`` and ``optim``; the one schema every command reads."""
         if isinstance(d, dict) and "engram" in d:
-            raise ValueError("a top-level 'engram:' section is the old sweep / compare schema; move it under "
+            raise ConfigError("a top-level 'engram:' section is the old sweep / compare schema; move it under "
                              "model: as model.engram (with --set: model.engram.FIELD=VALUE)")
         return dataclass_from_dict(cls, d)
 
@@ -342,7 +342,7 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
         fresh = _hyperparameters(stepped)   # the values asked for now: honoured over the saved ones
         state = plan.load_checkpoint(ckpt, resume_at, model, optimizers)
         if (table_opt is None) != ("table_optimizer" not in state):
-            raise ValueError(f"{out} holds checkpoints written with other table storage than "
+            raise ConfigError(f"{out} holds checkpoints written with other table storage than "
                              f"train.table_tier={tcfg.table_tier!r}; resume with the tier the run started with")
         if table_opt is not None:
             table_opt.load_state_dict(state["table_optimizer"])
