@@ -51,10 +51,9 @@ def _parse_value(text: str) -> Any:
 
 def _override_schema() -> dict[str, type]:
     """The dataclass behind each top-level config section (what ``--set`` values are checked against)."""
-    from .config import EngramConfig
     from .train.trainer import RunConfig
 
-    return {**typing.get_type_hints(RunConfig), "engram": EngramConfig}
+    return typing.get_type_hints(RunConfig)
 
 
 def _type_name(hint: Any) -> str:
@@ -197,18 +196,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .distributed.train import is_main_process, launched_distributed
     from .train.trainer import RunConfig, train
 
-    run = RunConfig.from_dict(load_run_dict(args.config, args.set))
+    overrides = args.set + ([f"train.resume_from={args.resume_from}"] if args.resume_from is not None else [])
+    run = RunConfig.from_dict(load_run_dict(args.config, overrides))
     if launched_distributed():  # torchrun: tables row-sharded, backbone data-parallel (docs/distributed.md)
         from .distributed.train import train_distributed as train
     try:
         r = train(run)
     except CheckpointError as e:
         raise CheckpointError(f"{e}\n{_resume_hint(Path(run.train.out_dir) / 'checkpoints')}") from e
-    if not is_main_process():
-        return
-    state = "interrupted (checkpoint saved; rerun to resume)" if r.interrupted else "done"
-    print(f"{state}: step {r.steps_done}, val loss {r.final.get('val_loss', float('nan')):.4f}, "
-          f"{r.tokens_per_s:,.0f} tokens/s; run folder {r.out_dir}")
+    if is_main_process():
+        state = "interrupted (checkpoint saved; rerun to resume)" if r.interrupted else "done"
+        print(f"{state}: step {r.steps_done}, val loss {r.final.get('val_loss', float('nan')):.4f}, "
+              f"{r.tokens_per_s:,.0f} tokens/s; run folder {r.out_dir}")
+    if r.signal is not None:  # stopped by a signal: the shell convention, 128 + its number (130 for Ctrl-C)
+        raise SystemExit(128 + r.signal)
 
 
 def _resume_hint(ckpt_dir: Path) -> str:
@@ -224,6 +225,9 @@ def add_train(sub: Any) -> None:
     s = _subparser(sub, "train", "train one model; rerunning the same command resumes from its train.out_dir",
                    "engram train --config run.yaml --set train.steps=200 train.out_dir=runs/small")
     _add_config_args(s)
+    s.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                   help="resume from this intact checkpoint step instead of the latest (later checkpoints are "
+                        "removed), e.g. when the latest is corrupt")
     s.set_defaults(func=cmd_train)
 
 
@@ -324,24 +328,18 @@ def add_generate(sub: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------- compare
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .config import EngramConfig
-    from .model.config import ModelConfig
-    from .train.compare import compare
-    from .train.optim import OptimConfig
-    from .train.trainer import TrainConfig
+    from .experiments.presets import parse_spec
+    from .reports.compare import compare
 
-    d = load_run_dict(args.config, args.set)
-    base = ModelConfig.from_dict(d.get("model", {}))
-    engram = EngramConfig.from_dict(d["engram"]) if "engram" in d else None
-    s = compare(base, args.rho, TrainConfig(**d.get("train", {})), OptimConfig.from_dict(d.get("optim", {})),
-                engram, args.out)
+    base, engram, train, optim = parse_spec(load_run_dict(args.config, args.set))
+    s = compare(base, args.rho, train, optim, engram, args.out)
     print(f"report: {Path(args.out) / 'report.md'} (val loss engram - moe = {s['delta_val_loss']:+.4f})")
 
 
 def add_compare(sub: Any) -> None:
     s = _subparser(sub, "compare", "train an Engram model and its parameter-matched MoE from a base MoE config",
                    "engram compare --config base.yaml --rho 0.75 --out reports/compare --set train.steps=300")
-    _add_config_args(s, "model (the base MoE), engram, train, optim")
+    _add_config_args(s, "model (the base MoE, with the Engram shape in model.engram), train, optim")
     s.add_argument("--rho", type=float, default=0.75,
                    help="share of the sparse parameter budget kept in routed experts; the rest goes to Engram")
     s.add_argument("--out", default="reports/compare", help="folder for report.md, its figures and summary.json")
@@ -350,13 +348,10 @@ def add_compare(sub: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------- alloc
 def cmd_alloc(args: argparse.Namespace) -> None:
-    from .config import EngramConfig
-    from .model.config import ModelConfig
+    from .experiments.presets import parse_spec
     from .model.params import allocation_table, format_table
 
-    d = load_run_dict(args.config, args.set)
-    base = ModelConfig.from_dict(d.get("model", d))
-    engram = EngramConfig.from_dict(d["engram"]) if "engram" in d else None
+    base, engram, _, _ = parse_spec(load_run_dict(args.config, args.set))
     try:
         rhos = [float(r) for r in args.rhos.split(",")]
     except ValueError as e:
@@ -367,7 +362,7 @@ def cmd_alloc(args: argparse.Namespace) -> None:
 def add_alloc(sub: Any) -> None:
     s = _subparser(sub, "alloc", "the sparsity-allocation table (experts vs Engram) for a base MoE config",
                    "engram alloc --config configs/paper/moe-27b.yaml --rhos 1,0.9,0.8,0.7")
-    _add_config_args(s, "model (the base MoE) and engram")
+    _add_config_args(s, "model (the base MoE, with the Engram shape in model.engram)")
     s.add_argument("--rhos", default="1.0,0.9,0.8,0.7,0.6,0.5,0.4",
                    help="comma-separated shares of the sparse budget kept in routed experts, one table row each")
     s.set_defaults(func=cmd_alloc)
@@ -375,7 +370,7 @@ def add_alloc(sub: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .train.compare import demo
+    from .reports.compare import demo
 
     demo(args.out, steps=args.steps, rho=args.rho, device=args.device)
     print((Path(args.out) / "report.md").read_text().split("![loss curves]")[0])
@@ -483,7 +478,7 @@ def add_sweep(sub: Any) -> None:
                    "engram sweep allocation --out runs/sweeps/alloc --jobs 2 --seeds 0,1 --set train.steps=400")
     s.add_argument("kind", choices=["allocation", "memory", "ablate"],
                    help="allocation: vary rho; memory: vary table rows; ablate: switch Engram parts off")
-    _add_config_args(s, "model (backbone), engram, train, optim")
+    _add_config_args(s, "model (the MoE backbone, with the Engram shape in model.engram), train, optim")
     s.add_argument("--out", required=True, help="sweep folder (rerun the same command to resume)")
     s.add_argument("--jobs", type=int, default=1, help="points trained at once, in separate processes")
     s.add_argument("--threads", type=int, default=None, help="torch threads per point (default: cores / jobs)")

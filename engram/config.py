@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .tokenizer import CompressedTokenizer
 
+from .yamlio import dataclass_from_dict
+
 
 def _default_vocab_sizes() -> list[int]:
     return [129280 * 5, 129280 * 5]
@@ -131,11 +133,7 @@ class EngramConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EngramConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown EngramConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     # ------------------------------------------------------------------ DeepSeek-V4.1 configs
     @classmethod

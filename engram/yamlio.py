@@ -1,4 +1,5 @@
-"""YAML loading with YAML 1.2 numbers: ``1e-3`` is a float (PyYAML's YAML 1.1 rules read it as a string).
+"""Config files: YAML loading with YAML 1.2 numbers (``1e-3`` is a float; PyYAML's YAML 1.1 rules read it as a
+string) and :func:`dataclass_from_dict`, the one way a config mapping becomes a config dataclass.
 
 Malformed YAML raises :class:`engram.errors.ConfigError` naming the source and the line, never a bare
 ``yaml.YAMLError``.
@@ -6,13 +7,17 @@ Malformed YAML raises :class:`engram.errors.ConfigError` naming the source and t
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 
 class _Loader(yaml.SafeLoader):
@@ -51,3 +56,35 @@ def read_yaml(path: str | Path) -> Any:
         line = p.read_bytes()[:e.start].count(b"\n") + 1
         raise ConfigError(f"{p}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); save the file as UTF-8") from e
     return load_yaml(text, source=str(p))
+
+
+def dataclass_from_dict(cls: type[T], d: Any, name: str | None = None) -> T:
+    """``cls(**d)`` for a config dataclass, with the errors a config file needs: ``d`` must be a mapping, unknown
+    keys are refused by name (``unknown train fields ['stepz']; valid: [...]``), and a field whose type is a
+    dataclass (optionally ``| None``) is built from its nested mapping the same way. ``name`` is the section
+    the mapping came from (default: the class name)."""
+    label = name or cls.__name__
+    if not isinstance(d, dict):
+        raise ConfigError(f"{label} must be a mapping of {cls.__name__} fields, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown {label} fields {unknown}; valid: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        nested = _dataclass_in(hints.get(key))
+        if nested is not None and value is not None and not isinstance(value, nested):
+            value = dataclass_from_dict(nested, value, f"{name}.{key}" if name else key)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass ``hint`` names, alone or in a union with None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    options = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(options) == 1 and dataclasses.is_dataclass(options[0]):
+        return options[0]
+    return None

@@ -42,18 +42,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..files import fsync_dir, fsync_file, set_file_mode, sha256_file
 from ..train.checkpoint import (
-    MANIFEST_FILE,
     META_FILE,
     MODEL_FILE,
     STATE_FILE,
     CheckpointError,
     CheckpointManager,
-    _fsync_dir,
-    _fsync_file,
-    _sha256,
     _tensors_for_safetensors,
-    _write_text_atomic,
+    read_manifest,
+    verify_files,
+    write_manifest,
 )
 from .parallelize import sharded_tables
 
@@ -81,19 +80,6 @@ def _split_optimizers(optimizers: list[torch.optim.Optimizer], table_params: dic
                              "optimizer of their own (build_optimizers does)")
         flags.append(bool(mine) and all(mine))
     return flags
-
-
-def _verify(folder: Path, files: dict[str, Any], names: list[str]) -> None:
-    for name in names:
-        info = files.get(name)
-        path = folder / name
-        if info is None:
-            raise CheckpointError(f"{folder / MANIFEST_FILE} does not list {name}; the checkpoint is incomplete")
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing from the checkpoint; load an earlier step")
-        if path.stat().st_size != info["size"] or _sha256(path) != info["sha256"]:
-            raise CheckpointError(f"{path} does not match its manifest entry (truncated or corrupt); "
-                                  f"load an earlier step")
 
 
 class ShardedCheckpointManager(CheckpointManager):
@@ -126,7 +112,7 @@ class ShardedCheckpointManager(CheckpointManager):
         tmp = self.directory / f".tmp-{final.name}-sharded"
         if rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._remove_stale_tmp()
+            self.remove_stale()
             (tmp / TABLES_DIR).mkdir(parents=True)
         dist.barrier(group=self.group)
 
@@ -142,8 +128,9 @@ class ShardedCheckpointManager(CheckpointManager):
         ranges = {f"{n}.weight": [t.start, t.end] for n, t in tables.items()}
         save_file(_tensors_for_safetensors(tensors), str(tmp / name),
                   metadata={"rank": str(rank), "world_size": str(world), "ranges": json.dumps(ranges)})
-        _fsync_file(tmp / name)
-        info = {"name": name, "sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size}
+        set_file_mode(tmp / name)
+        fsync_file(tmp / name)
+        info = {"name": name, "sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
         infos: list[Any] = [None] * world
         dist.all_gather_object(infos, info, group=self.group)
 
@@ -158,27 +145,10 @@ class ShardedCheckpointManager(CheckpointManager):
                                                        "bounds": t.bounds} for n, t in tables.items()}}}
                 (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
                 torch.save({**state, "optimizers": opt_states}, tmp / STATE_FILE)
-                for f in (MODEL_FILE, META_FILE, STATE_FILE):
-                    _fsync_file(tmp / f)
-                files = {f: {"sha256": _sha256(tmp / f), "size": (tmp / f).stat().st_size}
-                         for f in (MODEL_FILE, META_FILE, STATE_FILE)}
-                files.update({i["name"]: {"sha256": i["sha256"], "size": i["size"]} for i in infos})
-                with open(tmp / MANIFEST_FILE, "w", encoding="utf-8") as f:
-                    json.dump({"step": int(step), "files": files}, f, indent=1)
-                    f.flush()
-                    os.fsync(f.fileno())
-                _fsync_dir(tmp / TABLES_DIR)
-                _fsync_dir(tmp)
-                if final.exists():
-                    old = self.directory / f".old-{final.name}-{os.getpid()}"
-                    os.replace(final, old)
-                    os.replace(tmp, final)
-                    shutil.rmtree(old)
-                else:
-                    os.replace(tmp, final)
-                _fsync_dir(self.directory)
-                _write_text_atomic(self.directory / "latest", final.name + "\n")
-                self._prune()
+                write_manifest(tmp, step, (MODEL_FILE, META_FILE, STATE_FILE),
+                               known={i["name"]: {"sha256": i["sha256"], "size": i["size"]} for i in infos})
+                fsync_dir(tmp / TABLES_DIR)
+                self.publish(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -193,23 +163,13 @@ class ShardedCheckpointManager(CheckpointManager):
                                   "params": [names[id(p)] for p in g["params"]]} for g in opt.param_groups]}
 
     # ------------------------------------------------------------------ load
-    def meta(self, which: str | int | os.PathLike[str] = "latest") -> dict[str, Any]:
-        """A checkpoint's meta.json (step, config, extra, sharded_tables), without loading anything."""
-        path = self.resolve(which) / META_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; load an earlier step")
-        return json.loads(path.read_text(encoding="utf-8"))
-
     def load(self, model: nn.Module, optimizers: list[torch.optim.Optimizer],  # type: ignore[override]
              which: str | int | os.PathLike[str] = "latest") -> dict[str, Any]:
         """Load a checkpoint saved on any number of ranks into ``model`` and ``optimizers`` (in place); returns
         the other state (``step``, ``config``, ``extra``, schedule, data generator, rng)."""
         folder = self.resolve(which)
-        manifest_path = folder / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise CheckpointError(f"{manifest_path} is missing: the checkpoint is incomplete; load an earlier step")
-        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
-        _verify(folder, files, [META_FILE, STATE_FILE, MODEL_FILE])
+        files = read_manifest(folder)
+        verify_files(folder, files, [META_FILE, STATE_FILE, MODEL_FILE])
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
         saved = meta.get("sharded_tables")
         if saved is None:
@@ -253,7 +213,7 @@ class ShardedCheckpointManager(CheckpointManager):
             bounds = saved["tables"][f"{n}.weight"]["bounds"]
             needed.add(0)  # scalars (e.g. Adam's step) are in every file; read them from the first
             needed.update(r for r in range(len(bounds) - 1) if bounds[r] < t.end and bounds[r + 1] > t.start)
-        _verify(folder, files, [saved["files"][r] for r in sorted(needed)])
+        verify_files(folder, files, [saved["files"][r] for r in sorted(needed)])
         with contextlib.ExitStack() as stack:
             handles = {r: stack.enter_context(safe_open(str(folder / saved["files"][r]), framework="pt"))
                        for r in sorted(needed)}

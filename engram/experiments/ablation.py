@@ -30,18 +30,14 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..accounting import engram_counts  # noqa: E402
-from ..config import EngramConfig  # noqa: E402
-from ..model.config import ModelConfig  # noqa: E402
-from ..model.params import count_params  # noqa: E402
-from ..train.optim import OptimConfig  # noqa: E402
-from ..train.trainer import RunConfig, TrainConfig  # noqa: E402
-from .runner import SweepPoint, summarize  # noqa: E402
+from ..accounting import engram_counts
+from ..config import EngramConfig
+from ..model.config import ModelConfig
+from ..model.params import count_params
+from ..train.optim import OptimConfig
+from ..train.trainer import RunConfig, TrainConfig
+from .plotting import pyplot
+from .runner import SweepPoint, summarize
 
 
 @dataclass
@@ -153,6 +149,7 @@ def plot_ablation(rows: list[dict], path: str | Path) -> Path:
     stats = {s["variant"]: s for s in summarize(rows, "variant")}
     blocks = sorted((int(k.split("-")[1]), s) for k, s in stats.items() if k.startswith("block-"))
     others = [k for k in stats if not k.startswith("block-")]
+    plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.4), gridspec_kw={"width_ratios": [1.6, 1]})
     ys = range(len(others))
     ax.errorbar([stats[k]["mean"] for k in others], list(ys),

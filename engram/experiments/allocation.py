@@ -11,17 +11,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..config import EngramConfig  # noqa: E402
-from ..model.config import ModelConfig  # noqa: E402
-from ..model.params import allocate, count_params, format_count  # noqa: E402
-from ..train.optim import OptimConfig  # noqa: E402
-from ..train.trainer import RunConfig, TrainConfig  # noqa: E402
-from .runner import SweepPoint, summarize  # noqa: E402
+from ..config import EngramConfig
+from ..model.config import ModelConfig
+from ..model.params import allocate, count_params, format_count
+from ..train.optim import OptimConfig
+from ..train.trainer import RunConfig, TrainConfig
+from .plotting import pyplot
+from .runner import SweepPoint, summarize
 
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 
@@ -52,6 +48,7 @@ def plot_u_curve(rows: list[dict], path: str | Path, title: str = "") -> Path:
     stats = sorted(summarize(rows, "rho"), key=lambda s: s["rho"])
     rhos = [s["rho"] for s in stats]
     means = [s["mean"] for s in stats]
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     ax.plot(rhos, means, "-", color="C0", lw=1.2)
     multi = [s for s in stats if s["n"] > 1]

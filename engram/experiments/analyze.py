@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from ..model.io import load_model
 from ..model.model import EngramLM
+from ..train.metrics import read_metrics
 from ..train.data import (TextTokenizer, TokenizedCorpus, build_token_files, default_cache_dir, eval_batches,
                           load_corpus, load_tokenizer)
 from .cka import MinibatchCKA, layer_features, plot_cka, soft_alignment_index
 from .logit_lens import logit_lens, plot_logit_lens
+from .plotting import pyplot
 from .sensitivity import BigramStats, SplitRule, engram_off_eval, plot_engram_off, split_eval
 from .token_classes import identifier_ends, word_pieces
 
@@ -111,8 +112,7 @@ def analyze_cka(model_a: str, model_b: str, labels: tuple[str, str], out_png: st
 def _eval_history(path: str | Path) -> list[dict]:
     """The eval records of a trained run, from a point, run or model folder's ``metrics.jsonl``."""
     run_dir = resolve_model_dir(path).parent
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in recs if r.get("kind") == "eval"]
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
     if not evals:
         raise ValueError(f"{run_dir} logged no evaluations; train with train.eval_every below train.steps")
     return evals
@@ -121,6 +121,7 @@ def _eval_history(path: str | Path) -> list[dict]:
 def analyze_curves(models: list[str], labels: list[str], out_png: str | Path) -> dict:
     """Validation loss against training step for each model, and each model's gap to the first one."""
     hist = {lab: _eval_history(m) for lab, m in zip(labels, models)}
+    plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
     base = {r["step"]: r["val_loss"] for r in hist[labels[0]]}
     gaps = {}

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from ..model.model import EngramLM  # noqa: E402
+from ..model.model import EngramLM
+from .plotting import pyplot
 
 
 def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -120,6 +117,7 @@ def plot_cka(s: torch.Tensor | np.ndarray, path: str | Path, name_a: str, name_b
     s = np.asarray(s)
     a = soft_alignment_index(s, k)
     la, lb = s.shape
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     im = ax.imshow(s, origin="lower", cmap="viridis", vmin=float(s.min()), vmax=float(s.max()),
                    extent=(0.5, lb + 0.5, 0.5, la + 0.5), aspect="auto")

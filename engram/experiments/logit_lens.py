@@ -11,15 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from ..model.model import EngramLM  # noqa: E402
-from ..train.data import eval_batches  # noqa: E402
+from ..model.model import EngramLM
+from ..train.data import eval_batches
+from .plotting import pyplot
 
 
 @torch.no_grad()
@@ -55,6 +52,7 @@ def logit_lens(model: EngramLM, tokens, *, batch_size: int = 8, seq_len: int = 1
 
 def plot_logit_lens(curves: dict[str, list[float]], path: str | Path) -> Path:
     """KL against block (1-based, as the paper numbers layers) for each named model, on one log-y plot."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     for i, (name, kl) in enumerate(curves.items()):
         layers = list(range(1, len(kl) + 1))

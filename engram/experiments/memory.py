@@ -13,20 +13,17 @@ import dataclasses
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..accounting import engram_counts  # noqa: E402
-from ..config import EngramConfig  # noqa: E402
-from ..model.config import ModelConfig, OverEncodingConfig  # noqa: E402
-from ..model.overencoding import overencoding_hasher  # noqa: E402
-from ..model.params import count_params, format_count  # noqa: E402
-from ..train.optim import OptimConfig  # noqa: E402
-from ..train.trainer import RunConfig, TrainConfig  # noqa: E402
-from .runner import SweepPoint, summarize  # noqa: E402
+from ..accounting import engram_counts
+from ..config import EngramConfig
+from ..model.config import ModelConfig, OverEncodingConfig
+from ..model.overencoding import overencoding_hasher
+from ..model.params import count_params, format_count
+from ..train.optim import OptimConfig
+from ..train.trainer import RunConfig, TrainConfig
+from .plotting import pyplot
+from .runner import SweepPoint, summarize
 
 DEFAULT_ROWS = (128, 512, 2048, 8192, 32768)
 
@@ -104,6 +101,7 @@ def memory_fits(rows: list[dict]) -> dict[str, dict]:
 def plot_memory(rows: list[dict], path: str | Path) -> Path:
     """Loss against table parameters (log x) for both methods, with their fitted lines and slopes."""
     fits = memory_fits(rows)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.8, 3.9))
     labels = {"engram": "MoE + Engram", "overencoding": "MoE + OverEncoding"}
     for i, (method, f) in enumerate(fits.items()):

@@ -1,7 +1,8 @@
 """The CPU scale the sweeps default to, and the spec dict every sweep is configured from.
 
-A *spec* is a plain dict with sections ``model`` (the backbone), ``engram`` (the Engram shape), ``train`` and
-``optim`` -- what a sweep's YAML file holds and what ``--set section.key=value`` overrides. The defaults are sized
+A *spec* is a run config (:class:`~engram.train.trainer.RunConfig`'s schema: ``model``, ``train``, ``optim``) whose
+``model`` section is the MoE backbone and whose ``model.engram`` is the Engram shape the sweep derives its Engram
+points from -- what a sweep's YAML file holds and what ``--set model.engram.layer_ids=[1]`` overrides. The defaults are sized
 for 2 shared CPU cores: width 64, 4 blocks, 400 steps of 16 x 128 tokens (0.8M tokens) on 2 MB of the Python
 standard library, one to three minutes per point with one torch thread.
 """
@@ -13,9 +14,10 @@ import dataclasses
 from typing import Any
 
 from ..config import EngramConfig
+from ..errors import ConfigError
 from ..model.config import ModelConfig
 from ..train.optim import OptimConfig
-from ..train.trainer import TrainConfig
+from ..train.trainer import RunConfig, TrainConfig
 
 
 def cpu_train(steps: int = 400) -> TrainConfig:
@@ -52,7 +54,7 @@ def engram_template(rows: int = 1000, layer_ids: tuple[int, ...] = (1, 2)) -> En
 
 def spec(model: ModelConfig, engram: EngramConfig, train: TrainConfig | None = None,
          optim: OptimConfig | None = None) -> dict[str, Any]:
-    return {"model": model.to_dict(), "engram": engram.to_dict(),
+    return {"model": {**model.to_dict(), "engram": engram.to_dict()},
             "train": dataclasses.asdict(train or cpu_train()), "optim": (optim or cpu_optim()).to_dict()}
 
 
@@ -67,14 +69,16 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def parse_spec(d: dict) -> tuple[ModelConfig, EngramConfig, TrainConfig, OptimConfig]:
-    """The four configs of a spec dict (each validated by its own dataclass)."""
-    unknown = sorted(set(d) - {"model", "engram", "train", "optim"})
-    if unknown:
-        raise ValueError(f"unknown sweep spec sections {unknown}; expected model, engram, train, optim")
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    bad = sorted(set(d.get("train", {})) - train_fields)
-    if bad:
-        raise ValueError(f"unknown train fields {bad}; valid: {sorted(train_fields)}")
-    return (ModelConfig.from_dict(d["model"]), EngramConfig.from_dict(d["engram"]), TrainConfig(**d["train"]),
-            OptimConfig.from_dict(d["optim"]))
+def parse_spec(d: dict) -> tuple[ModelConfig, EngramConfig | None, TrainConfig, OptimConfig]:
+    """The backbone, the Engram shape (``model.engram``, None when absent), train and optim configs of a spec.
+
+    The backbone is the ``model`` section without ``engram``; it is the MoE an Engram model is derived from, so
+    its family is not ``engram``.
+    """
+    model = dict(d.get("model") or {})
+    engram = model.pop("engram", None)
+    if model.get("family") == "engram":
+        raise ConfigError("model.family is 'engram', but this command derives the Engram model from a MoE backbone: "
+                         "set model.family=moe and give the Engram shape as model.engram")
+    run = RunConfig.from_dict({**d, "model": model})
+    return run.model, None if engram is None else EngramConfig.from_dict(engram), run.train, run.optim

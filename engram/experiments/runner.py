@@ -20,6 +20,7 @@ import concurrent.futures as cf
 import copy
 import csv
 import dataclasses
+import io
 import json
 import multiprocessing as mp
 import os
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..files import atomic_write, write_json
 from ..model.params import count_params
 from ..train.trainer import RunConfig, prepare_data, train
 
@@ -95,12 +97,6 @@ def git_revision(repo: Path | None = None) -> dict[str, Any]:
     return {"revision": rev.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _point_run(point: SweepPoint, folder: Path) -> RunConfig:
     run = copy.deepcopy(point.run)
     run.train = dataclasses.replace(run.train, out_dir=str(folder / "run"), progress=False)
@@ -142,7 +138,7 @@ def _run_point(sweep: str, name: str, params: dict, config: dict, folder: str, t
     }
     result = {"sweep": sweep, "name": name, "params": params, "config": config, "git": git_revision(),
               "metrics": metrics, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_json(Path(folder) / "result.json", result)
+    write_json(Path(folder) / "result.json", result)
     if not keep_checkpoints:
         shutil.rmtree(Path(folder) / "run" / "checkpoints", ignore_errors=True)
     return result
@@ -164,13 +160,12 @@ def write_results(out: Path, sweep: str, rows: list[dict]) -> None:
     for r in rows:
         extra += [k for k in r if k not in COMMON_COLUMNS and k not in extra]
     columns = list(COMMON_COLUMNS) + extra
-    _write_json(out / "results.json", {"sweep": sweep, "columns": columns, "rows": rows})
-    tmp = out / f".results.csv.tmp-{os.getpid()}"
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, restval="")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out / "results.csv")
+    write_json(out / "results.json", {"sweep": sweep, "columns": columns, "rows": rows})
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=columns, restval="")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out / "results.csv", table.getvalue())
 
 
 def load_results(out: str | Path) -> list[dict]:
@@ -213,7 +208,7 @@ def run_sweep(sweep: str, points: list[SweepPoint], out_dir: str | Path, *, jobs
             continue
         _check_same(folder, "point.json", config)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / "point.json", {
+        write_json(folder / "point.json", {
             "sweep": sweep, "name": p.name, "params": p.params, "config": config, "git": git,
             "env": {"torch": torch.__version__, "python": platform.python_version(), "jobs": jobs,
                     "threads": threads or torch.get_num_threads()},

@@ -25,16 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from ..model.model import EngramLM  # noqa: E402
-from ..train.data import eval_batches  # noqa: E402
+from ..model.model import EngramLM
+from ..train.data import eval_batches
+from .plotting import pyplot
 
 
 @contextmanager
@@ -186,6 +183,7 @@ def plot_engram_off(result: dict, path: str | Path, title: str = "", baseline: d
     ``baseline`` (a :func:`split_eval` result) a third bar per split for a model trained without Engram."""
     splits = [s for s in ("fact", "context", "all") if s in result]
     labels = {"fact": "fact-heavy", "context": "context-heavy", "all": "all tokens"}
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
     xs = np.arange(len(splits))
     w = 0.27 if baseline else 0.36

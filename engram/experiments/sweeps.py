@@ -6,9 +6,9 @@ points (resumably, ``jobs`` at a time) and writes ``OUT/results.{csv,json}``, ``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..files import write_json
 from .ablation import ablation_points, plot_ablation
 from .allocation import DEFAULT_RHOS, allocation_points, budget, plot_u_curve
 from .memory import DEFAULT_ROWS, memory_fits, memory_points, plot_memory
@@ -58,5 +58,5 @@ def run(sweep: str, out_dir: str | Path, *, overrides: dict | None = None, seeds
     else:
         plot_ablation(results, fig)
         summary["by_variant"] = summarize(results, "variant")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(out / "summary.json", summary)
     return summary

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EngramConfig
+from ..yamlio import dataclass_from_dict
 
 FAMILIES = ("dense", "moe", "engram", "overencoding")
 ATTENTIONS = ("mha", "mla")
@@ -143,11 +144,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         d = self.to_dict()

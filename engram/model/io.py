@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import ModelLoadError
+from ..files import atomic_write
 from ..tokenizer import CompressedTokenizer, vocab_fingerprint
 from .config import ModelConfig
 from .model import EngramLM
@@ -35,17 +35,6 @@ from .model import EngramLM
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.safetensors"
 ADDRESSES, TEXT_TOKENIZER = "addresses.json", "tokenizer.json"
 logger = logging.getLogger(__name__)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_model(model: EngramLM, directory: str | os.PathLike) -> Path:
@@ -58,8 +47,8 @@ def save_model(model: EngramLM, directory: str | os.PathLike) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in table_keys}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    _atomic_write(d / WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(model.cfg.to_dict(), indent=2)))
+    atomic_write(d / WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(d / CONFIG, json.dumps(model.cfg.to_dict(), indent=2))
     if model.tokenizer is not None:
         save_tokenizer_table(model.tokenizer, d)
     _write_addresses(d, model.cfg, model.tokenizer)
@@ -69,7 +58,7 @@ def save_model(model: EngramLM, directory: str | os.PathLike) -> Path:
 def save_tokenizer_table(tok: CompressedTokenizer, directory: str | os.PathLike) -> Path:
     """Write ``tokenizer.safetensors``: the compression lookup with the vocabulary fingerprint as metadata."""
     path = Path(directory) / TOKENIZER
-    _atomic_write(path, lambda p: save_file(
+    atomic_write(path, lambda p: save_file(
         {"lookup": torch.from_numpy(tok.lookup.copy())}, p, metadata={"fingerprint": tok.fingerprint}))
     return path
 
@@ -197,7 +186,7 @@ def _record_sha256(rec: dict[str, Any]) -> str:
 def _write_addresses(d: Path, cfg: ModelConfig, tokenizer: CompressedTokenizer | None) -> None:
     rec = address_record(cfg, tokenizer)
     text = json.dumps({"format": _ADDRESS_FORMAT, "sha256": _record_sha256(rec), "addresses": rec}, indent=2)
-    _atomic_write(d / ADDRESSES, lambda p: Path(p).write_text(text))
+    atomic_write(d / ADDRESSES, text)
 
 
 def _check_addresses(d: Path, cfg: ModelConfig, tokenizer: CompressedTokenizer | None) -> None:

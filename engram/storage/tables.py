@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import atomic_write
 from ..model.config import ModelConfig
 from ..model.io import ModelLoadError, load_model
 from ..model.model import EngramLM, TableFactory
@@ -107,16 +108,6 @@ def set_prefetch(model: nn.Module, enabled: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- saving
-def _replace_into(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_table_files(model: nn.Module, directory: str | os.PathLike) -> set[str]:
     """Write every offloaded table of ``model`` under ``directory/tables`` with a ``tables.json`` manifest (see
     the module docstring); returns the state-dict keys it wrote, which the weights file must leave out.
@@ -140,11 +131,11 @@ def save_table_files(model: nn.Module, directory: str | os.PathLike) -> set[str]
         if isinstance(store, DiskRowStore) and target.exists() and target.resolve() == store.path.resolve():
             store.flush()    # the table already lives in the model folder: keep it in place
         else:
-            _replace_into(target, store.save)
+            atomic_write(target, store.save)
         entries[str(layer_id)] = {"file": rel, "tier": store.kind, "state_key": key, "num_rows": store.num_rows,
                                   "dim": store.dim, "dtype": dtype_name(store.dtype), "head_sizes": table.head_sizes}
     text = json.dumps({"format": TABLES_FORMAT, "tables": entries}, indent=1)
-    _replace_into(manifest_path, lambda p: Path(p).write_text(text))
+    atomic_write(manifest_path, text)
     return set(tables)
 
 

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..files import FileLock, lock_path_for
+
 TIERS = ("device", "host", "disk")
 
 DISK_MAGIC = b"ENGRAMRS"
@@ -418,6 +420,7 @@ class DiskRowStore(RowStore):
             raise ValueError(f"{self.path} holds a [{self.num_rows}, {self.dim}] {dtype_name(self.dtype)} table, "
                              f"expected {want}; it was built for another table config")
         self.readonly = readonly
+        self._lock = None if readonly else FileLock(lock_path_for(self.path), f"table file {self.path}")
         self._map = np.memmap(self.path, dtype=_NUMPY_STORAGE[self.dtype], mode="r" if readonly else "r+",
                               offset=DISK_HEADER_BYTES, shape=(self.num_rows, self.dim))
         # Rows are read at random: without this hint every page fault also reads the pages around it (hundreds
@@ -439,6 +442,7 @@ class DiskRowStore(RowStore):
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        lock = FileLock(lock_path_for(path), f"table file {path}")   # before touching a file another run may own
         _write_empty_disk_file(path, num_rows, dim, dtype)
         if init_std != 0:
             # plain file writes, not writes through the map: the process never holds the table in its memory
@@ -451,7 +455,9 @@ class DiskRowStore(RowStore):
                     f.seek(DISK_HEADER_BYTES + start * row_bytes)
                     f.write(_as_numpy(chunk).tobytes())
                     bar.update(stop - start)
-        return cls(path)
+        store = cls(path)
+        lock.release()
+        return store
 
     @classmethod
     def load(cls, path: str | os.PathLike, readonly: bool = False) -> DiskRowStore:

@@ -17,8 +17,8 @@ moment therefore leaves ``latest`` at the previous complete checkpoint. One proc
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -34,11 +34,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..files import atomic_write, fsync_dir, fsync_file, set_file_mode, sha256_file
 
 MODEL_FILE, STATE_FILE, META_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "meta.json", "manifest.json"
 LATEST_FILE = "latest"
 JSON_KEYS = ("config", "extra")
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------- rng
@@ -67,39 +69,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- files
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _tensors_for_safetensors(tensors: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Detached contiguous CPU tensors; tied weights (shared storage) are cloned, safetensors refuses aliases."""
     out, seen = {}, set()
@@ -143,27 +112,32 @@ class CheckpointManager:
         if "model" not in state:
             raise ValueError("state must contain 'model' (the model's state_dict)")
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_tmp()
+        self.remove_stale()
         final = self.directory / self.step_dir_name(step)
         tmp = self.directory / f".tmp-{final.name}-{os.getpid()}"
         tmp.mkdir()
         try:
             self._write_files(tmp, step, state)
-            _fsync_dir(tmp)
-            if final.exists():  # re-saving a step: move the old one aside first (rename cannot replace a dir)
-                old = self.directory / f".old-{final.name}-{os.getpid()}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            self.publish(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _write_text_atomic(self.directory / LATEST_FILE, final.name + "\n")
-        self._prune()
         return final
+
+    def publish(self, tmp: Path, final: Path) -> None:
+        """Make the complete step folder ``tmp`` the checkpoint ``final``: fsync, one rename, then ``latest``,
+        then prune. Until the rename, a crash leaves ``latest`` at the previous complete checkpoint."""
+        fsync_dir(tmp)
+        if final.exists():  # re-saving a step: move the old one aside first (rename cannot replace a dir)
+            old = self.directory / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(self.directory)
+        atomic_write(self.directory / LATEST_FILE, final.name + "\n")
+        self._prune()
 
     def _write_files(self, folder: Path, step: int, state: dict[str, Any]) -> None:
         save_file(_tensors_for_safetensors(state["model"]), str(folder / MODEL_FILE))
@@ -173,17 +147,10 @@ class CheckpointManager:
         except TypeError as e:
             raise TypeError(f"state['config'] and state['extra'] must be JSON-serialisable: {e}") from e
         torch.save({k: v for k, v in state.items() if k != "model" and k not in JSON_KEYS}, folder / STATE_FILE)
-        files = (MODEL_FILE, META_FILE, STATE_FILE)
-        for name in files:
-            _fsync_file(folder / name)
-        manifest = {"step": int(step),
-                    "files": {n: {"sha256": _sha256(folder / n), "size": (folder / n).stat().st_size} for n in files}}
-        with open(folder / MANIFEST_FILE, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        write_manifest(folder, step, (MODEL_FILE, META_FILE, STATE_FILE))
 
-    def _remove_stale_tmp(self) -> None:
+    def remove_stale(self) -> None:
+        """Delete the half-written step folders of a killed save (call while owning the run folder)."""
         for p in self.directory.glob(".tmp-step_*"):
             shutil.rmtree(p, ignore_errors=True)
         for p in self.directory.glob(".old-step_*"):
@@ -219,6 +186,48 @@ class CheckpointManager:
             raise CheckpointError(f"{pointer} does not name a step directory; delete it to start over")
         return int(m.group(1))
 
+    def intact_steps(self) -> list[int]:
+        """Steps of the checkpoints whose every file matches its manifest, oldest first (reads them all)."""
+        good = []
+        for step in self.list():
+            try:
+                verify_checkpoint(self.directory / self.step_dir_name(step))
+            except CheckpointError:
+                continue
+            good.append(step)
+        return good
+
+    def resume_step(self, which: int | None = None) -> int | None:
+        """The step a run resumes from: ``which`` if given (it must be an intact checkpoint), else the one
+        ``latest`` names, else -- when ``latest`` is missing but step folders survive -- the newest intact one
+        (logged as a warning). None when there is nothing to resume."""
+        if which is not None:
+            intact = self.intact_steps()
+            if which not in intact:
+                raise CheckpointError(f"no intact checkpoint of step {which} in {self.directory}; intact steps: "
+                                      f"{intact or 'none'}")
+            return which
+        step = self.latest_step()
+        if step is not None or not self.list():
+            return step
+        intact = self.intact_steps()
+        if not intact:
+            raise CheckpointError(f"{self.directory} has step folders {self.list()} but no '{LATEST_FILE}' pointer "
+                                  f"and none of them is intact; delete the folder (or use train.resume=false) to "
+                                  f"start over")
+        logger.warning("%s is missing; resuming from the newest intact checkpoint, step %d", self.directory /
+                       LATEST_FILE, intact[-1])
+        return intact[-1]
+
+    def discard_after(self, step: int) -> list[int]:
+        """Delete the checkpoints newer than ``step`` (a run resumed from an earlier step continues from there,
+        and a newer folder would outrank its new checkpoints) and point ``latest`` at ``step``."""
+        later = [s for s in self.list() if s > step]
+        for s in later:
+            shutil.rmtree(self.directory / self.step_dir_name(s))
+        atomic_write(self.directory / LATEST_FILE, self.step_dir_name(step) + "\n")
+        return later
+
     # ------------------------------------------------------------------ load
     def resolve(self, which: str | int | os.PathLike[str] = "latest") -> Path:
         """``"latest"``, a step number, or a path to a step directory -> that directory."""
@@ -232,10 +241,26 @@ class CheckpointManager:
             return self.directory / self.step_dir_name(step)
         return Path(which)
 
+    def meta(self, which: str | int | os.PathLike[str] = "latest") -> dict[str, Any]:
+        """A checkpoint's meta.json (step, config, extra), without loading anything."""
+        path = self.resolve(which) / META_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; load an earlier step")
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise CheckpointError(f"{path} is corrupt ({e}); load an earlier step") from e
+
     def load(self, which: str | int | os.PathLike[str] = "latest") -> dict[str, Any]:
         """Verify and read a checkpoint (tensors on CPU). Raises :class:`CheckpointError` naming the bad file."""
         folder = self.resolve(which)
-        verify_checkpoint(folder)
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as e:
+            earlier = [s for s in self.intact_steps() if s != _step_of(folder)]
+            hint = (f"; resume from an earlier intact checkpoint with --resume-from {earlier[-1]} "
+                    f"(train.resume_from={earlier[-1]})" if earlier else "")
+            raise CheckpointError(f"{e}{hint}") from e
         try:
             state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
             meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
@@ -247,8 +272,28 @@ class CheckpointManager:
         return state
 
 
-def verify_checkpoint(folder: str | os.PathLike[str]) -> None:
-    """Check every file of a step directory against its manifest (existence, size, SHA-256)."""
+def _step_of(folder: Path) -> int | None:
+    m = _STEP_DIR.match(folder.name)
+    return int(m.group(1)) if m else None
+
+
+def write_manifest(folder: Path, step: int, names: tuple[str, ...] | list[str],
+                   known: dict[str, dict] | None = None) -> None:
+    """fsync the files ``names`` of a step folder and write ``manifest.json`` (their sha256 and size, plus the
+    ``known`` entries other ranks measured) last."""
+    files = dict(known or {})
+    for name in names:
+        set_file_mode(folder / name)
+        fsync_file(folder / name)
+        files[name] = {"sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size}
+    with open(folder / MANIFEST_FILE, "w", encoding="utf-8") as f:   # inside the unpublished folder: no rename
+        json.dump({"step": int(step), "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, dict]:
+    """The ``files`` entry of a step folder's manifest; :class:`CheckpointError` when missing or corrupt."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint directory {folder} does not exist")
@@ -257,22 +302,33 @@ def verify_checkpoint(folder: str | os.PathLike[str]) -> None:
         raise CheckpointError(f"{manifest_path} is missing: the checkpoint is incomplete (a save was interrupted); "
                               f"load an earlier step")
     try:
-        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        return json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest_path} is corrupt ({e}); load an earlier step") from e
-    for name in (MODEL_FILE, META_FILE, STATE_FILE):
-        if name not in files:
-            raise CheckpointError(f"{manifest_path} does not list {name}; the checkpoint is incomplete")
-    for name, info in files.items():
+
+
+def verify_files(folder: Path, files: dict[str, dict], names: list[str] | tuple[str, ...]) -> None:
+    """Check the files ``names`` of a step folder against its manifest entries (listed, present, size, SHA-256)."""
+    for name in names:
+        info = files.get(name)
         path = folder / name
+        if info is None:
+            raise CheckpointError(f"{folder / MANIFEST_FILE} does not list {name}; the checkpoint is incomplete")
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint; load an earlier step")
         size = path.stat().st_size
         if size != info["size"]:
             raise CheckpointError(f"{path} has {size} bytes, the manifest says {info['size']}: truncated or "
                                   f"overwritten; load an earlier step")
-        if _sha256(path) != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
             raise CheckpointError(f"{path} fails its SHA-256 check: corrupt; load an earlier step")
+
+
+def verify_checkpoint(folder: str | os.PathLike[str]) -> None:
+    """Check every file of a step directory against its manifest (existence, size, SHA-256)."""
+    folder = Path(folder)
+    files = read_manifest(folder)
+    verify_files(folder, files, sorted({MODEL_FILE, META_FILE, STATE_FILE} | set(files)))
 
 
 # ---------------------------------------------------------------------------------------------------- signals

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..files import atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -405,9 +406,7 @@ def _load_bpe(texts: Sequence[str] | None, vocab_size: int, cache_dir: Path) -> 
         logger.warning("cached tokenizer %s is unreadable or wrong; retraining", path)
     tok = train_bpe(texts, vocab_size)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: tok.save(str(p)))
     return _wrap_fast(tok, f"bpe:{path}")
 
 
@@ -498,14 +497,6 @@ class TokenizedCorpus:
     tokenizer_fingerprint: str
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _open_tokens(path: Path, n_tokens: int) -> np.ndarray:
     if n_tokens == 0:  # numpy cannot memory-map an empty file
         return np.zeros(0, dtype=np.uint32)
@@ -531,7 +522,7 @@ def _cached_split(bin_path: Path, meta_path: Path, expect: dict[str, Any], verif
         logger.warning("token cache %s has %d bytes, its meta says %d tokens (%d bytes): truncated or corrupt; "
                        "rebuilding", bin_path, size, n_tokens, 4 * n_tokens)
         return None
-    if verify and _file_sha256(bin_path) != meta.get("sha256"):
+    if verify and sha256_file(bin_path) != meta.get("sha256"):
         logger.warning("token cache %s fails its checksum: corrupt; rebuilding", bin_path)
         return None
     return TokenFile(_open_tokens(bin_path, n_tokens), int(meta["n_bytes"]), int(meta["n_docs"]), bin_path)
@@ -540,34 +531,33 @@ def _cached_split(bin_path: Path, meta_path: Path, expect: dict[str, Any], verif
 def _write_split(bin_path: Path, meta_path: Path, docs: list[str], tokenizer: TextTokenizer,
                  expect: dict[str, Any], desc: str, progress: bool, batch_docs: int) -> TokenFile:
     meta_path.unlink(missing_ok=True)  # the old meta must never vouch for a half-written new file
-    tmp = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
     h = hashlib.sha256()
     n_tokens = n_bytes = 0
     eos = np.array([tokenizer.eos_id], dtype=np.uint32)
-    with open(tmp, "wb") as f, tqdm(total=sum(len(d.encode("utf-8")) for d in docs), unit="B", unit_scale=True,
-                                    desc=desc, disable=not progress) as bar:
-        for start in range(0, len(docs), batch_docs):
-            chunk = docs[start:start + batch_docs]
-            ids = tokenizer.encode(chunk)
-            arr = np.concatenate([part for doc in ids for part in (np.asarray(doc, dtype=np.uint32), eos)])
-            if arr.size and int(arr.max()) >= tokenizer.vocab_size:
-                raise ValueError(f"tokenizer {tokenizer.name!r} produced id {int(arr.max())} >= its vocab size "
-                                 f"{tokenizer.vocab_size}")
-            data = arr.tobytes()
-            f.write(data)
-            h.update(data)
-            n_tokens += arr.size
-            chunk_bytes = sum(len(d.encode("utf-8")) for d in chunk)
-            n_bytes += chunk_bytes
-            bar.update(chunk_bytes)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, bin_path)
+
+    def write(tmp: Path) -> None:
+        nonlocal n_tokens, n_bytes
+        with open(tmp, "wb") as f, tqdm(total=sum(len(d.encode("utf-8")) for d in docs), unit="B", unit_scale=True,
+                                        desc=desc, disable=not progress) as bar:
+            for start in range(0, len(docs), batch_docs):
+                chunk = docs[start:start + batch_docs]
+                ids = tokenizer.encode(chunk)
+                arr = np.concatenate([part for doc in ids for part in (np.asarray(doc, dtype=np.uint32), eos)])
+                if arr.size and int(arr.max()) >= tokenizer.vocab_size:
+                    raise ValueError(f"tokenizer {tokenizer.name!r} produced id {int(arr.max())} >= its vocab size "
+                                     f"{tokenizer.vocab_size}")
+                data = arr.tobytes()
+                f.write(data)
+                h.update(data)
+                n_tokens += arr.size
+                chunk_bytes = sum(len(d.encode("utf-8")) for d in chunk)
+                n_bytes += chunk_bytes
+                bar.update(chunk_bytes)
+
+    atomic_write(bin_path, write)
     meta = dict(expect, n_tokens=n_tokens, n_bytes=n_bytes, n_docs=len(docs), sha256=h.hexdigest(),
                 vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, tokenizer=tokenizer.name)
-    tmp_meta = meta_path.with_name(f"{meta_path.name}.tmp-{os.getpid()}")
-    tmp_meta.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    os.replace(tmp_meta, meta_path)
+    atomic_write(meta_path, json.dumps(meta, indent=1))
     return TokenFile(_open_tokens(bin_path, n_tokens), n_bytes, len(docs), bin_path)
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..module import MultiHeadEmbedding
+from ..yamlio import dataclass_from_dict
 
 GROUPS = ("tables", "matrices", "adamw", "no_decay")
 
@@ -113,11 +114,7 @@ class OptimConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "OptimConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown OptimConfig fields {unknown}; valid fields are {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 # ---------------------------------------------------------------------------------------------------- groups
@@ -246,8 +243,9 @@ class LRSchedule:
         return {"last_step": self.last_step, "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at the saved step. The total stays this schedule's (the run's current ``train.steps``): a run
+        extended on resume continues the schedule of its new length."""
         self.last_step = int(state["last_step"])
-        self.total_steps = int(state.get("total_steps", self.total_steps))
         self._apply()
 
 

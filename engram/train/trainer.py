@@ -1,15 +1,22 @@
-"""The training loop: data -> model -> optimizers -> checkpoints -> metrics.
+"""The training loop: data -> model -> optimizers -> checkpoints -> metrics, written once.
 
 Everything a run needs is in :class:`RunConfig` (model, train and optimizer sections), which is what YAML
 configs hold. A run directory contains ``config.json``, ``metrics.jsonl``, ``checkpoints/`` and, at the end,
-``model/`` (a :func:`engram.model.save_model` folder).
+``model/`` (a :func:`engram.model.save_model` folder). The process that trains owns the folder (an OS lock,
+``.lock``); a second one is refused with the owner's pid.
+
+What a single process and a ``torchrun`` job do differently (devices, per-rank batches, wrapping, reductions,
+the stop flag, the checkpoint store, the final gather) is a *plan* object: :class:`SingleProcess` here,
+:class:`engram.distributed.train.DataParallel` for torchrun. :func:`train` takes either. Resume rules:
+:mod:`.resume`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +26,21 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DivergenceError
+from ..files import FileLock, atomic_write, remove_stale_temps, write_json
 from ..model.config import ModelConfig
 from ..model.io import save_model
 from ..model.model import EngramLM, TableFactory
 from ..model.params import count_params
 from ..tokenizer import CompressedTokenizer
+from ..yamlio import dataclass_from_dict
 from .checkpoint import CheckpointManager, capture_rng_state, install_signal_handlers, restore_rng_state
 from .data import TextTokenizer, TokenizedCorpus, build_token_files, load_corpus, load_tokenizer, random_batch
 from .evaluate import evaluate
+from .metrics import MetricsLog
 from .optim import LRSchedule, OptimConfig, build_optimizers, clip_grad_norm
+from .resume import check_fresh_start, data_fingerprint, resume_changes
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +66,8 @@ class TrainConfig:
     vocab_size: int = 4096  # for tokenizer = "bpe"
     cache_dir: str | None = None
     resume: bool = True
+    resume_from: int | None = None  # resume from this checkpoint step instead of the latest (later ones dropped)
+    overwrite: bool = False  # start a new run over another run's files in out_dir
     progress: bool = True
     # Engram tables: "device" (nn.Parameter, trained by the table optimizer of optim) or "host" / "disk"
     # (created in that tier, trained row-wise in place by engram.storage.SparseRowOptimizer)
@@ -71,6 +86,9 @@ class TrainConfig:
             raise ValueError(f"train.table_tier must be 'device', 'host' or 'disk', got {self.table_tier!r}")
         if self.table_dir is not None and self.table_tier != "disk":
             raise ValueError("train.table_dir is the folder of disk tables; set train.table_tier=disk or drop it")
+        if self.resume_from is not None and (self.resume_from < 0 or not self.resume):
+            raise ConfigError(f"train.resume_from must be a checkpoint step >= 0 with train.resume=true, got "
+                             f"{self.resume_from} (resume={self.resume})")
         if self.table_cache_bytes < 0 or (self.table_cache_bytes and self.table_tier == "device"):
             raise ValueError(f"train.table_cache_bytes must be >= 0 and is for host / disk tables, got "
                              f"{self.table_cache_bytes} with table_tier={self.table_tier!r}")
@@ -87,15 +105,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        unknown = sorted(set(d) - {"model", "train", "optim"})
-        if unknown:
-            raise ValueError(f"unknown config sections {unknown}; expected model, train, optim")
-        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        bad = sorted(set(d.get("train", {})) - train_fields)
-        if bad:
-            raise ValueError(f"unknown train fields {bad}; valid: {sorted(train_fields)}")
-        return cls(model=ModelConfig.from_dict(d.get("model", {})), train=TrainConfig(**d.get("train", {})),
-                   optim=OptimConfig.from_dict(d.get("optim", {})))
+        """The run config of a YAML / JSON mapping with sections ``model`` (Engram shape in ``model.engram``),
+        ``train`` and ``optim``; the one schema every command reads."""
+        if isinstance(d, dict) and "engram" in d:
+            raise ConfigError("a top-level 'engram:' section is the old sweep / compare schema; move it under "
+                             "model: as model.engram (with --set: model.engram.FIELD=VALUE)")
+        return dataclass_from_dict(cls, d)
 
 
 @dataclass
@@ -108,6 +123,7 @@ class TrainResult:
     tokens_per_s: float
     steps_done: int
     interrupted: bool = False
+    signal: int | None = None  # the signal (SIGINT / SIGTERM) that stopped the run, if one did
 
 
 def pick_device(spec: str) -> torch.device:
@@ -178,54 +194,131 @@ def offloaded_table_factory(tcfg: TrainConfig) -> TableFactory | None:
                          overwrite=True, progress=tcfg.progress)
 
 
-class _MetricsLog:
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        kept = []
-        if path.exists() and resume_step > 0:  # drop records from after the checkpoint we resume from
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("step", 0) <= resume_step:
-                    kept.append(line)
-        path.write_text("".join(k + "\n" for k in kept))
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+class SingleProcess:
+    """The plan of a run in one process: one device, the whole batch, plain checkpoints. A distributed plan
+    (:class:`engram.distributed.train.DataParallel`) overrides what differs under torchrun."""
 
-            self.tb = SummaryWriter(str(path.parent / "tb"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
+    rank, world_size = 0, 1
 
-    def write(self, rec: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{rec.get('kind', 'train')}/{k}", v, rec["step"])
+    def __init__(self, device: str = "auto"):
+        self.device = pick_device(device)
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes the run folder's shared files (config, metrics, model)."""
+        return self.rank == 0
+
+    def label(self, family: str) -> str:
+        return family
+
+    def lock_run_folder(self, out: Path) -> FileLock | None:
+        out.mkdir(parents=True, exist_ok=True)
+        return FileLock(out / ".lock", f"run folder {out}")
+
+    def prepare_data(self, tcfg: TrainConfig) -> tuple[TextTokenizer, TokenizedCorpus]:
+        return prepare_data(tcfg)
+
+    def table_factory(self, tcfg: TrainConfig) -> TableFactory | None:
+        return offloaded_table_factory(tcfg)
+
+    def wrap(self, model: EngramLM) -> torch.nn.Module:
+        """The module the training forward runs through."""
+        return model
+
+    def batch(self, tokens, tcfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return random_batch(tokens, tcfg.batch_size, tcfg.seq_len, gen)
+
+    def clip_grad_norm(self, model: EngramLM, params: list, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(params, max_norm)
+
+    def sync_expert_counts(self, model: EngramLM) -> None:
+        """MoE expert loads of this step, summed over the processes that share the batch (none here)."""
+
+    def loss_value(self, loss: torch.Tensor) -> float:
+        return loss.item()
+
+    def agree_to_stop(self, stop: bool, signum: int | None) -> tuple[bool, int | None]:
+        return stop, signum
+
+    def barrier(self) -> None:
+        """Wait for every process of the run (none other here)."""
+
+    def checkpoints(self, directory: Path, keep_last: int) -> CheckpointManager:
+        return CheckpointManager(directory, keep_last=keep_last)
+
+    def save_checkpoint(self, ckpt: CheckpointManager, step: int, model: EngramLM, optimizers: list,
+                        state: dict[str, Any]) -> None:
+        ckpt.save(step, {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers], **state})
+
+    def load_checkpoint(self, ckpt: CheckpointManager, step: int, model: EngramLM, optimizers: list) -> dict:
+        state = ckpt.load(step)
+        model.load_state_dict(state.pop("model"))
+        for o, s in zip(optimizers, state.pop("optimizers")):
+            o.load_state_dict(s)
+        return state
+
+    def final_model(self, model: EngramLM, run: RunConfig, tok: TextTokenizer) -> EngramLM | None:
+        """The single-process model to save and return (None on processes that do not write it)."""
+        return model
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        """Leave whatever the plan joined (nothing here)."""
+
+
+
+
+def _hyperparameters(optimizers: list) -> list[list[dict]]:
+    return [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in optimizers]
+
+
+def _clear_for_fresh_start(out: Path, ckpt: CheckpointManager) -> None:
+    """Step 0 in a folder that may hold this run's earlier attempt: drop its old checkpoints (they would outrank
+    the new run's) and model."""
+    if ckpt.list() or (ckpt.directory / "latest").exists():
+        logger.warning("%s: starting over at step 0 (train.resume=false or train.overwrite=true); removing the old "
+                       "checkpoints", out)
+        shutil.rmtree(ckpt.directory)
+    shutil.rmtree(out / "model", ignore_errors=True)
 
 
 def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None = None,
           stop_after: int | None = None, desc: str | None = None,
-          on_eval: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train ``run.model`` for ``run.train.steps`` steps, resuming from ``out_dir`` when it holds checkpoints.
+          on_eval: Callable[[dict], None] | None = None, plan: SingleProcess | None = None) -> TrainResult:
+    """Train ``run.model`` for ``run.train.steps`` steps, resuming from ``out_dir`` when it holds checkpoints
+    (checked by :mod:`.resume`; ``train.resume_from`` picks an earlier one).
 
     ``stop_after`` ends the run early after that many steps *of this call* (with a checkpoint), as an interrupt
-    would; tests use it to check that resuming reproduces an uninterrupted run.
+    would; tests use it to check that resuming reproduces an uninterrupted run. ``plan`` says how the run is
+    spread over processes (default: this one).
     """
+    plan = plan or SingleProcess(run.train.device)
+    out = Path(run.train.out_dir)
+    lock = None
+    try:
+        lock = plan.lock_run_folder(out)
+        return _train_locked(run, plan, data, stop_after, desc, on_eval, out)
+    finally:
+        if lock is not None:
+            lock.release()
+        plan.close()
+
+
+def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, on_eval, out: Path) -> TrainResult:
     tcfg = run.train
-    out = Path(tcfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    device = plan.device
+    ckpt = plan.checkpoints(out / "checkpoints", tcfg.keep_last)
+    if plan.is_main:   # this process owns the folder: temporaries in it are a killed run's
+        for folder in (out, out / "model", ckpt.directory):
+            remove_stale_temps(folder)
+        if ckpt.directory.is_dir():
+            ckpt.remove_stale()
     torch.manual_seed(tcfg.seed)
-    tok, tokens = data or prepare_data(tcfg)
-    model = build_model(run.model, tok, offloaded_table_factory(tcfg))
+    tok, tokens = data or plan.prepare_data(tcfg)
+    fingerprints = {"tokenizer": tok.fingerprint, "data": data_fingerprint(tokens.train.tokens, tokens.val.tokens)}
+    model = build_model(run.model, tok, plan.table_factory(tcfg))
     run = dataclasses.replace(run, model=model.cfg)
-    device = pick_device(tcfg.device)
     model.to(device)
+    train_model = plan.wrap(model)
     amp = torch.bfloat16 if device.type == "cuda" else None
     optimizers = build_optimizers(model, run.optim)
     table_opt = None  # offloaded tables: row-wise Adam in their own tier, no dense state (engram.storage)
@@ -234,45 +327,60 @@ def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None 
 
         table_opt = SparseRowOptimizer(model, lr=run.optim.lr * run.optim.table_lr_mult, beta2=run.optim.betas[1],
                                        eps=run.optim.eps, weight_decay=run.optim.table_weight_decay)
-    schedule = LRSchedule(optimizers + ([table_opt] if table_opt is not None else []), run.optim, tcfg.steps)
+    stepped = optimizers + ([table_opt] if table_opt is not None else [])
+    schedule = LRSchedule(stepped, run.optim, tcfg.steps)
     gen = torch.Generator().manual_seed(tcfg.seed)
-    ckpt = CheckpointManager(out / "checkpoints", keep_last=tcfg.keep_last)
     start = 0
     history: list[dict] = []
     evals: list[dict] = []
     config_dict = run.to_dict()
-    if tcfg.resume and ckpt.latest_step() is not None:
-        state = ckpt.load()
-        saved = state.get("config", {})
-        if saved.get("model") != config_dict["model"]:
-            raise ValueError(
-                f"{out} holds checkpoints of a different model config; use another train.out_dir or "
-                f"train.resume=false to start over"
-            )
-        model.load_state_dict(state["model"])
-        for o, s in zip(optimizers, state["optimizers"]):
-            o.load_state_dict(s)
+    changed: dict[str, list] = {}
+    resume_at = ckpt.resume_step(tcfg.resume_from) if tcfg.resume else None
+    if resume_at is not None:
+        meta = ckpt.meta(resume_at)
+        extra = meta.get("extra") or {}
+        changed = resume_changes(meta.get("config") or {}, config_dict, extra.get("fingerprints"), fingerprints,
+                                 out, resume_at)
+        fresh = _hyperparameters(stepped)   # the values asked for now: honoured over the saved ones
+        state = plan.load_checkpoint(ckpt, resume_at, model, optimizers)
         if (table_opt is None) != ("table_optimizer" not in state):
-            raise ValueError(f"{out} holds checkpoints written with other table storage than "
+            raise ConfigError(f"{out} holds checkpoints written with other table storage than "
                              f"train.table_tier={tcfg.table_tier!r}; resume with the tier the run started with")
         if table_opt is not None:
             table_opt.load_state_dict(state["table_optimizer"])
+        for o, groups in zip(stepped, fresh):
+            for g, f in zip(o.param_groups, groups):
+                g.update(f)
         schedule.load_state_dict(state["schedule"])
         gen.set_state(state["data_generator"])
         restore_rng_state(state["rng"])
         start = int(state["step"])
-        history = state["extra"].get("history", [])
-        evals = state["extra"].get("evals", [])
-    (out / "config.json").write_text(json.dumps(config_dict, indent=2))
-    log = _MetricsLog(out / "metrics.jsonl", start)
+        history = [h for h in state["extra"].get("history", []) if h["step"] <= start]
+        evals = [e for e in state["extra"].get("evals", []) if e["step"] <= start]
+        if plan.is_main and ckpt.latest_step() != resume_at:
+            dropped = ckpt.discard_after(resume_at)
+            logger.warning("%s: resumed from step %d; removed the later checkpoints %s", out, resume_at, dropped)
+        plan.barrier()
+    else:
+        check_fresh_start(out, config_dict, tcfg.overwrite)   # every rank reads the same files: the same verdict
+        plan.barrier()
+        if plan.is_main:
+            _clear_for_fresh_start(out, ckpt)
+        plan.barrier()
+    log = None
+    if plan.is_main:
+        write_json(out / "config.json", config_dict)
+        log = MetricsLog(out / "metrics.jsonl", start)
+        if changed:
+            log.write({"kind": "resume", "step": start, "changed": changed})
 
     def save(step: int) -> None:
-        ckpt.save(step, {
-            "model": model.state_dict(), "config": config_dict,
-            "optimizers": [o.state_dict() for o in optimizers], "schedule": schedule.state_dict(),
+        plan.save_checkpoint(ckpt, step, model, optimizers, {
+            "config": config_dict, "schedule": schedule.state_dict(),
             **({"table_optimizer": table_opt.state_dict()} if table_opt is not None else {}),
             "data_generator": gen.get_state(), "rng": capture_rng_state(),
-            "extra": {"history": history, "evals": evals},
+            "extra": {"history": history, "evals": evals, "fingerprints": fingerprints,
+                      "world_size": plan.world_size},
         })
 
     def run_eval(step: int) -> dict:
@@ -281,7 +389,8 @@ def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None 
         rec = {"kind": "eval", "step": step, "val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"],
                "expert_load": r["expert_load"], "gates": r["gates"]}
         evals.append(rec)
-        log.write(rec)
+        if log is not None:
+            log.write(rec)
         if on_eval is not None:
             on_eval(rec)
         return rec
@@ -290,29 +399,32 @@ def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None 
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     steps_this_call = 0
     interrupted = False
+    signum = None
     t_train = 0.0
-    bar = tqdm(total=tcfg.steps, initial=start, desc=desc or run.model.family, disable=not tcfg.progress,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=tcfg.steps, initial=start, desc=desc or plan.label(run.model.family),
+               disable=not tcfg.progress or not plan.is_main, unit="step", dynamic_ncols=True)
     with install_signal_handlers() as stop:
         for step in range(start, tcfg.steps):
             t0 = time.perf_counter()
-            x, y = random_batch(tokens.train.tokens, tcfg.batch_size, tcfg.seq_len, gen)
+            x, y = plan.batch(tokens.train.tokens, tcfg, gen)
             x, y = x.to(device), y.to(device)
             with torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
-                loss = model(x, y).loss
+                loss = train_model(x, y).loss
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             loss.backward()
             clipped = [*model.parameters(), *(table_opt.grad_tensors() if table_opt is not None else [])]
-            gnorm = clip_grad_norm(clipped, run.optim.grad_clip) if run.optim.grad_clip else None
+            gnorm = plan.clip_grad_norm(model, clipped, run.optim.grad_clip) if run.optim.grad_clip else None
             for o in optimizers:
                 o.step()
             if table_opt is not None:  # after the step: its gradients belong to this step's forward
                 table_opt.step()
                 table_opt.zero_grad()
+            lr, factor = stepped[0].param_groups[0]["lr"], schedule.factor   # what this step used
             schedule.step()
+            plan.sync_expert_counts(model)
             model.update_moe_biases()
-            loss_v = loss.item()
+            loss_v = plan.loss_value(loss)
             if not math.isfinite(loss_v):
                 raise DivergenceError(f"loss became {loss_v} at step {step + 1} with optim.lr={run.optim.lr:g}; "
                                       f"lower it (e.g. --set optim.lr={run.optim.lr / 3:.2g}) or check the data")
@@ -322,33 +434,42 @@ def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None 
             done = step + 1
             bar.update(1)
             if done % tcfg.log_every == 0 or done == tcfg.steps:
-                rec = {"kind": "train", "step": done, "loss": loss_v, "lr_factor": schedule.factor,
-                       "tokens_per_s": tokens_per_step / dt,
+                rec = {"kind": "train", "step": done, "loss": loss_v, "lr_factor": factor,
+                       "lr": lr, "tokens_per_s": tokens_per_step / dt,
                        "grad_norm": None if gnorm is None else float(gnorm)}
                 history.append(rec)
-                log.write(rec)
+                if log is not None:
+                    log.write(rec)
                 bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tokens_per_step * steps_this_call / t_train:,.0f}")
             if done % tcfg.eval_every == 0 or done == tcfg.steps:
                 run_eval(done)
             last = done == tcfg.steps
-            stopping = stop.stop_requested or (stop_after is not None and steps_this_call >= stop_after)
+            stopping, signum = plan.agree_to_stop(
+                stop.stop_requested or (stop_after is not None and steps_this_call >= stop_after), stop.signal)
             if done % tcfg.ckpt_every == 0 or last or stopping:
                 save(done)
             if stopping and not last:
                 interrupted = True
                 break
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
     final = evals[-1] if evals else {}
+    result_model = model
     if not interrupted:
-        save_model(model, out / "model")
-        save_text_tokenizer(tok, out / "model")
+        full = plan.final_model(model, run, tok)
+        if full is not None and plan.is_main:
+            result_model = full
+            save_model(full, out / "model")
+            save_text_tokenizer(tok, out / "model")
+        plan.barrier()
     if steps_this_call:
         tok_s = tokens_per_step * steps_this_call / t_train
     else:  # nothing left to do (resumed a finished run): report what the logged steps measured
         tok_s = sum(h["tokens_per_s"] for h in history) / max(len(history), 1)
-    return TrainResult(model=model, out_dir=out, history=history, evals=evals, final=final, tokens_per_s=tok_s,
-                       steps_done=start + steps_this_call, interrupted=interrupted)
+    return TrainResult(model=result_model, out_dir=out, history=history, evals=evals, final=final, tokens_per_s=tok_s,
+                       steps_done=start + steps_this_call, interrupted=interrupted,
+                       signal=signum if interrupted else None)
 
 
 def save_text_tokenizer(tok: TextTokenizer, directory: Path) -> None:
@@ -356,9 +477,9 @@ def save_text_tokenizer(tok: TextTokenizer, directory: Path) -> None:
     from tokenizers import Tokenizer
 
     if isinstance(tok.hf, Tokenizer):
-        tok.hf.save(str(directory / "tokenizer.json"))
+        atomic_write(directory / "tokenizer.json", lambda p: tok.hf.save(str(p)))
         special = {"eos_token": tok.hf.id_to_token(tok.eos_id), "pad_token": tok.hf.id_to_token(tok.pad_id)}
-        (directory / "tokenizer_config.json").write_text(json.dumps(special))
+        write_json(directory / "tokenizer_config.json", special)
     else:
         tok.hf.save_pretrained(str(directory))
 

@@ -8,41 +8,16 @@ import pytest
 import torch
 import yaml
 
-from engram import EngramConfig
-from engram.model import ModelConfig, load_model
-from engram.train.trainer import RunConfig, TrainConfig
+from engram.model import load_model
+from engram.train.trainer import RunConfig
 
+from ..conftest import tiny_engram_run
 from .launch import run_ranks
-
-CODE = """def add(a, b):
-    return a + b
-
-
-class Point(object):
-    def __init__(self, x, y):
-        self.x = x
-        self.y = y
-"""
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(30):
-        (d / f"mod_{i:02d}.py").write_text(CODE.replace("Point", f"Point{i}").replace("add", f"add_{i}") * 3)
-    return d
 
 
 def tiny_run(out, corpus_dir, cache, **train_kw) -> dict:
-    model = ModelConfig(family="engram", hidden_size=32, num_layers=2, num_heads=2, n_routed_experts=4,
-                        num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64, max_seq_len=32,
-                        engram=EngramConfig(engram_vocab_size=[211, 223], n_embed_per_ngram=16, n_head_per_ngram=2,
-                                            layer_ids=[1]))
-    kw = dict(out_dir=str(out), steps=6, batch_size=4, seq_len=32, eval_every=3, eval_batches=2, log_every=1,
-              ckpt_every=3, data=str(corpus_dir), max_bytes=None, vocab_size=300, cache_dir=str(cache),
-              progress=False)
-    kw.update(train_kw)
-    return RunConfig(model=model, train=TrainConfig(**kw)).to_dict()
+    kw = dict(steps=6, eval_every=3, log_every=1, ckpt_every=3)
+    return tiny_engram_run(out, corpus_dir, cache, **{**kw, **train_kw}).to_dict()
 
 
 def _train_worker(rank, world, run_dict, stop_after):

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny code corpus and tiny run configs that train in well under a second."""
+"""Experiment fixtures: tiny run configs (on the shared corpus) that train in well under a second."""
 
 import pytest
 import torch
@@ -8,18 +8,6 @@ from engram.model import ModelConfig
 from engram.train.optim import OptimConfig
 from engram.train.trainer import RunConfig, TrainConfig
 
-CODE = """import os
-
-
-class Point{i}(object):
-    def __init__(self, x, y):
-        self.x = x
-        self.y = y
-
-    def norm{i}(self):
-        return (self.x ** 2 + self.y ** 2) ** 0.5
-"""
-
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
@@ -28,14 +16,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(30):
-        (d / f"mod_{i:02d}.py").write_text(CODE.format(i=i) * 2)
-    return d
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 exactly, and ``engram profile`` prints the profile with hit rates per cache size and writes the plot."""
 
 import numpy as np
-import pytest
 import torch
 import yaml
 
@@ -10,9 +9,13 @@ from engram import CompressedTokenizer, EngramConfig, NgramHasher
 from engram.model import ModelConfig, save_model
 from engram.storage import profile_corpus, simulate_cache
 from engram.storage.profile import corpus_row_batches
-from engram.train.trainer import RunConfig, TrainConfig, build_model, prepare_data, save_text_tokenizer
-
-from ..train.test_trainer import CODE
+from engram.train.trainer import (
+    RunConfig,
+    TrainConfig,
+    build_model,
+    prepare_data,
+    save_text_tokenizer,
+)
 
 VOCAB = 50
 
@@ -54,14 +57,6 @@ def test_replayed_cache_that_holds_everything_misses_only_first_batches():
     assert stats.hits == expected_hits and stats.hits + stats.misses == accesses
     small = simulate_cache(batches, cache_bytes=20 * 4 * 4, dim=4)
     assert 0 < small.hit_rate < stats.hit_rate and small.evictions > 0
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(20):
-        (d / f"mod_{i:02d}.py").write_text(CODE.replace("Point", f"Point{i}") * 3)
-    return d
 
 
 def run_config(tmp_path, corpus_dir):

@@ -74,7 +74,7 @@ def test_a_crash_during_save_leaves_latest_at_the_previous_checkpoint(tmp_path, 
     if crash_in == "torch.save":
         monkeypatch.setattr(ckpt_mod.torch, "save", boom)
     elif crash_in == "manifest":
-        monkeypatch.setattr(ckpt_mod, "_sha256", boom)
+        monkeypatch.setattr(ckpt_mod, "sha256_file", boom)
     else:
         real_replace = os.replace
 

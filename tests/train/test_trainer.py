@@ -8,52 +8,17 @@ import signal
 import pytest
 import torch
 
-from engram import EngramConfig
-from engram.model import ModelConfig, SamplingConfig, generate, load_model
+from engram.model import SamplingConfig, generate, load_model
 from engram.train.data import load_tokenizer
-from engram.train.trainer import RunConfig, TrainConfig, prepare_data, train
-
-CODE = """def add(a, b):
-    return a + b
+from engram.train.trainer import TrainConfig, prepare_data, train
 
 
-class Point(object):
-    def __init__(self, x, y):
-        self.x = x
-        self.y = y
-
-    def __repr__(self):
-        return "Point(%r, %r)" % (self.x, self.y)
-"""
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(40):
-        (d / f"mod_{i:02d}.py").write_text(CODE.replace("Point", f"Point{i}").replace("add", f"add_{i}") * 3)
-    return d
-
-
-def tiny_run(out, corpus_dir, cache, **train_kw):
-    model = ModelConfig(family="engram", hidden_size=32, num_layers=2, num_heads=2, n_routed_experts=4,
-                        num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64, max_seq_len=32,
-                        engram=EngramConfig(engram_vocab_size=[211, 223], n_embed_per_ngram=16, n_head_per_ngram=2,
-                                            layer_ids=[1]))
-    kw = dict(out_dir=str(out), steps=12, batch_size=4, seq_len=32, eval_every=6, eval_batches=2, log_every=2,
-              ckpt_every=4, data=str(corpus_dir), max_bytes=None, vocab_size=300, cache_dir=str(cache),
-              progress=False)
-    kw.update(train_kw)
-    return RunConfig(model=model, train=TrainConfig(**kw))
-
-
-def test_resumed_run_reproduces_the_uninterrupted_loss_trajectory(tmp_path, corpus_dir):
-    cache = tmp_path / "cache"
-    full = train(tiny_run(tmp_path / "full", corpus_dir, cache))
-    first = train(tiny_run(tmp_path / "resumed", corpus_dir, cache), stop_after=5)
+def test_resumed_run_reproduces_the_uninterrupted_loss_trajectory(tmp_path, tiny_run):
+    full = train(tiny_run(tmp_path / "full"))
+    first = train(tiny_run(tmp_path / "resumed"), stop_after=5)
     assert first.interrupted and first.steps_done == 5
     assert not (tmp_path / "resumed" / "model").exists()
-    second = train(tiny_run(tmp_path / "resumed", corpus_dir, cache))
+    second = train(tiny_run(tmp_path / "resumed"))
     assert second.steps_done == 12 and not second.interrupted
     assert [h["loss"] for h in second.history] == [h["loss"] for h in full.history]
     assert second.final["val_loss"] == full.final["val_loss"]
@@ -64,19 +29,19 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_trajectory(tmp_path, corp
     assert steps == sorted(set(steps)), "metrics after the resume point must not be duplicated"
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus_dir):
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_run):
     def interrupt(_rec):
         os.kill(os.getpid(), signal.SIGINT)
 
-    r = train(tiny_run(tmp_path / "run", corpus_dir, tmp_path / "cache"), on_eval=interrupt)
+    r = train(tiny_run(tmp_path / "run"), on_eval=interrupt)
     assert r.interrupted and r.steps_done == 6
     assert (tmp_path / "run" / "checkpoints" / "latest").exists()
-    resumed = train(tiny_run(tmp_path / "run", corpus_dir, tmp_path / "cache"))
+    resumed = train(tiny_run(tmp_path / "run"))
     assert resumed.steps_done == 12
 
 
-def test_trained_model_saves_evaluates_and_generates(tmp_path, corpus_dir):
-    r = train(tiny_run(tmp_path / "run", corpus_dir, tmp_path / "cache", steps=20))
+def test_trained_model_saves_evaluates_and_generates(tmp_path, tiny_run):
+    r = train(tiny_run(tmp_path / "run", steps=20))
     losses = [h["loss"] for h in r.history]
     assert losses[-1] < losses[0]
     assert r.final["val_bpb"] > 0 and r.final["gates"] and r.final["expert_load"]
@@ -88,8 +53,8 @@ def test_trained_model_saves_evaluates_and_generates(tmp_path, corpus_dir):
     assert model.cfg.engram.pad_id == tok.pad_id
 
 
-def test_resume_refuses_a_different_model_config(tmp_path, corpus_dir):
-    run = tiny_run(tmp_path / "run", corpus_dir, tmp_path / "cache")
+def test_resume_refuses_a_different_model_config(tmp_path, tiny_run):
+    run = tiny_run(tmp_path / "run")
     train(run, stop_after=4)
     other = dataclasses.replace(run, model=run.model.replace(hidden_size=48))
     with pytest.raises(ValueError, match="different model config"):
@@ -108,10 +73,10 @@ def test_bad_data_gets_clear_errors(tmp_path):
                                  cache_dir=str(tmp_path)))
 
 
-def test_cli_train_eval_generate_alloc(tmp_path, corpus_dir, capsys):
+def test_cli_train_eval_generate_alloc(tmp_path, corpus_dir, capsys, tiny_run):
     from engram.cli import main
 
-    run = tiny_run(tmp_path / "run", corpus_dir, tmp_path / "cache")
+    run = tiny_run(tmp_path / "run")
     cfg = tmp_path / "run.yaml"
     import yaml
     cfg.write_text(yaml.safe_dump(run.to_dict()))

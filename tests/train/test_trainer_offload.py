@@ -10,16 +10,6 @@ from engram.train.data import random_batch
 from engram.train.optim import param_groups
 from engram.train.trainer import TrainConfig, build_model, offloaded_table_factory, prepare_data, train
 
-from .test_trainer import CODE, tiny_run
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(40):
-        (d / f"mod_{i:02d}.py").write_text(CODE.replace("Point", f"Point{i}").replace("add", f"add_{i}") * 3)
-    return d
-
 
 def table_rows(model):
     (_, table), = offloaded_tables(model).values()
@@ -27,13 +17,12 @@ def table_rows(model):
 
 
 @pytest.mark.parametrize("tier", ["host", "disk"])
-def test_resumed_offloaded_run_reproduces_the_uninterrupted_loss_trajectory(tmp_path, corpus_dir, tier):
-    cache = tmp_path / "cache"
+def test_resumed_offloaded_run_reproduces_the_uninterrupted_loss_trajectory(tmp_path, tiny_run, tier):
     kw = dict(table_tier=tier, table_cache_bytes=64 * 8 * 4)
-    full = train(tiny_run(tmp_path / "full", corpus_dir, cache, **kw))
-    first = train(tiny_run(tmp_path / "resumed", corpus_dir, cache, **kw), stop_after=5)
+    full = train(tiny_run(tmp_path / "full", **kw))
+    first = train(tiny_run(tmp_path / "resumed", **kw), stop_after=5)
     assert first.interrupted and first.steps_done == 5
-    second = train(tiny_run(tmp_path / "resumed", corpus_dir, cache, **kw))
+    second = train(tiny_run(tmp_path / "resumed", **kw))
     assert second.steps_done == 12 and not second.interrupted
     assert [h["loss"] for h in second.history] == [h["loss"] for h in full.history]
     assert second.final["val_loss"] == full.final["val_loss"]
@@ -50,8 +39,8 @@ def test_resumed_offloaded_run_reproduces_the_uninterrupted_loss_trajectory(tmp_
     assert torch.equal(table_rows(loaded)[1], table_rows(second.model)[1])
 
 
-def test_host_table_training_updates_exactly_the_touched_rows_and_lowers_the_loss(tmp_path, corpus_dir):
-    run = tiny_run(tmp_path / "run", corpus_dir, tmp_path / "cache", table_tier="host", steps=20)
+def test_host_table_training_updates_exactly_the_touched_rows_and_lowers_the_loss(tmp_path, tiny_run):
+    run = tiny_run(tmp_path / "run", table_tier="host", steps=20)
     tok, tokens = prepare_data(run.train)
     initial_model = build_model(run.model, tok, offloaded_table_factory(run.train))
     initial_table, initial = table_rows(initial_model)
@@ -80,7 +69,7 @@ def test_table_tier_settings_are_validated():
         TrainConfig(table_cache_bytes=1024)
 
 
-def test_resume_refuses_another_table_tier(tmp_path, corpus_dir):
-    train(tiny_run(tmp_path / "run", corpus_dir, tmp_path / "cache"), stop_after=4)
+def test_resume_refuses_another_table_tier(tmp_path, tiny_run):
+    train(tiny_run(tmp_path / "run"), stop_after=4)
     with pytest.raises(ValueError, match="table_tier"):
-        train(tiny_run(tmp_path / "run", corpus_dir, tmp_path / "cache", table_tier="host"))
+        train(tiny_run(tmp_path / "run", table_tier="host"))

@@ -3,25 +3,34 @@
 :func:`compare` trains a pure-MoE base config and the Engram config :func:`engram.model.allocate` derives from
 it at ratio rho (routed experts traded for table rows), then writes a report folder. :func:`demo` is that on the
 embedded default corpus at a size that fits 2 CPU cores in about 10 minutes.
+
+The trained runs are never lost to the report: each report step (figures, samples, summary, markdown) runs on
+its own; one that fails is left out, the others are written, and :class:`ReportError` then names what failed.
+A rerun finds the runs finished in ``out_dir/runs`` and only redoes the report.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import platform
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from ..config import EngramConfig
+from ..errors import EngramError
+from ..files import atomic_write, write_json
 from ..model.config import ModelConfig
 from ..model.generate import SamplingConfig, generate
 from ..model.params import allocate, count_params
-from .data import TextTokenizer
-from .optim import OptimConfig
-from .report import comparison_table, plot_gate_heatmap, plot_loss_curves
-from .trainer import RunConfig, TrainConfig, prepare_data, train
+from ..train.data import TextTokenizer
+from ..train.optim import OptimConfig
+from ..train.trainer import RunConfig, TrainConfig, prepare_data, train
+from .figures import comparison_table, plot_gate_heatmap, plot_loss_curves
+
+logger = logging.getLogger(__name__)
 
 # A code snippet full of fixed multi-token idioms: the analogue of the paper's "Alexander the Great".
 SAMPLE_TEXT = '''import os
@@ -43,6 +52,16 @@ class Cache(object):
 '''
 
 PROMPTS = ["def __init__(self", "import os\nimport sys\n\n\ndef main(", "    raise ValueError("]
+
+
+class ReportError(EngramError, RuntimeError):
+    """Report steps failed after training; the runs and the other report parts are written. ``summary`` is what
+    was written to ``summary.json``; ``failures`` maps each failed step to its error."""
+
+    def __init__(self, message: str, summary: dict, failures: dict[str, str]):
+        super().__init__(message)
+        self.summary = summary
+        self.failures = failures
 
 
 def demo_base() -> ModelConfig:
@@ -83,22 +102,51 @@ def compare(base: ModelConfig, rho: float, train_cfg: TrainConfig, optim: OptimC
                      "routed_experts": c.routed_experts, "val_loss": r.final["val_loss"],
                      "val_ppl": r.final["val_ppl"], "val_bpb": r.final["val_bpb"], "tokens_per_s": r.tokens_per_s,
                      "expert_load": r.final.get("expert_load"), "gates": r.final.get("gates")})
-    plot_loss_curves(runs, out / "loss_curves.png")
-    plot_gate_heatmap(models["engram"], tok, sample_text, out / "gate_heatmap.png")
-    samples = {}
-    for name, model in models.items():
-        outs = generate(model, tok.encode(prompts or PROMPTS),
-                        SamplingConfig(max_new_tokens=48, temperature=0.0, eos_id=tok.eos_id), pad_id=tok.pad_id)
-        samples[name] = [p + tok.decode(o) for p, o in zip(prompts or PROMPTS, outs)]
+    failures: dict[str, str] = {}
+
+    def attempt(step: str, target: Path | None, fn: Callable[[], Any]) -> Any:
+        if target is not None:
+            target.unlink(missing_ok=True)   # a failed step must not leave an older run's file behind
+        try:
+            return fn()
+        except Exception as e:  # a report step must not lose the trained runs: record it, carry on
+            logger.warning("report step %r failed: %s: %s", step, type(e).__name__, e)
+            failures[step] = f"{type(e).__name__}: {e}"
+            return None
+
+    attempt("loss curves", out / "loss_curves.png", lambda: plot_loss_curves(runs, out / "loss_curves.png"))
+    attempt("gate heatmap", out / "gate_heatmap.png",
+            lambda: plot_gate_heatmap(models["engram"], tok, sample_text, out / "gate_heatmap.png"))
+    samples = attempt("greedy samples", None, lambda: _samples(models, tok, prompts or PROMPTS)) or {}
     delta = rows[1]["val_loss"] - rows[0]["val_loss"]
     summary = {"rho": rho, "rows": rows, "delta_val_loss": delta, "samples": samples,
                "train": dataclasses.asdict(train_cfg), "optim": optim.to_dict(),
                "configs": {k: v.to_dict() for k, v in configs.items()},
                "machine": {"device": str(next(models["moe"].parameters()).device), "torch": torch.__version__,
-                           "python": platform.python_version(), "threads": torch.get_num_threads()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "report.md").write_text(_markdown(summary, train_cfg))
+                           "python": platform.python_version(), "threads": torch.get_num_threads()},
+               "report_failures": failures}
+    write_json(out / "summary.json", summary)
+    attempt("report.md", out / "report.md", lambda: atomic_write(out / "report.md", _markdown(summary, train_cfg)))
+    if failures:
+        raise ReportError(f"the runs in {out / 'runs'} trained and the report in {out} is written without: "
+                          + "; ".join(f"{k} ({v})" for k, v in failures.items())
+                          + ". Fix the cause and rerun the same command: the finished runs are reused",
+                          summary, failures)
     return summary
+
+
+def _samples(models: dict, tok: TextTokenizer, prompts: list[str], max_new_tokens: int = 48) -> dict[str, list[str]]:
+    """Greedy continuations of each prompt. A model's context bounds prompt and continuation together: prompts are
+    cut to their last ``max_seq_len // 2`` tokens and the continuation to the room left."""
+    samples = {}
+    for name, model in models.items():
+        window = model.cfg.max_seq_len
+        ids = [p[-(window // 2):] for p in tok.encode(prompts)]
+        room = min(max_new_tokens, window - max(len(p) for p in ids))
+        outs = generate(model, ids, SamplingConfig(max_new_tokens=room, temperature=0.0, eos_id=tok.eos_id),
+                        pad_id=tok.pad_id)
+        samples[name] = [p + tok.decode(o) for p, o in zip(prompts, outs)]
+    return samples
 
 
 def _rel(rows: list[dict], key: str) -> str:
@@ -117,9 +165,9 @@ def _markdown(s: dict, tcfg: TrainConfig) -> str:
         f"{_rel(rows, 'activated')} activated per token (Engram's own projections and the rows it reads).", "",
         comparison_table(rows), "",
         f"**{verdict}**: validation loss difference (engram - moe) = {s['delta_val_loss']:+.4f} nats/token.", "",
-        "![loss curves](loss_curves.png)", "",
+        *([] if "loss curves" in s["report_failures"] else ["![loss curves](loss_curves.png)", ""]),
         "## Which tokens open the memory gate", "",
-        "![gate heatmap](gate_heatmap.png)", "",
+        *([] if "gate heatmap" in s["report_failures"] else ["![gate heatmap](gate_heatmap.png)", ""]),
         "Gate statistics at the last evaluation (mean alpha per branch, share of tokens with alpha > 0.5):", "",
     ]
     for layer, g in (rows[1].get("gates") or {}).items():
@@ -135,6 +183,9 @@ def _markdown(s: dict, tcfg: TrainConfig) -> str:
         lines.append(f"### {name}")
         for t in texts:
             lines += ["```python", t, "```"]
+    if s["report_failures"]:
+        lines += ["", "## Report steps that failed", ""]
+        lines += [f"- {step}: {error}" for step, error in s["report_failures"].items()]
     lines += ["", f"Machine: {s['machine']}", ""]
     return "\n".join(lines)
 

@@ -12,8 +12,8 @@ import torch  # noqa: E402
 
 from ..model.model import EngramLM  # noqa: E402
 from ..model.params import format_count  # noqa: E402
-from .data import TextTokenizer  # noqa: E402
-from .evaluate import gate_trace  # noqa: E402
+from ..train.data import TextTokenizer  # noqa: E402
+from ..train.evaluate import gate_trace  # noqa: E402
 
 
 def plot_loss_curves(runs: dict[str, dict], path: Path) -> Path:
@@ -42,10 +42,13 @@ def plot_gate_heatmap(model: EngramLM, tok: TextTokenizer, text: str, path: Path
     For every Engram layer the branch whose gate varies most over the text is shown (the paper notes that not
     every branch is interpretable and shows the most interpretable one). Colours span that branch's range over
     the text (white = lowest alpha, red = highest); spaces inside tokens are dropped and newlines shown as ⏎.
+    A text longer than the model's ``max_seq_len`` is traced in consecutive windows of that length (each window
+    starts without n-gram history, as a new sequence would).
     """
     ids = tok.encode([text])[0][:max_tokens]
-    device = next(model.parameters()).device
-    gates = gate_trace(model, torch.tensor([ids], device=device))
+    if not ids:
+        raise ValueError("the gate heatmap's sample text encodes to no tokens; pass a non-empty text")
+    gates = windowed_gate_trace(model, ids)
     pieces = [tok.decode([i]).replace("\n", "⏎").replace("\t", "→").strip(" ") or "␣" for i in ids]
     layers = sorted(gates)
     cmap = plt.get_cmap("Reds")
@@ -81,6 +84,14 @@ def plot_gate_heatmap(model: EngramLM, tok: TextTokenizer, text: str, path: Path
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def windowed_gate_trace(model: EngramLM, ids: list[int]) -> dict[int, torch.Tensor]:
+    """:func:`gate_trace` of any number of tokens: windows of ``max_seq_len``, concatenated -> ``{layer: [T, M]}``."""
+    device = next(model.parameters()).device
+    window = model.cfg.max_seq_len
+    parts = [gate_trace(model, torch.tensor([ids[i:i + window]], device=device)) for i in range(0, len(ids), window)]
+    return {layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]}
 
 
 def comparison_table(rows: list[dict]) -> str:
