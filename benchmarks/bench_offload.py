@@ -80,7 +80,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="compute device: auto (cuda if available), cpu or cuda")
-    return p.parse_args(argv)
+    p.add_argument("--tiers", default="device,host,disk",
+                   help="comma list of the table tiers to time (the device baseline always runs)")
+    p.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of the stdlib corpus for the inputs")
+    p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary of the inputs' tokenizer")
+    args = p.parse_args(argv)
+    unknown = set(args.tiers.split(",")) - {"device", "host", "disk"}
+    if unknown:
+        p.error(f"--tiers takes device, host and disk, got {sorted(unknown)}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -101,7 +109,7 @@ def per_head_rows_for(table_bytes: float) -> int:
 
 def corpus_inputs(args: argparse.Namespace):
     """The stdlib corpus tokenised with the training BPE; fixed windows for prefill and prompts."""
-    tok, files = prepare_data(TrainConfig(max_bytes=2_000_000, vocab_size=4096, progress=False))
+    tok, files = prepare_data(TrainConfig(max_bytes=args.max_bytes, vocab_size=args.vocab, progress=False))
     tokens = files.train.tokens
     rng = np.random.default_rng(args.seed)
 
@@ -310,31 +318,41 @@ def run_main(args: argparse.Namespace, work: Path) -> None:
     print(f"inputs: prefill {args.batch} x {args.prefill_len}, decode {args.gen_batch} x {args.new_tokens} "
           f"after a {args.prompt_len}-token prompt, {args.rounds} rounds; {machine()}")
 
+    tiers = set(args.tiers.split(","))
     t0 = time.perf_counter()
-    host_store = to_tier(DeviceRowStore(weight), "host")   # built from the CPU weights, before the move
-    disk_store = to_tier(DeviceRowStore(weight), "disk", path=work / "layer01.rows", overwrite=True)
-    print(f"host copy + disk file written in {time.perf_counter() - t0:.1f} s")
+    # built from the CPU weights, before the move
+    host_store = to_tier(DeviceRowStore(weight), "host") if "host" in tiers else None
+    disk_store = (to_tier(DeviceRowStore(weight), "disk", path=work / "layer01.rows", overwrite=True)
+                  if "disk" in tiers else None)
+    print(f"host copy / disk file written in {time.perf_counter() - t0:.1f} s")
     device = compute_device(args)
     base.to(device)
-    dev_store_model = with_tables(cfg, ctok, {1: DeviceRowStore(base.blocks[1].engram.table.weight.detach())},
-                                  base).to(device)
-    host_model = with_tables(cfg, ctok, {1: host_store}, base).to(device)
-    disk_model = with_tables(cfg, ctok, {1: disk_store}, base).to(device)
     cache = int(args.cache_mib * 2**20)
     baseline = Variant("device (MultiHeadEmbedding)", base)
-    variants = [
-        baseline,
-        Variant("device store (OffloadedEmbedding)", dev_store_model),
-        Variant("host, prefetch", host_model),
-        Variant("host, no prefetch", host_model, prefetch=False),
-        Variant(f"host, prefetch + {args.cache_mib:g} MiB cache", host_model, cache_bytes=cache),
-        Variant("disk (page cache warm), prefetch", disk_model),
-        Variant("disk (page cache warm), no prefetch", disk_model, prefetch=False),
-        Variant(f"disk (page cache warm), prefetch + {args.cache_mib:g} MiB cache", disk_model, cache_bytes=cache),
-        Variant("disk (cold), prefetch", disk_model, cold=True),
-        Variant("disk (cold), no prefetch", disk_model, prefetch=False, cold=True),
-        Variant(f"disk (cold), prefetch + {args.cache_mib:g} MiB cache", disk_model, cache_bytes=cache, cold=True),
-    ]
+    variants = [baseline]
+    if "device" in tiers:
+        dev_store_model = with_tables(cfg, ctok, {1: DeviceRowStore(base.blocks[1].engram.table.weight.detach())},
+                                      base).to(device)
+        variants.append(Variant("device store (OffloadedEmbedding)", dev_store_model))
+    if host_store is not None:
+        host_model = with_tables(cfg, ctok, {1: host_store}, base).to(device)
+        variants += [
+            Variant("host, prefetch", host_model),
+            Variant("host, no prefetch", host_model, prefetch=False),
+            Variant(f"host, prefetch + {args.cache_mib:g} MiB cache", host_model, cache_bytes=cache),
+        ]
+    if disk_store is not None:
+        disk_model = with_tables(cfg, ctok, {1: disk_store}, base).to(device)
+        variants += [
+            Variant("disk (page cache warm), prefetch", disk_model),
+            Variant("disk (page cache warm), no prefetch", disk_model, prefetch=False),
+            Variant(f"disk (page cache warm), prefetch + {args.cache_mib:g} MiB cache", disk_model,
+                    cache_bytes=cache),
+            Variant("disk (cold), prefetch", disk_model, cold=True),
+            Variant("disk (cold), no prefetch", disk_model, prefetch=False, cold=True),
+            Variant(f"disk (cold), prefetch + {args.cache_mib:g} MiB cache", disk_model, cache_bytes=cache,
+                    cold=True),
+        ]
 
     # correctness first: every variant gives the baseline's logits and greedy tokens
     want_logits = prefill(base, prefill_batches[0])
@@ -348,10 +366,11 @@ def run_main(args: argparse.Namespace, work: Path) -> None:
         v.caches.clear()   # the timed runs start from empty caches
     print(f"checked: all {len(variants) - 1} variants give the device model's prefill logits (torch.equal) and "
           f"greedy tokens")
-    drop_page_cache(disk_model)
-    print(f"page cache holding the disk table after a drop: {resident_mib(disk_store.path)}")
+    if disk_store is not None:
+        drop_page_cache(disk_model)
+        print(f"page cache holding the disk table after a drop: {resident_mib(disk_store.path)}")
 
-    run_rounds(variants, prefill_batches, prompts, args, warm_files=[disk_store])
+    run_rounds(variants, prefill_batches, prompts, args, warm_files=[disk_store] if disk_store is not None else [])
     print()
     print(report(variants, baseline))
     print()
@@ -361,8 +380,11 @@ def run_main(args: argparse.Namespace, work: Path) -> None:
             print(f"{v.name}: cache hit rate {s.hit_rate:.1%} over warm-up and rounds ({s.hits:,} hits, "
                   f"{s.misses:,} misses)")
     print()
-    print(fetch_report(base, [("host", host_store, False), ("disk (page cache warm)", disk_store, False),
-                              ("disk (cold)", disk_store, True)], prefill_batches, prompts, args, baseline))
+    stores = [(name, store, cold) for name, store, cold in [
+        ("host", host_store, False), ("disk (page cache warm)", disk_store, False), ("disk (cold)", disk_store, True)]
+        if store is not None]
+    if stores:
+        print(fetch_report(base, stores, prefill_batches, prompts, args, baseline))
 
 
 def fetch_report(base: EngramLM, stores, prefill_batches, prompts, args, baseline: Variant) -> str:
