@@ -27,16 +27,16 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engram import CompressedTokenizer, EngramConfig  # noqa: E402
-from engram.model import EngramLM, ModelConfig, SamplingConfig, allocate, generate  # noqa: E402
-from engram.model.params import dense_counterpart  # noqa: E402
+from engram import CompressedTokenizer, EngramConfig
+from engram.model import EngramLM, ModelConfig, SamplingConfig, allocate, generate
+from engram.model.params import dense_counterpart
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -36,12 +36,13 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 CUDA_REASON = re.compile(r"cuda", re.IGNORECASE)
+DRY_RUN_BOX_FACTOR = 5.0
 
 
 # ------------------------------------------------------------------------------------------- pytest plugin
@@ -120,6 +121,7 @@ class Step:
     timeout_s: float
     figures: Callable[[str, list], dict] = lambda text, tables: {}
     env: dict[str, str] = dataclasses.field(default_factory=dict)
+    stdout_to: Path | None = None   # where a successful step's stdout is written (a file a later step reads)
 
 
 class StepFailed(Exception):
@@ -255,22 +257,25 @@ def build_steps(args: argparse.Namespace, python: str) -> list[Step]:
                  "--new-tokens", "8", "--positions", "16,48", "--window", "4", "--repeats", "1"] if dry else
                 ["--hidden", "1024", "--layers", "8", "--vocab", "32768", "--positions", "128,1024,4096"])
     py = [python]
+    # a dry run shares a CPU machine with other work: its time boxes are wider, the mechanism the same
+    box = DRY_RUN_BOX_FACTOR if dry else 1.0
     return [
-        Step("probe", [*py, "-c", PROBE], 60, probe_figures),
+        Step("probe", [*py, "-c", PROBE], 60 * box, probe_figures),
         Step("cuda_tests", [*py, "-m", "pytest", "-p", "gpu_check", "-q", "-rs", f"--junitxml={junit}",
-                            *cuda_test_files()], 120, cuda_tests_figures(junit, dry),
+                            *cuda_test_files()], 120 * box, cuda_tests_figures(junit, dry),
              env={"PYTHONPATH": str(BENCH)}),
-        Step("train_config", [*py, "-c", TRAIN_CONFIG, json.dumps(spec)], 60),
-        Step("train_bf16", [*py, "-m", "engram.cli", "train", "--config", str(config_path)], 150,
+        Step("train_config", [*py, "-c", TRAIN_CONFIG, json.dumps(spec)], 60 * box, stdout_to=config_path),
+        Step("train_bf16", [*py, "-m", "engram.cli", "train", "--config", str(config_path)], 150 * box,
              train_figures(run_dir)),
-        Step("bench_hashing", [*py, str(BENCH / "bench_hashing.py"), "--device", dev, *hashing], 60,
+        Step("bench_hashing", [*py, str(BENCH / "bench_hashing.py"), "--device", dev, *hashing], 60 * box,
              hashing_figures),
-        Step("bench_models", [*py, str(BENCH / "bench_models.py"), "--device", dev, *models], 90, models_figures),
+        Step("bench_models", [*py, str(BENCH / "bench_models.py"), "--device", dev, *models], 90 * box,
+             models_figures),
         Step("bench_models_compile", [*py, str(BENCH / "bench_models.py"), "--device", dev, "--compile", *models],
-             150, models_figures),
-        Step("bench_offload", [*py, str(BENCH / "bench_offload.py"), "--device", dev, *offload], 120,
+             150 * box, models_figures),
+        Step("bench_offload", [*py, str(BENCH / "bench_offload.py"), "--device", dev, *offload], 120 * box,
              offload_figures),
-        Step("bench_generate", [*py, str(BENCH / "bench_generate.py"), "--device", dev, *generate], 120,
+        Step("bench_generate", [*py, str(BENCH / "bench_generate.py"), "--device", dev, *generate], 120 * box,
              generate_figures),
     ]
 
@@ -287,7 +292,7 @@ def run_step(step: Step, out: Path, deadline: float, env: dict[str, str]) -> dic
     if "PYTHONPATH" in step.env and env.get("PYTHONPATH"):
         step_env["PYTHONPATH"] = step.env["PYTHONPATH"] + os.pathsep + env["PYTHONPATH"]
     try:
-        proc = subprocess.run(step.argv, cwd=ROOT, env=step_env, capture_output=True, text=True,
+        proc = subprocess.run(step.argv, check=False, cwd=ROOT, env=step_env, capture_output=True, text=True,
                               timeout=rec["timeout_s"])
         text, rc, status = proc.stdout, proc.returncode, "ok" if proc.returncode == 0 else "failed"
         log.write_text(proc.stdout + ("\n--- stderr ---\n" + proc.stderr if proc.stderr else ""))
@@ -300,8 +305,8 @@ def run_step(step: Step, out: Path, deadline: float, env: dict[str, str]) -> dic
                error=error[0] if error else None)
     tables = markdown_tables(text)
     rec["tables"] = tables
-    if status == "ok" and step.name == "train_config":
-        (out / "train_bf16.yaml").write_text(text)
+    if status == "ok" and step.stdout_to is not None:
+        step.stdout_to.write_text(text)
     if status == "ok":
         try:
             rec["figures"] = step.figures(text, tables)
@@ -325,11 +330,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, current Python, no installs")
     p.add_argument("--out", default="gpu_check", help="folder for gpu_check.json, logs and the training run")
-    p.add_argument("--budget", type=float, default=480, help="seconds for the whole check, setup included")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole check, setup included (default 480; 1800 for a dry run)")
     p.add_argument("--python", default=sys.executable, help="interpreter of the steps (the one with torch)")
     p.add_argument("--only", default="", help="comma list of step names to run (default: all)")
     p.add_argument("--setup-json", default=None, help="written by gpu_check.sh: the setup step's record")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.budget is None:
+        args.budget = 1800.0 if args.dry_run else 480.0
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,22 +358,23 @@ def main(argv: list[str] | None = None) -> int:
            "ENGRAM_CACHE_DIR": str(out / "cache"), "PYTHONUNBUFFERED": "1"}
     if args.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""   # the dry run must not touch a GPU even where one exists
-    only = {s for s in args.only.split(",") if s}
-    steps = [s for s in build_steps(args, args.python) if not only or s.name in only]
-    records = [setup]
+    only = {s for s in args.only.split(",") if s} | {"probe"}
+    steps = [s for s in build_steps(args, args.python) if args.only == "" or s.name in only]
+    records, probe = [setup], {}
     for step in steps:
-        if setup["status"] == "failed" or (records[-1]["name"] == "probe" and records[-1]["status"] != "ok"):
+        if setup["status"] == "failed":
+            rec = {"name": step.name, "command": step.argv, "status": "skipped", "error": "setup failed"}
+        elif step.name != "probe" and probe.get("status") != "ok":
             rec = {"name": step.name, "command": step.argv, "status": "skipped",
-                   "error": "setup failed" if setup["status"] == "failed" else "probe failed"}
-        elif (step.name == "probe" or args.dry_run) or records[1].get("figures", {}).get("cuda_available"):
-            rec = run_step(step, out, deadline, env)
+                   "error": f"probe {probe.get('status')}: {probe.get('error')}"}
         else:
-            rec = {"name": step.name, "command": step.argv, "status": "skipped", "error": "no CUDA device"}
+            rec = run_step(step, out, deadline, env)
+        if step.name == "probe":
+            if rec["status"] == "ok" and not args.dry_run and not rec["figures"]["cuda_available"]:
+                rec.update(status="failed", error="torch sees no CUDA device")
+            probe = rec
         records.append(rec)
-        if step.name == "probe" and rec["status"] == "ok" and not args.dry_run and not rec["figures"]["cuda_available"]:
-            rec.update(status="failed", error="torch sees no CUDA device")
         print(f"[gpu_check] {rec['name']}: {rec['status']} ({rec.get('seconds', 0):.1f} s)", flush=True)
-    probe = next((r for r in records if r["name"] == "probe"), {})
     result = {"dry_run": args.dry_run, "device": "cpu" if args.dry_run else "cuda", "budget_s": args.budget,
               "started_unix": round(start_wall, 1), "wall_s": round(time.time() - start_wall
                                                                     + float(setup.get("seconds", 0.0)), 1),
