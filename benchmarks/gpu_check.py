@@ -120,6 +120,7 @@ class Step:
     argv: list[str]
     timeout_s: float
     figures: Callable[[str, list], dict] = lambda text, tables: {}
+    requires: str | None = None   # a flag the called script must define; otherwise the step is "missing"
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     stdout_to: Path | None = None   # where a successful step's stdout is written (a file a later step reads)
 
@@ -272,7 +273,7 @@ def build_steps(args: argparse.Namespace, python: str) -> list[Step]:
         Step("bench_models", [*py, str(BENCH / "bench_models.py"), "--device", dev, *models], 90 * box,
              models_figures),
         Step("bench_models_compile", [*py, str(BENCH / "bench_models.py"), "--device", dev, "--compile", *models],
-             150 * box, models_figures),
+             150 * box, models_figures, requires="--compile"),
         Step("bench_offload", [*py, str(BENCH / "bench_offload.py"), "--device", dev, *offload], 120 * box,
              offload_figures),
         Step("bench_generate", [*py, str(BENCH / "bench_generate.py"), "--device", dev, *generate], 120 * box,
@@ -284,6 +285,9 @@ def run_step(step: Step, out: Path, deadline: float, env: dict[str, str]) -> dic
     """Run one step under min(its time box, what is left of the budget); never raises."""
     left = deadline - time.monotonic()
     rec = {"name": step.name, "command": step.argv, "timeout_s": round(min(step.timeout_s, left), 1)}
+    if step.requires and f'"{step.requires}"' not in Path(step.argv[1]).read_text(encoding="utf-8"):
+        return {**rec, "status": "missing", "seconds": 0.0,
+                "error": f"{Path(step.argv[1]).name} has no {step.requires} option in this checkout"}
     if left < 5:
         return {**rec, "status": "skipped", "error": "the overall budget was spent before this step"}
     log = out / "logs" / f"{step.name}.log"
@@ -379,11 +383,14 @@ def main(argv: list[str] | None = None) -> int:
               "started_unix": round(start_wall, 1), "wall_s": round(time.time() - start_wall
                                                                     + float(setup.get("seconds", 0.0)), 1),
               "machine": probe.get("figures"), "steps": records,
-              "ok": all(r["status"] == "ok" for r in records if r["name"] != "setup")
+              "missing": [r["name"] for r in records if r["status"] == "missing"],
+              "ok": all(r["status"] in ("ok", "missing") for r in records if r["name"] != "setup")
               and setup["status"] in (("ok", "skipped") if args.dry_run or not args.setup_json else ("ok",))}
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
     print()
     print(summary_table(result))
+    if result["missing"]:
+        print(f"\nNOT RUN, their code is not in this checkout: {', '.join(result['missing'])}")
     print(f"\n{'all steps ok' if result['ok'] else 'SOME STEPS FAILED'} in {result['wall_s']:.0f} s; "
           f"JSON: {out / 'gpu_check.json'}, logs: {out / 'logs'}")
     return 0 if result["ok"] else 1

@@ -2,7 +2,7 @@
 
 :func:`compare` trains a pure-MoE base config and the Engram config :func:`engram.model.allocate` derives from
 it at ratio rho (routed experts traded for table rows), then writes a report folder. :func:`demo` is that on the
-embedded default corpus at a size that fits 2 CPU cores in about 10 minutes.
+embedded default corpus at a size meant for 2 CPU cores in about 5 minutes (estimated; see the README).
 
 The trained runs are never lost to the report: each report step (figures, samples, summary, markdown) runs on
 its own; one that fails is left out, the others are written, and :class:`ReportError` then names what failed.
@@ -291,7 +291,8 @@ def _markdown(s: dict, tcfg: TrainConfig) -> str:
 
 def demo(out_dir: str | Path = "reports/demo", steps: int = 600, rho: float = 0.75, device: str = "auto",
          max_bytes: int = 4_000_000, progress: bool = True) -> dict:
-    """The README's main job: Engram vs its matched MoE on the Python standard library, in about 10 minutes."""
+    """The README's main job: Engram vs its matched MoE on the Python standard library (about 5 minutes on 2 idle
+    CPU cores, estimated from per-step measurements; the two trainings run side by side there)."""
     tcfg = TrainConfig(out_dir=str(out_dir), steps=steps, batch_size=16, seq_len=128, eval_every=max(steps // 6, 1),
                        eval_batches=20, log_every=10, ckpt_every=max(steps // 3, 1), max_bytes=max_bytes,
                        vocab_size=4096, device=device, progress=progress)
