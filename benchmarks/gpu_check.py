@@ -194,11 +194,13 @@ def train_figures(run_dir: Path) -> Callable[[str, list], dict]:
 
 
 def hashing_figures(text: str, tables: list) -> dict:
-    row = find_row(tables, "benchmark", r"NgramHasher")
+    row = find_row(tables, "benchmark", r"NgramHasher\.hash")
+    compiled = find_row(tables, "benchmark", r"compile=True")
     ref = find_row(tables, "benchmark", r"numpy")
     return {"torch_hash_tokens_per_s": number(row and row.get("tokens/s")),
             "numpy_tokens_per_s": number(ref and ref.get("tokens/s")),
-            "vs_numpy": number(row and row.get("ratio"))}
+            "vs_numpy": number(row and row.get("ratio")),
+            "compiled_vs_numpy": number(compiled and compiled.get("ratio"))}
 
 
 def models_figures(text: str, tables: list) -> dict:
