@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import EngramConfig
 from .hashing import NgramHasher
+from .validation import validation_enabled
 
 
 class MultiHeadEmbedding(nn.Module):
@@ -64,7 +65,7 @@ class MultiHeadEmbedding(nn.Module):
         if ids.shape[-1] != len(self.head_sizes):
             raise ValueError(f"hash ids have {ids.shape[-1]} heads in the last dim, this table has {len(self.head_sizes)}")
         offsets = self.offsets.to(ids.device)
-        if self.validate_ids and ids.numel() and ids.device.type != "meta":
+        if self.validate_ids and validation_enabled() and ids.numel() and ids.device.type != "meta":
             bad = (ids < 0) | (ids >= self.sizes.to(ids.device))
             if bool(bad.any()):
                 raise ValueError(
