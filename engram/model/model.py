@@ -214,8 +214,11 @@ class EngramLM(nn.Module):
                         f"model.hash_tokens(input_ids)), got {getattr(ids, 'dtype', None)} "
                         f"{tuple(getattr(ids, 'shape', ())) if ids is not None else 'nothing'}"
                     )
-        if not validation_enabled() or not input_ids.numel():
-            return
+        if validation_enabled() and input_ids.numel():
+            self._check_values(input_ids, targets)
+
+    @torch.compiler.disable  # a host read: runs eagerly before a compiled graph instead of breaking it
+    def _check_values(self, input_ids: torch.Tensor, targets: torch.Tensor | None) -> None:
         v = self.cfg.vocab_size
         lo, hi = torch.aminmax(input_ids)
         stats = [lo, hi]
