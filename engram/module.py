@@ -113,7 +113,12 @@ class ShortConv(nn.Module):
         ``state`` holds the normalised inputs of the previous ``state_len`` positions (zeros at the sequence
         start), so decoding one token at a time gives the same outputs as a full-sequence pass.
         """
+        if x.dim() != 4 or tuple(x.shape[2:]) != (self.hc_mult, self.hidden_size):
+            raise ValueError(f"ShortConv input must be [B, T, M={self.hc_mult}, D={self.hidden_size}], got {tuple(x.shape)}")
         b, t, m, d = x.shape
+        if state is not None and tuple(state.shape) != (b, self.state_len, m * d):
+            raise ValueError(f"ShortConv state must be [B, (kernel-1)*dilation, M*D] = {[b, self.state_len, m * d]} "
+                             f"(the state returned by the previous call for this batch), got {tuple(state.shape)}")
         gains = torch.stack([norm.weight for norm in self.norms])                  # [M, D]
         normed = (F.rms_norm(x, (d,), eps=self.eps) * gains).reshape(b, t, m * d)
         if state is None:

@@ -94,6 +94,8 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.w1.in_features:
+            raise ValueError(f"SwiGLU input must have last dim {self.w1.in_features}, got shape {tuple(x.shape)}")
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

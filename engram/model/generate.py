@@ -37,6 +37,8 @@ class SamplingConfig:
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token from [B, V] logits: greedy, or temperature / top-k / top-p sampling."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab] (the last position's), got {tuple(logits.shape)}")
     if cfg.temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / cfg.temperature

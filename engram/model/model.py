@@ -259,6 +259,9 @@ class EngramLM(nn.Module):
         dev = input_ids.device
         token_mask = attention_mask.to(torch.bool) if attention_mask is not None else None
         if state is not None:
+            if state.next_pos is not None and state.next_pos.shape[0] != b:
+                raise ValueError(f"this DecodeState continues a batch of {state.next_pos.shape[0]} sequences, got "
+                                 f"{b}; start a new one with model.new_state()")
             if state.length + t > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {state.length + t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
             start = state.next_pos if state.next_pos is not None else torch.zeros(b, dtype=torch.long, device=dev)
