@@ -131,7 +131,8 @@ class EngramConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.gate_norm_eps is not None and not self.gate_norm_eps > 0:
-            raise ValueError(f"gate_norm_eps must be > 0 or None (the dtype's machine epsilon), got {self.gate_norm_eps}")
+            raise ValueError(f"gate_norm_eps must be > 0 or None (the dtype's machine epsilon), "
+                             f"got {self.gate_norm_eps}")
         if self.pad_id < 0:
             raise ValueError(f"pad_id is a raw tokenizer id and must be >= 0, got {self.pad_id}")
 

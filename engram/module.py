@@ -114,7 +114,8 @@ class ShortConv(nn.Module):
         start), so decoding one token at a time gives the same outputs as a full-sequence pass.
         """
         if x.dim() != 4 or tuple(x.shape[2:]) != (self.hc_mult, self.hidden_size):
-            raise ValueError(f"ShortConv input must be [B, T, M={self.hc_mult}, D={self.hidden_size}], got {tuple(x.shape)}")
+            raise ValueError(f"ShortConv input must be [B, T, M={self.hc_mult}, D={self.hidden_size}], "
+                             f"got {tuple(x.shape)}")
         b, t, m, d = x.shape
         if state is not None and tuple(state.shape) != (b, self.state_len, m * d):
             raise ValueError(f"ShortConv state must be [B, (kernel-1)*dilation, M*D] = {[b, self.state_len, m * d]} "
@@ -225,8 +226,9 @@ class Engram(nn.Module):
         h, k = hidden.to(compute), keys.to(compute)
         gains = torch.stack([q.weight for q in self.query_norms]) * torch.stack([n.weight for n in self.key_norms])
         dot = (h * k * gains.to(compute)).sum(-1, keepdim=True)
-        inv_rms = torch.rsqrt(h.square().mean(-1, keepdim=True) + eps_q) * torch.rsqrt(k.square().mean(-1, keepdim=True) + eps_k)
-        score = dot * inv_rms / math.sqrt(self.hidden_size)
+        inv_rms_h = torch.rsqrt(h.square().mean(-1, keepdim=True) + eps_q)
+        inv_rms_k = torch.rsqrt(k.square().mean(-1, keepdim=True) + eps_k)
+        score = dot * inv_rms_h * inv_rms_k / math.sqrt(self.hidden_size)
         if self.config.signed_sqrt:
             score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
         return torch.sigmoid(score)

@@ -187,7 +187,8 @@ class EngramLM(nn.Module):
         ``engram.set_validation(False)`` or ``ENGRAM_VALIDATE=0`` for tuned runs): one read for all of them.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a [batch, seq] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+            raise ValueError(f"input_ids must be a [batch, seq] tensor, "
+                             f"got {getattr(input_ids, 'shape', type(input_ids))}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         shape = tuple(input_ids.shape)
