@@ -127,9 +127,12 @@ class ShortConv(nn.Module):
         else:
             full = torch.cat([state.to(normed.dtype), normed], dim=1)              # [B, state_len + T, M*D]
         taps = self.conv.weight[:, 0, :].to(normed.dtype)                          # [M*D, w]
-        y = full[:, :t] * taps[:, 0]
-        for j in range(1, self.kernel_size):
-            y = torch.addcmul(y, full[:, j * self.dilation: j * self.dilation + t], taps[:, j])
+        if t == 1:  # a decode step: the w taps read exactly every N-th position of full, in one strided product
+            y = (full[:, ::self.dilation] * taps.t()).sum(1, keepdim=True)
+        else:
+            y = full[:, :t] * taps[:, 0]
+            for j in range(1, self.kernel_size):
+                y = torch.addcmul(y, full[:, j * self.dilation: j * self.dilation + t], taps[:, j])
         # not full[:, -state_len:]: with kernel_size 1 (state_len 0) that slice is the whole sequence
         return F.silu(y).view(b, t, m, d), full[:, full.shape[1] - self.state_len:]
 
@@ -224,7 +227,10 @@ class Engram(nn.Module):
         eps_k = self.key_norms[0].eps if self.key_norms[0].eps is not None else torch.finfo(keys.dtype).eps
         compute = torch.promote_types(hidden.dtype, torch.float32)
         h, k = hidden.to(compute), keys.to(compute)
-        gains = torch.stack([q.weight for q in self.query_norms]) * torch.stack([n.weight for n in self.key_norms])
+        if len(self.query_norms) == 1:
+            gains = self.query_norms[0].weight * self.key_norms[0].weight
+        else:
+            gains = torch.stack([q.weight for q in self.query_norms]) * torch.stack([n.weight for n in self.key_norms])
         dot = (h * k * gains.to(compute)).sum(-1, keepdim=True)
         inv_rms_h = torch.rsqrt(h.square().mean(-1, keepdim=True) + eps_q)
         inv_rms_k = torch.rsqrt(k.square().mean(-1, keepdim=True) + eps_k)
