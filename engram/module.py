@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import EngramConfig
 from .hashing import NgramHasher
+from .validation import validation_enabled
 
 
 class MultiHeadEmbedding(nn.Module):
@@ -64,7 +65,7 @@ class MultiHeadEmbedding(nn.Module):
         if ids.shape[-1] != len(self.head_sizes):
             raise ValueError(f"hash ids have {ids.shape[-1]} heads in the last dim, this table has {len(self.head_sizes)}")
         offsets = self.offsets.to(ids.device)
-        if self.validate_ids and ids.numel() and ids.device.type != "meta":
+        if self.validate_ids and validation_enabled() and ids.numel() and ids.device.type != "meta":
             bad = (ids < 0) | (ids >= self.sizes.to(ids.device))
             if bool(bad.any()):
                 raise ValueError(
@@ -78,15 +79,21 @@ class MultiHeadEmbedding(nn.Module):
 
 
 class ShortConv(nn.Module):
-    """Per-branch RMSNorm -> causal depthwise Conv1d (kernel w, dilation N) -> SiLU. Zero-initialised."""
+    """Per-branch RMSNorm -> causal depthwise Conv1d (kernel w, dilation N) -> SiLU. Zero-initialised.
+
+    Runs on the fused ``[B, T, M*D]`` layout (a view of ``[B, T, M, D]``): the M branch norms are one
+    ``rms_norm`` times the stacked gains, and the convolution is ``w`` shifted multiply-adds (tap j reads the
+    position ``(w - 1 - j) * N`` steps back), which on CPU is 2-3x faster than the depthwise ``conv1d`` in forward
+    + backward and needs no transposes.
+    """
 
     def __init__(self, hidden_size: int, hc_mult: int, kernel_size: int, dilation: int, eps: float = 1e-5):
         super().__init__()
         self.hidden_size, self.hc_mult = hidden_size, hc_mult
-        self.kernel_size, self.dilation = kernel_size, dilation
+        self.kernel_size, self.dilation, self.eps = kernel_size, dilation, eps
         self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=eps) for _ in range(hc_mult))
         channels = hidden_size * hc_mult
-        # weights only: the causal left context is supplied explicitly (zeros or the decode state)
+        # holds the depthwise kernel [M*D, 1, w]; its forward is not used (see the class docstring)
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
         self.reset_parameters()
 
@@ -106,14 +113,28 @@ class ShortConv(nn.Module):
         ``state`` holds the normalised inputs of the previous ``state_len`` positions (zeros at the sequence
         start), so decoding one token at a time gives the same outputs as a full-sequence pass.
         """
+        if x.dim() != 4 or tuple(x.shape[2:]) != (self.hc_mult, self.hidden_size):
+            raise ValueError(f"ShortConv input must be [B, T, M={self.hc_mult}, D={self.hidden_size}], "
+                             f"got {tuple(x.shape)}")
         b, t, m, d = x.shape
-        normed = torch.stack([self.norms[i](x[:, :, i]) for i in range(m)], dim=2).reshape(b, t, m * d)
+        if state is not None and tuple(state.shape) != (b, self.state_len, m * d):
+            raise ValueError(f"ShortConv state must be [B, (kernel-1)*dilation, M*D] = {[b, self.state_len, m * d]} "
+                             f"(the state returned by the previous call for this batch), got {tuple(state.shape)}")
+        gains = torch.stack([norm.weight for norm in self.norms])                  # [M, D]
+        normed = (F.rms_norm(x, (d,), eps=self.eps) * gains).reshape(b, t, m * d)
         if state is None:
-            state = normed.new_zeros(b, self.state_len, m * d)
-        full = torch.cat([state.to(normed.dtype), normed], dim=1)          # [B, state_len + T, M*D]
-        y = F.conv1d(full.transpose(1, 2), self.conv.weight, groups=m * d, dilation=self.dilation)
+            full = F.pad(normed, (0, 0, self.state_len, 0))                        # zeros before the start
+        else:
+            full = torch.cat([state.to(normed.dtype), normed], dim=1)              # [B, state_len + T, M*D]
+        taps = self.conv.weight[:, 0, :].to(normed.dtype)                          # [M*D, w]
+        if t == 1:  # a decode step: the w taps read exactly every N-th position of full, in one strided product
+            y = (full[:, ::self.dilation] * taps.t()).sum(1, keepdim=True)
+        else:
+            y = full[:, :t] * taps[:, 0]
+            for j in range(1, self.kernel_size):
+                y = torch.addcmul(y, full[:, j * self.dilation: j * self.dilation + t], taps[:, j])
         # not full[:, -state_len:]: with kernel_size 1 (state_len 0) that slice is the whole sequence
-        return F.silu(y.transpose(1, 2).reshape(b, t, m, d)), full[:, full.shape[1] - self.state_len:]
+        return F.silu(y).view(b, t, m, d), full[:, full.shape[1] - self.state_len:]
 
 
 class Engram(nn.Module):
@@ -133,6 +154,10 @@ class Engram(nn.Module):
     ``forward(hidden, hash_ids=None, input_ids=None)``: ``hidden`` is ``[B, T, D]`` (M = 1) or ``[B, T, M, D]``;
     pass either precomputed ``hash_ids`` ([B, T, (N-1)K] per-head ids from ``hasher.hash``) or raw ``input_ids``
     [B, T]. Returns Y with the shape of ``hidden``; the caller adds it to the residual.
+
+    The parameters are one ``nn.Linear`` per projection (W_V, then W_K^(m) per branch) and one ``nn.RMSNorm``
+    per gate norm, as in the equations; ``forward`` runs them fused (one matmul for the value and all keys, one
+    pass for all branch norms) so its cost does not grow with Python loops over branches.
     """
 
     def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1,
@@ -163,10 +188,11 @@ class Engram(nn.Module):
         d_mem = config.memory_dim
         n_keys = hc_mult if config.gating else 0
         bias = config.projection_bias
+        eps = config.gate_norm_eps
         self.value_proj = nn.Linear(d_mem, hidden_size, bias=bias, device=device)
         self.key_projs = nn.ModuleList(nn.Linear(d_mem, hidden_size, bias=bias, device=device) for _ in range(n_keys))
-        self.key_norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=1e-5, device=device) for _ in range(n_keys))
-        self.query_norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=1e-5, device=device) for _ in range(n_keys))
+        self.key_norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=eps, device=device) for _ in range(n_keys))
+        self.query_norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=eps, device=device) for _ in range(n_keys))
         self.short_conv = (ShortConv(hidden_size, hc_mult, config.kernel_size, config.max_ngram_size)
                            if config.short_conv else None)
         self.last_gate: torch.Tensor | None = None  # [B, T, M] of the last forward, for analysis
@@ -174,16 +200,41 @@ class Engram(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def retrieve(self, hash_ids: torch.Tensor) -> torch.Tensor:
-        """e_t: [B, T, (N-1)K] per-head ids -> [B, T, d_mem]."""
+        """e_t: [B, T, (N-1)K] per-head ids -> [B, T, d_mem] (one gather over all heads of the fused table)."""
         rows = self.table(hash_ids)
         return rows.flatten(-2)
 
+    def project(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(v [B, T, 1, D], keys [B, T, M, D] or None without gating) from e [B, T, d_mem], in one matmul."""
+        projs = [self.value_proj, *self.key_projs]
+        weight = torch.cat([p.weight for p in projs]) if len(projs) > 1 else self.value_proj.weight
+        if self.value_proj.bias is None:  # EngramConfig.projection_bias = False
+            bias = None
+        else:
+            bias = torch.cat([p.bias for p in projs]) if len(projs) > 1 else self.value_proj.bias
+        vk = F.linear(e, weight, bias).unflatten(-1, (len(projs), self.hidden_size))  # [B, T, 1 + M, D]
+        return vk[:, :, :1], (vk[:, :, 1:] if self.key_projs else None)
+
     def gate(self, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """alpha: hidden [B, T, M, D], keys [B, T, M, D] -> [B, T, M, 1]."""
-        m = hidden.shape[2]
-        q = torch.stack([self.query_norms[i](hidden[:, :, i]) for i in range(m)], dim=2)
-        k = torch.stack([self.key_norms[i](keys[:, :, i]) for i in range(m)], dim=2)
-        score = (q * k).sum(-1, keepdim=True) / math.sqrt(self.hidden_size)
+        """alpha: hidden [B, T, M, D], keys [B, T, M, D] -> [B, T, M, 1], computed in float32.
+
+        ``RMSNorm(h) . RMSNorm(k) = sum(h * k * g_q * g_k) * rsqrt(mean(h^2) + eps) * rsqrt(mean(k^2) + eps)``:
+        the same value without materialising either normalised tensor (fewer passes over [B, T, M, D], forward
+        and backward). ``eps`` is :attr:`EngramConfig.gate_norm_eps`; None means the machine epsilon of each
+        input's dtype, as ``nn.RMSNorm(eps=None)`` in the public reference.
+        """
+        eps_q = self.query_norms[0].eps if self.query_norms[0].eps is not None else torch.finfo(hidden.dtype).eps
+        eps_k = self.key_norms[0].eps if self.key_norms[0].eps is not None else torch.finfo(keys.dtype).eps
+        compute = torch.promote_types(hidden.dtype, torch.float32)
+        h, k = hidden.to(compute), keys.to(compute)
+        if len(self.query_norms) == 1:
+            gains = self.query_norms[0].weight * self.key_norms[0].weight
+        else:
+            gains = torch.stack([q.weight for q in self.query_norms]) * torch.stack([n.weight for n in self.key_norms])
+        dot = (h * k * gains.to(compute)).sum(-1, keepdim=True)
+        inv_rms_h = torch.rsqrt(h.square().mean(-1, keepdim=True) + eps_q)
+        inv_rms_k = torch.rsqrt(k.square().mean(-1, keepdim=True) + eps_k)
+        score = dot * inv_rms_h * inv_rms_k / math.sqrt(self.hidden_size)
         if self.config.signed_sqrt:
             score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
         return torch.sigmoid(score)
@@ -212,18 +263,20 @@ class Engram(nn.Module):
                 raise ValueError("Engram.forward needs hash_ids (from NgramHasher.hash) or input_ids")
             hash_ids = self.hasher.hash_tokens(input_ids)[self.layer_id]
         b, t = hidden.shape[:2]
-        if hash_ids.dim() != 3 or hash_ids.shape[:2] != (b, t):
+        if hash_ids.dim() != 3 or tuple(hash_ids.shape) != (b, t, self.config.num_heads_total):
             raise ValueError(
                 f"hash_ids must be [B, T, (N-1)K] = [{b}, {t}, {self.config.num_heads_total}] for this hidden, "
                 f"got {tuple(hash_ids.shape)}"
             )
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, t)):
+            raise ValueError(f"mask must be bool [B, T] = [{b}, {t}] (True = real token), got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
 
         e = self.retrieve(hash_ids).to(hidden.dtype)                       # [B, T, d_mem]
-        value = self.value_proj(e).unsqueeze(2)                            # [B, T, 1, D] shared across branches
-        if self.config.gating:
-            keys = torch.stack([proj(e) for proj in self.key_projs], dim=2)  # [B, T, M, D]
+        value, keys = self.project(e)                                      # [B, T, 1, D] shared, [B, T, M, D]
+        if keys is not None:
             alpha = self.gate(hidden, keys)                                # [B, T, M, 1]
-            gated = alpha * value
+            gated = alpha.to(value.dtype) * value
             if self.record_gate:
                 self.last_gate = alpha.squeeze(-1).detach()
         else:

@@ -21,6 +21,67 @@ from torch import nn
 from .config import ModelConfig
 
 
+def _grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` has a kernel for these operands (CPU: float32 / bfloat16 / float16; CUDA: bfloat16
+    on compute capability >= 8.0 with 16-byte aligned rows); elsewhere the experts run one matmul each."""
+    if x.dtype != w.dtype:
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if x.device.type == "cuda":
+        return (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+                and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0)
+    return False
+
+
+@torch.library.custom_op("engram::expert_mm", mutates_args=())
+def expert_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped matmul: rows ``offs[e-1]:offs[e]`` of x [R, A] (grouped by expert) times w[e] [A, C] -> [R, C].
+
+    ``offs`` (int32 [E], cumulative group ends) stays on the device: with ``F.grouped_mm`` the dispatch reads no
+    value back to the host (no sync on a GPU), and as a custom op it is one node for ``torch.compile`` (no graph
+    break on the data-dependent group sizes). Where grouped_mm has no kernel the groups run one matmul each,
+    which reads the group sizes (one host sync).
+    """
+    if _grouped_mm_runs(x, w):
+        return F.grouped_mm(x, w, offs=offs)
+    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    return torch.cat([xe @ w[e] for e, xe in enumerate(x.split(sizes))])
+
+
+@expert_mm.register_fake
+def _expert_mm_fake(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("engram::expert_mm_weight_grad", mutates_args=())
+def expert_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """d(expert_mm)/dw: per group e, ``x_e^T grad_e`` -> [E, A, C] (zeros for an expert with no rows)."""
+    if _grouped_mm_runs(x, grad):
+        return F.grouped_mm(x.t(), grad, offs=offs)
+    sizes = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+    return torch.stack([xe.t() @ ge for xe, ge in zip(x.split(sizes), grad.split(sizes))])
+
+
+@expert_mm_weight_grad.register_fake
+def _expert_mm_weight_grad_fake(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
+
+
+def _expert_mm_setup(ctx, inputs, output) -> None:
+    x, w, offs = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _expert_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    return expert_mm(grad, w.transpose(1, 2), offs), expert_mm_weight_grad(x, grad, offs), None
+
+
+expert_mm.register_autograd(_expert_mm_backward, setup_context=_expert_mm_setup)
+
+
 class SwiGLU(nn.Module):
     """``FFN(x) = W_2 (SiLU(W_1 x) * W_3 x)`` (Shazeer 2020), no biases."""
 
@@ -33,6 +94,8 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.w1.in_features:
+            raise ValueError(f"SwiGLU input must have last dim {self.w1.in_features}, got shape {tuple(x.shape)}")
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -40,7 +103,9 @@ class MoE(nn.Module):
     """Shared + routed SwiGLU experts with sigmoid top-k routing and auxiliary-loss-free balancing.
 
     The routed experts are stacked 3-D weights ``w1, w3: [E, D, I]``, ``w2: [E, I, D]``. Dispatch sorts the
-    (token, slot) pairs by expert so that each expert runs one matmul over its contiguous group.
+    (token, slot) pairs by expert and runs each projection as one grouped matmul over the contiguous groups
+    (:func:`expert_mm`); group sizes and offsets stay on the device, so the dispatch needs no host sync where
+    ``F.grouped_mm`` has a kernel (CPU; CUDA bfloat16 on sm80+) and one per projection elsewhere.
 
     Load bookkeeping: in training mode every forward adds the number of tokens routed to each expert to the
     ``expert_counts`` buffer; :meth:`update_bias` turns the accumulated counts into a bias step and clears them.
@@ -83,6 +148,11 @@ class MoE(nn.Module):
         gates = gates / gates.sum(-1, keepdim=True) * self.routed_scaling_factor
         return expert_ids, gates, scores
 
+    def count_tokens(self, flat_ids: torch.Tensor) -> torch.Tensor:
+        """Pairs routed to each expert, [E] int64 (a scatter-add: unlike ``bincount`` it needs no host read)."""
+        counts = torch.zeros(self.n_routed_experts, dtype=torch.int64, device=flat_ids.device)
+        return counts.index_add_(0, flat_ids, torch.ones_like(flat_ids))
+
     def routed_experts(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """sum_k g_k FFN_{e_k}(x): x [N, D], expert_ids / gates [N, K] -> [N, D]."""
         n, k = expert_ids.shape
@@ -90,13 +160,12 @@ class MoE(nn.Module):
             return torch.zeros_like(x)
         flat_ids = expert_ids.reshape(-1)                          # [N*K], pair p = (token p // K, slot p % K)
         order = flat_ids.argsort(stable=True)                      # pairs grouped by expert
-        counts = torch.bincount(flat_ids, minlength=self.n_routed_experts)
-        x_sorted = x[order // k]                                   # [N*K, D]
-        outs = []
-        for e, xe in enumerate(x_sorted.split(counts.tolist())):   # one matmul per expert over its group
-            if xe.shape[0]:
-                outs.append((F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])) @ self.w2[e])
-        y_sorted = torch.cat(outs)
+        offs = self.count_tokens(flat_ids).cumsum(0).to(torch.int32)   # group ends, on the device
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
+        x_sorted = x[order // k].to(dtype)                         # [N*K, D]
+        h = F.silu(expert_mm(x_sorted, w1, offs)) * expert_mm(x_sorted, w3, offs)
+        y_sorted = expert_mm(h, w2, offs)
         y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)   # back to (token, slot) order
         return (y.view(n, k, -1) * gates.unsqueeze(-1).to(y.dtype)).sum(1)
 
@@ -108,7 +177,7 @@ class MoE(nn.Module):
         expert_ids, gates, _ = self.route(x_flat)
         if self.training:
             with torch.no_grad():
-                self.expert_counts += torch.bincount(expert_ids.reshape(-1), minlength=self.n_routed_experts)
+                self.expert_counts += self.count_tokens(expert_ids.reshape(-1))
         y = self.routed_experts(x_flat, expert_ids, gates)
         if self.shared is not None:
             y = y + self.shared(x_flat)

@@ -7,6 +7,7 @@ itself pads sequence starts with that token, every real token gets the hash ids 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,8 @@ class SamplingConfig:
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token from [B, V] logits: greedy, or temperature / top-k / top-p sampling."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab] (the last position's), got {tuple(logits.shape)}")
     if cfg.temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / cfg.temperature
@@ -54,8 +57,9 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device | str | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ids [B, T] and a mask [B, T] (True = real token)."""
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Left-pad token lists into ids [B, T] and a mask [B, T] (True = real token); the mask is None when every
+    prompt has the same length (nothing to mask, so the model keeps its unmasked fast path)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     t = max(len(p) for p in prompts)
@@ -64,14 +68,36 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device | st
     for i, p in enumerate(prompts):
         ids[i, t - len(p):] = torch.as_tensor(p, dtype=torch.long)
         mask[i, t - len(p):] = True
+    if all(len(p) == t for p in prompts):
+        return ids.to(device), None
     return ids.to(device), mask.to(device)
+
+
+def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    """Every prompt a non-empty list of ints in [0, vocab_size), checked on the host (no device read)."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            raise TypeError(f"prompt {i} is a tensor; pass plain lists of ints (e.g. ids.tolist())")
+        if not isinstance(p, (list, tuple)) or not p:
+            raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {p!r}")
+        bad = [x for x in p if isinstance(x, bool) or not isinstance(x, numbers.Integral) or not 0 <= x < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} holds {bad[:3]}: token ids must be ints in [0, {vocab_size})")
 
 
 @torch.no_grad()
 def generate(model: EngramLM, prompts: list[list[int]], cfg: SamplingConfig | None = None, pad_id: int = 0
              ) -> list[list[int]]:
-    """Continue each prompt; returns the generated tokens per prompt (up to and including EOS)."""
+    """Continue each prompt; returns the generated tokens per prompt (up to and including EOS).
+
+    The prompts are checked once, on the host; the sampled ids are fed back unchecked (they come from the
+    model's own vocabulary), so a step reads nothing back to the host, except one flag per step for early
+    stopping when ``cfg.eos_id`` is set. The tokens are copied back once at the end.
+    """
     cfg = cfg or SamplingConfig()
+    check_prompts(prompts, model.cfg.vocab_size)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -87,21 +113,20 @@ def generate(model: EngramLM, prompts: list[list[int]], cfg: SamplingConfig | No
     if cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     state = model.new_state()
-    out = model(ids, attention_mask=mask, state=state)
-    logits = out.logits[:, -1]
-    b = len(prompts)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    result: list[list[int]] = [[] for _ in range(b)]
-    for _ in range(cfg.max_new_tokens):
+    logits = model.forward_checked(ids, attention_mask=mask, state=state).logits[:, -1]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    steps: list[torch.Tensor] = []
+    for i in range(cfg.max_new_tokens):
         nxt = sample_next(logits, cfg, generator)
-        for i in range(b):
-            if not done[i]:
-                result[i].append(int(nxt[i]))
+        steps.append(nxt)
         if cfg.eos_id is not None:
             done |= nxt == cfg.eos_id
-        if bool(done.all()):
-            break
-        out = model(nxt[:, None], state=state)
-        logits = out.logits[:, -1]
+            if bool(done.all()):
+                break
+        if i + 1 < cfg.max_new_tokens:
+            logits = model.forward_checked(nxt[:, None], state=state).logits[:, -1]
     model.train(was_training)
-    return result
+    tokens = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]
+    if cfg.eos_id is not None:  # keep each row up to and including its first EOS
+        tokens = [row[: row.index(cfg.eos_id) + 1] if cfg.eos_id in row else row for row in tokens]
+    return tokens

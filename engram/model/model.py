@@ -22,6 +22,7 @@ from torch import nn
 from ..hashing import NgramHasher
 from ..module import Engram
 from ..tokenizer import CompressedTokenizer
+from ..validation import validation_enabled
 from .attention import LayerKVCache, build_attention
 from .config import ModelConfig
 from .ffn import MoE, build_ffn
@@ -41,12 +42,9 @@ class DecodeState:
     engram: dict[int, dict] = field(default_factory=dict)  # ShortConv context per Engram layer
     history: torch.Tensor | None = None  # [B, N-1] compressed ids (Engram hashing)
     oe_history: torch.Tensor | None = None  # [B, N-1] raw ids (OverEncoding hashing)
-    key_mask: torch.Tensor | None = None  # [B, T_so_far] real (non-pad) tokens seen so far
+    key_mask: torch.Tensor | None = None  # [B, T_so_far] real (non-pad) tokens; None while no padding was seen
     next_pos: torch.Tensor | None = None  # [B] position of the next token per sequence
-
-    @property
-    def length(self) -> int:
-        return 0 if self.key_mask is None else self.key_mask.shape[1]
+    length: int = 0  # tokens seen so far (padding included)
 
 
 @dataclass
@@ -179,16 +177,64 @@ class EngramLM(nn.Module):
             return self.hasher.hash(compressed)
         return self.hasher.hash_incremental(history, compressed)
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def check_inputs(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None,
+                     hash_ids: dict[int, torch.Tensor] | None = None) -> None:
+        """Refuse arguments of :meth:`forward` that would give a wrong result without an error.
+
+        Shapes and dtypes are checked always (free). Values (token ids in range, targets not all ignored) need a
+        device-to-host read and are checked only while :func:`engram.validation.validation_enabled` (default on;
+        ``engram.set_validation(False)`` or ``ENGRAM_VALIDATE=0`` for tuned runs): one read for all of them.
+        """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a [batch, seq] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be a [batch, seq] tensor, "
+                             f"got {getattr(input_ids, 'shape', type(input_ids))}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
-            raise ValueError(
-                f"input_ids must lie in [0, {self.cfg.vocab_size}); got range [{int(input_ids.min())}, "
-                f"{int(input_ids.max())}] — was the data tokenised with a different tokenizer?"
-            )
+        shape = tuple(input_ids.shape)
+        if targets is not None:
+            if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != shape:
+                raise ValueError(f"targets must have the shape of input_ids {shape} (one next-token id per position, "
+                                 f"-100 = ignore), got {tuple(getattr(targets, 'shape', ()))}")
+            if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+                raise TypeError(f"targets must be integer token ids (-100 = ignore), got {targets.dtype}")
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != shape:
+                raise ValueError(f"attention_mask must have the shape of input_ids {shape} (True = real token), got "
+                                 f"{tuple(getattr(attention_mask, 'shape', ()))}")
+            if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+                raise TypeError(f"attention_mask must be bool or 0/1 integers (True = real token), got "
+                                f"{attention_mask.dtype}; an additive float mask (0 / -inf) is not accepted")
+        if hash_ids is not None:
+            for idx, eng in self.engram_layers.items():
+                ids = hash_ids.get(idx) if isinstance(hash_ids, dict) else None
+                want = (*shape, eng.config.num_heads_total)
+                if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != want or ids.dtype != torch.int64:
+                    raise ValueError(
+                        f"hash_ids[{idx}] must be an int64 tensor [B, T, (N-1)K] = {list(want)} (from "
+                        f"model.hash_tokens(input_ids)), got {getattr(ids, 'dtype', None)} "
+                        f"{tuple(getattr(ids, 'shape', ())) if ids is not None else 'nothing'}"
+                    )
+        if validation_enabled() and input_ids.numel():
+            self._check_values(input_ids, targets)
+
+    @torch.compiler.disable  # a host read: runs eagerly before a compiled graph instead of breaking it
+    def _check_values(self, input_ids: torch.Tensor, targets: torch.Tensor | None) -> None:
+        v = self.cfg.vocab_size
+        lo, hi = torch.aminmax(input_ids)
+        stats = [lo, hi]
+        if targets is not None:
+            kept = targets != -100
+            stats += [kept.sum(), ((targets < 0) & kept).sum() + (targets >= v).sum()]
+        lo, hi, *tgt = torch.stack([x.to(torch.int64) for x in stats]).tolist()  # the one host read
+        if lo < 0 or hi >= v:
+            raise ValueError(f"input_ids must lie in [0, {v}); got range [{lo}, {hi}] — was the data tokenised "
+                             f"with a different tokenizer?")
+        if tgt and tgt[1]:
+            raise ValueError(f"{tgt[1]} targets lie outside [0, {v}) and are not the ignore index -100")
+        if tgt and tgt[0] == 0:
+            raise ValueError("every target is -100 (ignored): the mean loss would be NaN; pass at least one real "
+                             "next-token id, or no targets for logits only")
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
@@ -199,20 +245,41 @@ class EngramLM(nn.Module):
 
         ``attention_mask`` [B, T] marks real tokens (False = left padding). With ``state`` the call continues a
         cached sequence (generation); the state is updated in place. ``hash_ids`` may be passed precomputed.
+        Arguments are checked once here (:meth:`check_inputs`); nothing below reads a device value back.
         """
-        self._check_ids(input_ids)
+        self.check_inputs(input_ids, targets, attention_mask, hash_ids)
+        return self.forward_checked(input_ids, targets, attention_mask=attention_mask, state=state,
+                                    hash_ids=hash_ids, output_hidden_states=output_hidden_states)
+
+    def forward_checked(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+                        attention_mask: torch.Tensor | None = None, state: DecodeState | None = None,
+                        hash_ids: dict[int, torch.Tensor] | None = None,
+                        output_hidden_states: bool = False) -> ModelOutput:
+        """:meth:`forward` for arguments the caller has already checked (``generate`` feeds back sampled ids)."""
         b, t = input_ids.shape
         dev = input_ids.device
         token_mask = attention_mask.to(torch.bool) if attention_mask is not None else None
         if state is not None:
+            if state.next_pos is not None and state.next_pos.shape[0] != b:
+                raise ValueError(f"this DecodeState continues a batch of {state.next_pos.shape[0]} sequences, got "
+                                 f"{b}; start a new one with model.new_state()")
             if state.length + t > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {state.length + t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-            new_mask = token_mask if token_mask is not None else torch.ones(b, t, dtype=torch.bool, device=dev)
-            key_mask = new_mask if state.key_mask is None else torch.cat([state.key_mask, new_mask], dim=1)
             start = state.next_pos if state.next_pos is not None else torch.zeros(b, dtype=torch.long, device=dev)
-            positions = start[:, None] + new_mask.long().cumsum(1) - new_mask.long()
-            key_mask_arg = None if bool(key_mask.all()) else key_mask
-            state.key_mask, state.next_pos = key_mask, positions[:, -1] + new_mask[:, -1].long()
+            if token_mask is None:
+                positions = start[:, None] + torch.arange(t, device=dev)
+                state.next_pos = start + t
+            else:
+                real = token_mask.long()
+                positions = start[:, None] + real.cumsum(1) - real
+                state.next_pos = positions[:, -1] + real[:, -1]
+            if token_mask is not None or state.key_mask is not None:  # padding seen: keep masking the keys
+                old = state.key_mask if state.key_mask is not None else torch.ones(b, state.length, dtype=torch.bool,
+                                                                                    device=dev)
+                new = token_mask if token_mask is not None else torch.ones(b, t, dtype=torch.bool, device=dev)
+                state.key_mask = torch.cat([old, new], dim=1)
+            key_mask_arg = state.key_mask
+            state.length += t
         else:
             if t > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -223,14 +290,18 @@ class EngramLM(nn.Module):
                 positions = (token_mask.long().cumsum(1) - 1).clamp_min(0)
                 key_mask_arg = token_mask
 
-        if hash_ids is None and self.hasher is not None:
-            hash_ids = self.hash_tokens(input_ids, None if state is None else state.history)
-        if state is not None and self.hasher is not None:
-            state.history = self.hasher.advance_history(
-                state.history if state.history is not None else self.hasher.initial_history(b, dev),
-                self.hasher.compress(input_ids))
-        for idx, eng in self.engram_layers.items():  # addresses are known now: start fetching offloaded rows
-            eng.table.prefetch(hash_ids[idx])
+        if self.hasher is not None and (hash_ids is None or state is not None):
+            compressed = self.hasher.compress(input_ids)
+            history = None if state is None else state.history
+            if hash_ids is None:
+                hash_ids = (self.hasher.hash(compressed) if history is None
+                            else self.hasher.hash_incremental(history, compressed))
+            if state is not None:
+                state.history = self.hasher.advance_history(
+                    history if history is not None else self.hasher.initial_history(b, dev), compressed)
+        for blk in self.blocks:  # addresses are known now: start fetching offloaded rows
+            if blk.engram is not None:
+                blk.engram.table.prefetch(hash_ids[blk.idx])
 
         x = self.tok_emb(input_ids)
         if self.overencoding is not None:
@@ -253,5 +324,5 @@ class EngramLM(nn.Module):
         logits = self.lm_head(self.norm(reduce_streams(x)))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().long(), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss, hidden_states=hidden)

@@ -56,5 +56,10 @@ class OverEncoding(nn.Module):
         return self.hasher.hash_incremental(history, input_ids)[0]
 
     def forward(self, tok_emb: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
+        """tok_emb [B, T, D] and hash_ids [B, T, N-1] (from :meth:`hash`) -> the averaged input embedding."""
+        want = (*tok_emb.shape[:2], len(self.table.head_sizes))
+        if tok_emb.dim() != 3 or tuple(hash_ids.shape) != want:
+            raise ValueError(f"OverEncoding needs tok_emb [B, T, D] and hash_ids [B, T, N-1] = {list(want)}, got "
+                             f"{tuple(tok_emb.shape)} and {tuple(hash_ids.shape)}")
         rows = self.table(hash_ids)                                  # [B, T, N-1, D]
         return (tok_emb + rows.sum(dim=2)) / (rows.shape[2] + 1)

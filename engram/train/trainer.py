@@ -75,6 +75,7 @@ class TrainConfig:
     table_dir: str | None = None  # disk tier: folder of the table files (default out_dir/tables)
     table_cache_bytes: int = 0  # host / disk tiers: hot-row cache per table on the compute device
     data_parallel: str = "fsdp"  # under torchrun: backbone "fsdp" (FSDP2 fully_shard) or "ddp"; tables row-sharded
+    compile: bool = False  # run the training forward / backward through torch.compile (evaluation stays eager)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every", "ckpt_every", "keep_last"):
@@ -319,6 +320,8 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
     run = dataclasses.replace(run, model=model.cfg)
     model.to(device)
     train_model = plan.wrap(model)
+    if tcfg.compile:  # the compiled module shares the parameters; checkpoints still save `model`
+        train_model = torch.compile(train_model)
     amp = torch.bfloat16 if device.type == "cuda" else None
     optimizers = build_optimizers(model, run.optim)
     table_opt = None  # offloaded tables: row-wise Adam in their own tier, no dense state (engram.storage)

@@ -43,7 +43,9 @@ def randomize_conv(mod: Engram, gen: torch.Generator) -> None:
             norm.weight.copy_(torch.rand(norm.weight.shape, generator=gen, dtype=norm.weight.dtype) + 0.5)
 
 
-def rms(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float | None) -> torch.Tensor:
+    """RMSNorm as nn.RMSNorm defines it: eps None = the machine epsilon of x's dtype."""
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
@@ -64,8 +66,8 @@ def manual_gated(mod: Engram, hidden4: torch.Tensor, hash_ids: torch.Tensor) -> 
             alphas.append(torch.ones_like(v[..., 0]))
             continue
         key = e @ mod.key_projs[m].weight.T + mod.key_projs[m].bias
-        q = rms(hidden4[:, :, m], mod.query_norms[m].weight)
-        kk = rms(key, mod.key_norms[m].weight)
+        q = rms(hidden4[:, :, m], mod.query_norms[m].weight, mod.config.gate_norm_eps)
+        kk = rms(key, mod.key_norms[m].weight, mod.config.gate_norm_eps)
         s = (q * kk).sum(-1) / math.sqrt(mod.hidden_size)
         if mod.config.signed_sqrt:
             s = torch.sign(s) * torch.sqrt(torch.abs(s))
@@ -77,7 +79,7 @@ def manual_gated(mod: Engram, hidden4: torch.Tensor, hash_ids: torch.Tensor) -> 
 def manual_short_conv(sc: ShortConv, x: torch.Tensor) -> torch.Tensor:
     """SiLU(causal depthwise conv, kernel w, dilation N, over per-branch RMSNorm(x)), by explicit shifts."""
     b, t, m, d = x.shape
-    normed = torch.stack([rms(x[:, :, i], sc.norms[i].weight) for i in range(m)], dim=2).reshape(b, t, m * d)
+    normed = torch.stack([rms(x[:, :, i], sc.norms[i].weight, 1e-5) for i in range(m)], dim=2).reshape(b, t, m * d)
     w = sc.conv.weight[:, 0, :]  # [M*D, kernel]
     out = torch.zeros_like(normed)
     for j in range(sc.kernel_size):
@@ -181,6 +183,89 @@ def test_y_with_trained_conv_matches_equations():
     _, gated = manual_gated(mod, hidden, hash_ids)
     expected = gated + manual_short_conv(mod.short_conv, gated)
     torch.testing.assert_close(mod(hidden, hash_ids=hash_ids), expected, rtol=1e-10, atol=1e-12)
+
+
+def reference_engram_numpy(mod: Engram, hidden: np.ndarray, hash_ids: np.ndarray, gate_eps: float) -> np.ndarray:
+    """The public reference's equations in float64 numpy, position by position, from the module's weights only.
+
+    e_t = concat of every head's row; v = W_V e + b_V; k_m = W_K^(m) e + b_K^(m); alpha_m = sigmoid(ssqrt(
+    RMSNorm(h_m) . RMSNorm(k_m) / sqrt(D))) with the gate norms' ``gate_eps``; v~_m = alpha_m v; Y = v~ + SiLU(
+    causal depthwise conv, kernel w, dilation N, over RMSNorm_1e-5(v~_m)).
+    """
+    def w(t: torch.Tensor) -> np.ndarray:
+        return t.detach().double().numpy()
+
+    def rmsnorm(x, gain, eps):
+        return x / np.sqrt((x * x).mean() + eps) * gain
+
+    sizes = [p for heads in mod.hasher.table_sizes[mod.layer_id] for p in heads]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    table = w(mod.table.weight)
+    b, t, m, d = hidden.shape
+    gated = np.zeros((b, t, m, d))
+    for i in range(b):
+        for j in range(t):
+            e = np.concatenate([table[offsets[h] + hash_ids[i, j, h]] for h in range(len(sizes))])
+            v = w(mod.value_proj.weight) @ e + w(mod.value_proj.bias)
+            for br in range(m):
+                k = w(mod.key_projs[br].weight) @ e + w(mod.key_projs[br].bias)
+                q_n = rmsnorm(hidden[i, j, br], w(mod.query_norms[br].weight), gate_eps)
+                k_n = rmsnorm(k, w(mod.key_norms[br].weight), gate_eps)
+                s = q_n @ k_n / np.sqrt(d)
+                alpha = 1 / (1 + np.exp(-np.sign(s) * np.sqrt(abs(s))))
+                gated[i, j, br] = alpha * v
+    sc = mod.short_conv
+    taps = w(sc.conv.weight)[:, 0, :].reshape(m, d, sc.kernel_size)
+    y = gated.copy()
+    for i in range(b):
+        for j in range(t):
+            for br in range(m):
+                acc = np.zeros(d)
+                for tap in range(sc.kernel_size):
+                    back = (sc.kernel_size - 1 - tap) * sc.dilation
+                    if j - back >= 0:
+                        acc += taps[br, :, tap] * rmsnorm(gated[i, j - back, br], w(sc.norms[br].weight), 1e-5)
+                y[i, j, br] += acc / (1 + np.exp(-acc))
+    return y
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_matches_float64_reference_equations_with_default_gate_eps(m):
+    """Default gate_norm_eps (None) is the reference's nn.RMSNorm default: float32 module within 1e-5 of a float64
+    evaluation of the equations that uses float32's machine epsilon; float64 module within 1e-10 of it with
+    float64's. ShortConv taps and every norm gain are random and non-zero."""
+    mod, _ = make(m, n=3)
+    assert mod.config.gate_norm_eps is None
+    gen = torch.Generator().manual_seed(7)
+    randomize_norms(mod, gen)
+    randomize_conv(mod, gen)
+    assert torch.count_nonzero(mod.short_conv.conv.weight) == mod.short_conv.conv.weight.numel()
+    _, hidden, hash_ids = inputs(mod, b=2, t=13, seed=8)
+    hidden = hidden * 0.05  # small activations: the epsilon matters (mean square ~ 2.5e-3)
+    ids = hash_ids.numpy()
+    out64 = mod(hidden, hash_ids=hash_ids).detach().numpy()
+    np.testing.assert_allclose(out64, reference_engram_numpy(mod, hidden.numpy(), ids, np.finfo(np.float64).eps),
+                               rtol=1e-10, atol=1e-12)
+    mod32 = mod.float()
+    out32 = mod32(hidden.float(), hash_ids=hash_ids).detach().double().numpy()
+    ref32 = reference_engram_numpy(mod32, hidden.numpy(), ids, float(np.finfo(np.float32).eps))
+    np.testing.assert_allclose(out32, ref32, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_norm_eps_is_a_config_field():
+    mod, _ = make(2)
+    cfg = EngramConfig(**{**mod.config.to_dict(), "gate_norm_eps": 1e-3})
+    assert EngramConfig.from_dict(cfg.to_dict()).gate_norm_eps == 1e-3
+    hasher = NgramHasher.from_tokenizer(cfg, mod.hasher.tokenizer)
+    other = Engram(cfg, 2, D, hc_mult=2, hasher=hasher).double()
+    other.load_state_dict(mod.state_dict())
+    _, hidden, hash_ids = inputs(mod)
+    hidden = hidden * 0.05
+    ref = reference_engram_numpy(other, hidden.numpy(), hash_ids.numpy(), 1e-3)
+    np.testing.assert_allclose(other(hidden, hash_ids=hash_ids).detach().numpy(), ref, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(mod(hidden, hash_ids=hash_ids).detach().numpy(), ref, rtol=1e-6)
+    with pytest.raises(ValueError, match="gate_norm_eps"):
+        EngramConfig(gate_norm_eps=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- gradients
@@ -287,8 +372,8 @@ def test_errors_hash_ids():
     bad[0, 0, 0] = -1
     with pytest.raises(ValueError, match="out of range"):
         mod(hidden, hash_ids=bad)
-    with pytest.raises(ValueError, match="heads"):
-        mod(hidden, hash_ids=hash_ids[..., :-1])
+    with pytest.raises(ValueError, match="hash_ids"):
+        mod(hidden, hash_ids=hash_ids[..., :-1])  # one head short
     with pytest.raises(TypeError, match="int64"):
         mod(hidden, hash_ids=hash_ids.float())
     with pytest.raises(ValueError, match="hash_ids"):

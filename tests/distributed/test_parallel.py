@@ -82,12 +82,14 @@ def _equivalence_worker(rank, world, mode, optim_kw):
 
 # (data parallel, optimizer, weight/loss tolerance). AdamW keeps the float32 reduction-order differences between
 # the runs; Muon orthogonalises in bfloat16, which turns them into bfloat16 rounding steps, and under FSDP2 its
-# Newton-Schulz runs on DTensor shards whose partial norms are reduced in bfloat16 too.
+# Newton-Schulz runs on DTensor shards whose partial norms are reduced in bfloat16 too. With the gate norms' epsilon
+# at the reference's default (machine epsilon, EngramConfig.gate_norm_eps = None) instead of 1e-5 those steps are
+# amplified a little more: 2.06e-3 measured for fsdp-muon (under 2e-3 with eps 1e-5).
 CASES = {
     "ddp-adam": ("ddp", {"muon": False, "table_optimizer": "adam"}, 2e-5),
     "fsdp-rowwise": ("fsdp", {"muon": False, "table_optimizer": "rowwise"}, 2e-5),
     "ddp-muon": ("ddp", {"muon": True}, 5e-4),
-    "fsdp-muon": ("fsdp", {"muon": True}, 2e-3),
+    "fsdp-muon": ("fsdp", {"muon": True}, 3e-3),
 }
 
 

@@ -154,3 +154,26 @@ def test_build_ffn_gives_dense_leading_blocks_and_moe_after():
 def test_moe_rejects_inputs_of_the_wrong_width():
     with pytest.raises(ValueError, match=f"last dim {D}"):
         make_moe()(torch.randn(2, 3, D + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_expert_mm_equals_one_matmul_per_expert_with_gradients(dtype):
+    """The grouped expert matmul (F.grouped_mm kernel in float32 on CPU, the per-expert fallback in float64) gives
+    each group's x_e @ w_e and the matching gradients, empty groups included."""
+    from engram.model.ffn import expert_mm
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [5, 0, 3, 9, 0, 1]
+    x = torch.randn(sum(sizes), D, generator=gen, dtype=dtype, requires_grad=True)
+    w = torch.randn(len(sizes), D, I, generator=gen, dtype=dtype, requires_grad=True)
+    offs = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    g = torch.randn(sum(sizes), I, generator=gen, dtype=dtype)
+    y = expert_mm(x, w, offs)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    ref = torch.cat([xe @ w[e] for e, xe in enumerate(x.split(sizes))])
+    rgx, rgw = torch.autograd.grad(ref, (x, w), g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, ref, **tol)
+    torch.testing.assert_close(gx, rgx, **tol)
+    torch.testing.assert_close(gw, rgw, **tol)
+    assert torch.count_nonzero(gw[1]) == 0 and torch.count_nonzero(gw[4]) == 0

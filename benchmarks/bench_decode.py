@@ -1,0 +1,90 @@
+"""Decode step of matched models at the demo size, Engram vs its MoE vs a dense model (engram.model.generate).
+
+The models are built like ``engram demo``'s (``engram.reports.compare.demo_base`` / ``demo_engram_template``,
+Engram derived from the MoE by ``allocate`` at rho = 0.75, the dense model of the MoE's activated size); weights
+are untrained, which does not change the work per step. Each model runs ``engram.model.generate`` (greedy) over
+the same prompts; the per-step time is ``(t(new_tokens) - t(1)) / (new_tokens - 1)``, which leaves out the prefill.
+Models alternate round-robin so machine noise hits all alike; medians are reported with ratios to the MoE.
+
+    python benchmarks/bench_decode.py --threads 1                       # batch 4, 64 new tokens
+    python benchmarks/bench_decode.py --threads 1 --batch 8 --prompt-len 128 --new-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import engram
+from engram import CompressedTokenizer
+from engram.model import EngramLM, SamplingConfig, allocate, generate
+from engram.model.params import dense_counterpart
+from engram.reports.compare import demo_base, demo_engram_template
+
+
+def demo_models(vocab_size: int = 4096, rho: float = 0.75, max_seq_len: int = 512,
+                device: str | torch.device = "cpu") -> dict[str, EngramLM]:
+    """The demo's MoE, its Engram counterpart and the dense model of the same activated size, in eval mode."""
+    base = demo_base().replace(vocab_size=vocab_size, max_seq_len=max_seq_len)
+    configs = {"moe": base, "engram": allocate(base, rho, demo_engram_template()), "dense": dense_counterpart(base)}
+    tok = CompressedTokenizer.identity(vocab_size)
+    torch.manual_seed(0)
+    return {name: EngramLM(cfg, tok if cfg.family == "engram" else None).to(device).eval()
+            for name, cfg in configs.items()}
+
+
+def generate_seconds(model: EngramLM, prompts: list[list[int]], new_tokens: int) -> float:
+    """Wall time of one greedy ``generate`` call (prefill + ``new_tokens`` decode steps)."""
+    t0 = time.perf_counter()
+    generate(model, prompts, SamplingConfig(max_new_tokens=new_tokens, temperature=0.0))
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def decode_step_ms(model: EngramLM, prompts: list[list[int]], new_tokens: int) -> float:
+    """Milliseconds per decode step: one generate of ``new_tokens`` minus one of a single token, per extra step."""
+    return 1e3 * (generate_seconds(model, prompts, new_tokens) - generate_seconds(model, prompts, 1)) / (new_tokens - 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds per model (median)")
+    ap.add_argument("--validate", action="store_true", help="keep engram's value checks on (default off)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be >= 2")
+    engram.set_validation(args.validate)
+    models = demo_models(max_seq_len=args.prompt_len + args.new_tokens, device=args.device)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 4096, (args.batch, args.prompt_len), generator=gen).tolist()
+    for model in models.values():  # warm-up
+        decode_step_ms(model, prompts, 4)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            times[name].append(decode_step_ms(model, prompts, args.new_tokens))
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
+          f"prompt={args.prompt_len} new={args.new_tokens} greedy rounds={args.rounds} (median) "
+          f"validation={'on' if args.validate else 'off'} load={os.getloadavg()[0]:.1f}")
+    print("| model | ms / decode step | tokens/s (batch) | vs moe |")
+    print("|---|---|---|---|")
+    ref = statistics.median(times["moe"])
+    for name in models:
+        med = statistics.median(times[name])
+        print(f"| {name} | {med:.2f} | {args.batch * 1e3 / med:,.0f} | {med / ref:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""With validation off, a forward + backward reads nothing back to the host, and Engram adds no read to its MoE.
+
+Every Python-level way to turn a tensor value into a host value is counted while the model runs (``.item()``,
+``.tolist()``, ``.cpu()``, ``.numpy()``, ``bool()`` / ``int()`` / ``float()`` / ``index()`` of a tensor, ...).
+On a GPU each one is a stream synchronisation; on the CPU the count is the same, so CPU tests can check it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import engram
+from engram import CompressedTokenizer, EngramConfig
+from engram.model import EngramLM, ModelConfig
+from engram.model.generate import SamplingConfig, generate
+
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__", "__complex__",
+         "__array__", "__iter__")
+
+
+@contextlib.contextmanager
+def count_host_reads(monkeypatch: pytest.MonkeyPatch):
+    """Yield a list that collects the name of every device-to-host read made through torch.Tensor meanwhile."""
+    seen: list[str] = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _name=name, _original=original, **kwargs):
+            seen.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    try:
+        yield seen
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.fixture
+def no_validation():
+    engram.set_validation(False)
+    yield
+    engram.set_validation(True)
+
+
+def base_cfg(**kw) -> ModelConfig:
+    args = dict(family="moe", vocab_size=96, hidden_size=32, num_layers=3, num_heads=2, max_seq_len=32,
+                intermediate_size=64, moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=4,
+                num_experts_per_tok=2, first_k_dense=1)
+    args.update(kw)
+    return ModelConfig(**args)
+
+
+def engram_cfg(**kw) -> ModelConfig:
+    eng = EngramConfig(engram_vocab_size=[61, 67], max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2,
+                       layer_ids=[1, 2], pad_id=0)
+    return base_cfg(family="engram", engram=eng, **kw)
+
+
+def build(cfg: ModelConfig) -> EngramLM:
+    torch.manual_seed(0)
+    tok = CompressedTokenizer.identity(cfg.vocab_size) if cfg.family == "engram" else None
+    return EngramLM(cfg, tok).train()
+
+
+def reads_in_step(model: EngramLM, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    x = torch.randint(0, model.cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    model(x[:, :-1], x[:, 1:])  # warm-up (first-call caches)
+    with count_host_reads(monkeypatch) as seen:
+        loss = model(x[:, :-1], x[:, 1:]).loss
+        loss.backward()
+    return seen
+
+
+@pytest.mark.parametrize("attention", ["mha", "mla"])
+@pytest.mark.parametrize("hc", [1, 4])
+def test_engram_and_moe_forward_backward_read_nothing_back(no_validation, monkeypatch, attention, hc):
+    kw = dict(attention=attention, hc_mult=hc)
+    if attention == "mla":
+        kw.update(kv_lora_rank=16, q_lora_rank=0, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    moe = reads_in_step(build(base_cfg(**kw)), monkeypatch)
+    eng = reads_in_step(build(engram_cfg(**kw)), monkeypatch)
+    assert moe == [] and eng == []
+
+
+def test_the_counter_sees_reads_and_validation_costs_one_read_per_entry(monkeypatch):
+    """The counter is not blind: with validation on, the model's entry check is counted (once for the forward),
+    and so are the hasher's and the table's checks of their own public entry points."""
+    with count_host_reads(monkeypatch) as seen:
+        torch.ones(2).sum().item()
+        bool(torch.ones(1))
+    assert seen == ["item", "__bool__"]
+    moe = reads_in_step(build(base_cfg()), monkeypatch)
+    assert moe.count("tolist") == 1 and len(moe) == 1
+    assert len(reads_in_step(build(engram_cfg()), monkeypatch)) >= 1
+
+
+def test_greedy_decoding_reads_back_once(no_validation, monkeypatch):
+    """Sampling loop without EOS: the tokens come back to the host once, at the end."""
+    model = build(engram_cfg()).eval()
+    prompts = [[3, 4, 5], [7, 8, 9]]
+    generate(model, prompts, SamplingConfig(max_new_tokens=2, temperature=0.0))
+    with count_host_reads(monkeypatch) as seen:
+        out = generate(model, prompts, SamplingConfig(max_new_tokens=6, temperature=0.0))
+    assert [len(o) for o in out] == [6, 6]
+    assert seen == ["tolist"]
