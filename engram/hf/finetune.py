@@ -9,6 +9,7 @@ evaluation (mean next-token cross-entropy over consecutive windows of validation
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -21,9 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import EngramConfig
 from ..tokenizer import vocab_fingerprint
-from ..train.data import Corpus, TextTokenizer, TokenizedCorpus, build_token_files, default_cache_dir, eval_batches, \
-    random_batch
+from ..train.data import (
+    Corpus,
+    TextTokenizer,
+    TokenizedCorpus,
+    build_token_files,
+    default_cache_dir,
+    eval_batches,
+    random_batch,
+)
 from ..train.optim import LRSchedule, OptimConfig, build_optimizers, clip_grad_norm
 
 
@@ -128,7 +137,7 @@ def finetune(model: nn.Module, train_tokens: np.ndarray, eval_sets: dict[str, np
     optimizers = build_optimizers(model, optim) if trainable and cfg.steps else []
     table_opt = _table_optimizer(model, optim) if cfg.steps else None
     schedule = LRSchedule(optimizers + ([table_opt] if table_opt is not None else []), optim, max(cfg.steps, 1))
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(p.numel() for p in trainable) if cfg.steps else 0  # what this run trains
     if not optimizers and table_opt is None and cfg.steps:
         raise ValueError("the model has nothing trainable: add an adapter (engram.hf.add_engram, peft) or use steps=0")
 
@@ -161,7 +170,7 @@ def finetune(model: nn.Module, train_tokens: np.ndarray, eval_sets: dict[str, np
             table_opt.zero_grad()
         schedule.step()
         seconds += time.perf_counter() - t0
-        loss_v = float(loss)
+        loss_v = loss.detach().item()
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"loss became {loss_v} at step {step + 1}; lower the learning rate")
         history.append({"step": step + 1, "loss": loss_v})
@@ -194,3 +203,58 @@ def write_report(results: dict[str, FinetuneResult], out_dir: str | Path, title:
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
 
+
+
+def adapter_config(tokenizer: Any, layers: list[int], *, rows_per_head: int = 32768, max_ngram_size: int = 3,
+                   n_embed_per_ngram: int = 256, n_head_per_ngram: int = 4) -> EngramConfig:
+    """An EngramConfig for an adapter on ``tokenizer``'s model: the pad id is the tokenizer's pad (or EOS) id."""
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token id; Engram needs one for the sequence start")
+    return EngramConfig(engram_vocab_size=[rows_per_head] * (max_ngram_size - 1), max_ngram_size=max_ngram_size,
+                        n_embed_per_ngram=n_embed_per_ngram, n_head_per_ngram=n_head_per_ngram,
+                        layer_ids=list(layers), pad_id=int(pad))
+
+
+def finetune_adapter(base: str, out_dir: str | Path, layers: list[int], cfg: FinetuneConfig, *,
+                     data: str | None = None, max_bytes: int | None = 8_000_000, forget_data: str | None = None,
+                     table_tier: str = "device", device: str = "cpu", **config_kwargs: Any) -> dict:
+    """``engram finetune``: load ``base``, add Engram at ``layers``, train on ``data``, write the adapter and a report.
+
+    ``out_dir`` receives the adapter (``adapter.safetensors`` + ``adapter_config.json``), ``report.md``,
+    ``loss_curves.png`` and ``results.json`` with the validation loss before and after on ``data`` (and on
+    ``forget_data``, a second corpus that measures forgetting, when given).
+    """
+    from ..train.data import load_corpus
+    from .adapter import add_engram, save_adapter
+    from .base import load_base
+
+    out = Path(out_dir)
+    model, tok = load_base(base)
+    model.to(device)
+    ttok = text_tokenizer(tok, Path(base).name or base)
+    domain = tokenize(load_corpus(data, max_bytes=max_bytes), ttok, cfg.progress)
+    eval_sets = {"domain": domain.val.tokens}
+    if forget_data is not None:
+        eval_sets["forgetting"] = tokenize(load_corpus(forget_data, max_bytes=max_bytes), ttok, cfg.progress).val.tokens
+    factory = None
+    if table_tier != "device":
+        from ..storage import table_factory
+
+        factory = table_factory(table_tier, path_dir=out / "tables" if table_tier == "disk" else None,
+                                overwrite=True)
+    adapter = add_engram(model, tok, adapter_config(tok, layers, **config_kwargs), table_factory=factory)
+    result = finetune(model, domain.train.tokens, eval_sets, cfg, device=device, desc="engram adapter")
+    save_adapter(model, out)
+    write_report({"engram adapter": result}, out, f"Engram adapter on {base}")
+    summary = {
+        "base": base, "layers": list(layers), "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "trainable_parameters": adapter.trainable_parameters(),
+        "activated_parameters_per_token": adapter.activated_parameters_per_token(),
+        "train_tokens_per_s": result.tokens_per_s,
+        "before": {k: v["loss"] for k, v in result.before.items()},
+        "after": {k: v["loss"] for k, v in result.after.items()},
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -21,8 +21,8 @@ def family(request) -> str:
 
 
 def small_config(**changes) -> EngramConfig:
-    base = dict(engram_vocab_size=[211, 223], max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2,
-                layer_ids=[0, 2], pad_id=0)
+    base = {"engram_vocab_size": [211, 223], "max_ngram_size": 3, "n_embed_per_ngram": 16, "n_head_per_ngram": 2,
+                "layer_ids": [0, 2], "pad_id": 0}
     return EngramConfig(**{**base, **changes})
 
 
@@ -65,7 +65,7 @@ def test_cached_generation_equals_a_full_recompute(family):
     add_engram(model, word_tokenizer(), small_config(max_ngram_size=4, engram_vocab_size=[211, 223, 227]))
     randomize(model)
     prompt = ids(2, 5, seed=3)
-    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0, "attention_mask": torch.ones_like(prompt)}
     cached = model.generate(prompt, use_cache=True, **kw)
     full = model.generate(prompt, use_cache=False, **kw)
     assert torch.equal(cached, full)
@@ -114,7 +114,7 @@ def test_beam_search_with_cache_equals_beam_search_without():
     add_engram(model, word_tokenizer(), small_config())
     randomize(model)
     prompt = ids(1, 4, seed=5)
-    kw = dict(max_new_tokens=8, do_sample=False, num_beams=3, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    kw = {"max_new_tokens": 8, "do_sample": False, "num_beams": 3, "pad_token_id": 0, "attention_mask": torch.ones_like(prompt)}
     assert torch.equal(model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw))
 
 
