@@ -45,6 +45,7 @@ class FinetuneConfig:
     seq_len: int = 128
     lr: float = 1e-3
     table_lr_mult: float = 5.0
+    table_optimizer: str = "adam"   # or "rowwise" (one scalar of state per row); host/disk tables are always row-wise
     warmup_steps: int = 20
     grad_clip: float = 1.0
     eval_every: int = 50
@@ -56,7 +57,7 @@ class FinetuneConfig:
         """The optimizer recipe: AdamW without weight decay (the base stays put; the adapter starts at zero),
         Engram tables at ``table_lr_mult`` x, a constant rate after warmup."""
         return OptimConfig(lr=self.lr, weight_decay=0.0, muon=False, table_lr_mult=self.table_lr_mult,
-                           warmup_steps=self.warmup_steps, schedule="constant", grad_clip=self.grad_clip)
+                           table_optimizer=self.table_optimizer, warmup_steps=self.warmup_steps, schedule="constant", grad_clip=self.grad_clip)
 
 
 def text_tokenizer(tokenizer: Any, name: str = "hf") -> TextTokenizer:

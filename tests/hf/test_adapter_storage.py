@@ -50,3 +50,23 @@ def test_offloaded_adapter_tables_train_in_their_tier_and_round_trip(tmp_path, t
     load_adapter(fresh, tmp_path / "adapter", word_tokenizer(), table_factory=table_factory("host"))
     assert all(e.table.store.kind == "host" for e in get_adapter(fresh).engrams.values())
     torch.testing.assert_close(fresh(x).logits, expected, atol=0, rtol=0)
+
+
+def test_row_wise_adam_trains_device_adapter_tables():
+    """OptimConfig.table_optimizer = "rowwise" (engram.train.optim) on the adapter's on-device tables."""
+    from engram.train.optim import RowWiseAdam, build_optimizers
+
+    model = tiny_model("mistral")
+    adapter = add_engram(model, word_tokenizer(), small_config())
+    cfg = FinetuneConfig(steps=2, table_optimizer="rowwise")
+    optimizers = build_optimizers(model, cfg.optim())
+    tables = [o for o in optimizers if isinstance(o, RowWiseAdam)]
+    assert len(tables) == 1
+    assert {id(p) for g in tables[0].param_groups for p in g["params"]} == {
+        id(e.table.weight) for e in adapter.engrams.values()}
+    before = [e.table.weight.detach().clone() for e in adapter.engrams.values()]
+    data = tokens()
+    finetune(model, data, {"val": data[:600]}, FinetuneConfig(steps=6, batch_size=2, seq_len=16, lr=1e-2,
+                                                              warmup_steps=0, eval_batches=1, progress=False,
+                                                              table_optimizer="rowwise"))
+    assert any(not torch.equal(e.table.weight, b) for e, b in zip(adapter.engrams.values(), before))
