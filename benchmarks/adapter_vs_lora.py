@@ -70,12 +70,12 @@ def add_lora(model, rank: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=90)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--eval-batches", type=int, default=4)
+    ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--domain-bytes", type=int, default=8_000_000)
     ap.add_argument("--arms", default="nothing,engram,lora")
     ap.add_argument("--out", default="reports/adapter_vs_lora")
