@@ -596,13 +596,13 @@ def add_finetune(sub: Any) -> None:
     s.add_argument("--forget-data", default=None, help="a second corpus whose loss before/after measures forgetting")
     s.add_argument("--layers", required=True, help="0-based decoder layers that get Engram, e.g. 1,14")
     s.add_argument("--out", required=True, help="folder for the adapter, report.md and loss_curves.png")
-    s.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    s.add_argument("--batch-size", type=int, default=4, help="sequences per step")
-    s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    s.add_argument("--steps", type=int, default=200, help="number of optimizer steps")
+    s.add_argument("--batch-size", type=int, default=4, help="sequences in each batch")
+    s.add_argument("--seq-len", type=int, default=128, help="tokens in each sequence")
     s.add_argument("--lr", type=float, default=1e-3, help="AdamW rate; the Engram tables train at 5x")
     s.add_argument("--eval-every", type=int, default=50, help="steps between validation evaluations")
     s.add_argument("--eval-batches", type=int, default=16, help="validation batches per evaluation")
-    s.add_argument("--max-bytes", type=int, default=8_000_000, help="corpus bytes to read")
+    s.add_argument("--max-bytes", type=int, default=8_000_000, help="how many corpus bytes to read")
     s.add_argument("--rows-per-head", type=int, default=32768, help="table rows per hash head (a prime near it)")
     s.add_argument("--max-ngram", type=int, default=3, help="N: n-grams of orders 2..N")
     s.add_argument("--table-tier", choices=["device", "host", "disk"], default="device",
@@ -610,7 +610,7 @@ def add_finetune(sub: Any) -> None:
     s.add_argument("--table-optimizer", choices=["adam", "rowwise"], default="adam",
                    help="device tables: dense Adam (the paper's) or row-wise Adam (one scalar of state per row)")
     s.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1")
-    s.add_argument("--seed", type=int, default=0, help="seed of the batch order")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random batch order")
     s.set_defaults(func=cmd_finetune)
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..config import EngramConfig
+from ..errors import ConfigError, ModelLoadError
 from ..hashing import NgramHasher
 from ..module import Engram
 from ..tokenizer import CompressedTokenizer
@@ -59,7 +60,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's own list of decoder layers (``model.model.layers`` for Llama, ``transformer.h`` for GPT-2)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(
+        raise ConfigError(
             f"Engram adapters support the model families {sorted(FAMILIES)}; this model is "
             f"{model_type or type(model).__name__!r}. Other decoder-only families need their layer list added "
             f"to engram.hf.adapter.FAMILIES (their decoder layers must take the residual stream first)"
@@ -68,7 +69,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for part in FAMILIES[model_type].split("."):
         node = getattr(node, part, None)
         if node is None:
-            raise ValueError(f"{type(model).__name__} has no {FAMILIES[model_type]!r}: pass the *ForCausalLM model "
+            raise ConfigError(f"{type(model).__name__} has no {FAMILIES[model_type]!r}: pass the *ForCausalLM model "
                              f"(e.g. AutoModelForCausalLM), not its bare backbone")
     return node
 
@@ -276,7 +277,7 @@ def _install(model: nn.Module, config: EngramConfig, compressed: CompressedToken
     config.validate(num_layers=len(layers))
     vocab = model.get_input_embeddings().weight.shape[0]
     if compressed.vocab_size > vocab:
-        raise ValueError(f"the tokenizer has {compressed.vocab_size} ids but the model's embedding only {vocab}: "
+        raise ModelLoadError(f"the tokenizer has {compressed.vocab_size} ids but the model's embedding only {vocab}: "
                          f"this tokenizer does not belong to this model")
     if freeze:
         model.requires_grad_(False)
@@ -375,7 +376,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
                                 f"engram.hf.save_adapter or engram finetune --out")
     meta = json.loads(path.read_text())
     if meta.get("format") != ADAPTER_FORMAT or meta.get("version") != ADAPTER_VERSION:
-        raise ValueError(f"{path} is format {meta.get('format')!r} version {meta.get('version')!r}; this library "
+        raise ModelLoadError(f"{path} is format {meta.get('format')!r} version {meta.get('version')!r}; this library "
                          f"reads {ADAPTER_FORMAT!r} version {ADAPTER_VERSION}")
     return meta
 
@@ -394,15 +395,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, tokenizer: Any 
     _check_fresh(model)
     family = getattr(model.config, "model_type", None)
     if family != meta["family"]:
-        raise ValueError(f"wrong base model: the adapter in {directory} was trained on a {meta['family']!r} model "
+        raise ModelLoadError(f"wrong base model: the adapter in {directory} was trained on a {meta['family']!r} model "
                          f"({meta['base_model'] or 'unnamed'}), this one is {family!r}")
     if _hidden_size(model) != meta["hidden_size"] or len(decoder_layers(model)) <= max(meta["layers"]):
-        raise ValueError(f"wrong base model: the adapter needs hidden size {meta['hidden_size']} and layers "
+        raise ModelLoadError(f"wrong base model: the adapter needs hidden size {meta['hidden_size']} and layers "
                          f"{meta['layers']}, this model has hidden size {_hidden_size(model)} and "
                          f"{len(decoder_layers(model))} layers")
     fingerprint = base_fingerprint(model)
     if fingerprint != meta["base_fingerprint"]:
-        raise ValueError(f"wrong base model: the adapter in {directory} was trained on "
+        raise ModelLoadError(f"wrong base model: the adapter in {directory} was trained on "
                          f"{meta['base_model'] or 'another checkpoint'} (weights fingerprint "
                          f"{meta['base_fingerprint'][:12]}), this model's weights differ ({fingerprint[:12]}); load "
                          f"the base checkpoint the adapter was trained on")
@@ -412,7 +413,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, tokenizer: Any 
     if tokenizer is not None:
         given = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer(tokenizer)
         if given.fingerprint != compressed.fingerprint:
-            raise ValueError(f"wrong tokenizer: the adapter in {directory} was trained with a tokenizer whose "
+            raise ModelLoadError(f"wrong tokenizer: the adapter in {directory} was trained with a tokenizer whose "
                              f"vocabulary fingerprint is {compressed.fingerprint[:12]}, the given one has "
                              f"{given.fingerprint[:12]}; pass the base model's own tokenizer")
         compressed.check_matches(given)
