@@ -51,7 +51,8 @@ def licence_corpus_file() -> Path:
                 texts.setdefault(hashlib.sha256(text.encode()).hexdigest(), text)
     if not texts:
         raise SystemExit(f"no licence files under {site}/*.dist-info")
-    out = default_cache_dir() / "corpora" / f"licences-{hashlib.sha256(''.join(sorted(texts)).encode()).hexdigest()[:12]}.jsonl"
+    key = hashlib.sha256("".join(sorted(texts)).encode()).hexdigest()[:12]
+    out = default_cache_dir() / "corpora" / f"licences-{key}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in sorted(texts.items())))
     return out
@@ -104,12 +105,14 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--domain-bytes", type=int, default=8_000_000)
     ap.add_argument("--arms", default="nothing,engram,lora")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="reports/adapter_vs_lora")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     model, tok = load_smollm2()
+    model.to(args.device)
     ttok = text_tokenizer(tok, "smollm2")
     domain = tokenize(load_corpus("stdlib", max_bytes=args.domain_bytes), ttok)
     prose = tokenize(load_corpus(licence_corpus_file(), val_fraction=0.5), ttok)
@@ -139,7 +142,7 @@ def main() -> None:
             raise SystemExit(f"unknown arm {arm!r}; use nothing, engram, lora")
         t0 = time.perf_counter()
         arm_cfg = cfg if arm != "nothing" else dataclasses.replace(cfg, steps=0)
-        r = finetune(run_model, domain.train.tokens, eval_sets, arm_cfg, desc=arm)
+        r = finetune(run_model, domain.train.tokens, eval_sets, arm_cfg, device=args.device, desc=arm)
         rows[arm] = {
             "trainable_parameters": (adapter.trainable_parameters() if arm == "engram" else r.trainable_parameters),
             "activated_parameters_per_token": activated,

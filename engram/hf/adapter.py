@@ -277,8 +277,8 @@ def _install(model: nn.Module, config: EngramConfig, compressed: CompressedToken
     config.validate(num_layers=len(layers))
     vocab = model.get_input_embeddings().weight.shape[0]
     if compressed.vocab_size > vocab:
-        raise ModelLoadError(f"the tokenizer has {compressed.vocab_size} ids but the model's embedding only {vocab}: "
-                         f"this tokenizer does not belong to this model")
+        raise ModelLoadError(f"the tokenizer has {compressed.vocab_size} ids but the model's embedding only "
+                             f"{vocab}: this tokenizer does not belong to this model")
     if freeze:
         model.requires_grad_(False)
     fingerprint = fingerprint or base_fingerprint(model)
@@ -377,7 +377,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     meta = json.loads(path.read_text())
     if meta.get("format") != ADAPTER_FORMAT or meta.get("version") != ADAPTER_VERSION:
         raise ModelLoadError(f"{path} is format {meta.get('format')!r} version {meta.get('version')!r}; this library "
-                         f"reads {ADAPTER_FORMAT!r} version {ADAPTER_VERSION}")
+                             f"reads {ADAPTER_FORMAT!r} version {ADAPTER_VERSION}")
     return meta
 
 
@@ -395,27 +395,27 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, tokenizer: Any 
     _check_fresh(model)
     family = getattr(model.config, "model_type", None)
     if family != meta["family"]:
-        raise ModelLoadError(f"wrong base model: the adapter in {directory} was trained on a {meta['family']!r} model "
-                         f"({meta['base_model'] or 'unnamed'}), this one is {family!r}")
+        raise ModelLoadError(f"wrong base model: the adapter in {directory} was trained on a {meta['family']!r} "
+                             f"model ({meta['base_model'] or 'unnamed'}), this one is {family!r}")
     if _hidden_size(model) != meta["hidden_size"] or len(decoder_layers(model)) <= max(meta["layers"]):
         raise ModelLoadError(f"wrong base model: the adapter needs hidden size {meta['hidden_size']} and layers "
-                         f"{meta['layers']}, this model has hidden size {_hidden_size(model)} and "
-                         f"{len(decoder_layers(model))} layers")
+                             f"{meta['layers']}, this model has hidden size {_hidden_size(model)} and "
+                             f"{len(decoder_layers(model))} layers")
     fingerprint = base_fingerprint(model)
     if fingerprint != meta["base_fingerprint"]:
         raise ModelLoadError(f"wrong base model: the adapter in {directory} was trained on "
-                         f"{meta['base_model'] or 'another checkpoint'} (weights fingerprint "
-                         f"{meta['base_fingerprint'][:12]}), this model's weights differ ({fingerprint[:12]}); load "
-                         f"the base checkpoint the adapter was trained on")
+                             f"{meta['base_model'] or 'another checkpoint'} (weights fingerprint "
+                             f"{meta['base_fingerprint'][:12]}), this model's weights differ "
+                             f"({fingerprint[:12]}); load the base checkpoint the adapter was trained on")
     tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
     compressed = CompressedTokenizer.from_lookup(tensors.pop("compression.lookup").numpy(),
                                                  meta["tokenizer_fingerprint"])
     if tokenizer is not None:
         given = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer(tokenizer)
         if given.fingerprint != compressed.fingerprint:
-            raise ModelLoadError(f"wrong tokenizer: the adapter in {directory} was trained with a tokenizer whose "
-                             f"vocabulary fingerprint is {compressed.fingerprint[:12]}, the given one has "
-                             f"{given.fingerprint[:12]}; pass the base model's own tokenizer")
+            raise ModelLoadError(f"wrong tokenizer: the adapter in {directory} was trained with a tokenizer "
+                                 f"whose vocabulary fingerprint is {compressed.fingerprint[:12]}, the given one has "
+                                 f"{given.fingerprint[:12]}; pass the base model's own tokenizer")
         compressed.check_matches(given)
     config = EngramConfig.from_dict(meta["engram_config"])
     adapter = _install(model, config, compressed, table_factory=table_factory, init_std=0.02,

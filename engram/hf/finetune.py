@@ -57,7 +57,8 @@ class FinetuneConfig:
         """The optimizer recipe: AdamW without weight decay (the base stays put; the adapter starts at zero),
         Engram tables at ``table_lr_mult`` x, a constant rate after warmup."""
         return OptimConfig(lr=self.lr, weight_decay=0.0, muon=False, table_lr_mult=self.table_lr_mult,
-                           table_optimizer=self.table_optimizer, warmup_steps=self.warmup_steps, schedule="constant", grad_clip=self.grad_clip)
+                           table_optimizer=self.table_optimizer, warmup_steps=self.warmup_steps,
+                           schedule="constant", grad_clip=self.grad_clip)
 
 
 def text_tokenizer(tokenizer: Any, name: str = "hf") -> TextTokenizer:
@@ -195,7 +196,8 @@ def write_report(results: dict[str, FinetuneResult], out_dir: str | Path, title:
     plot_loss_curves({name: {"history": r.history, "evals": r.evals} for name, r in results.items()},
                      out / "loss_curves.png")
     splits = list(next(iter(results.values())).before)
-    head = "| run | trainable params | " + " | ".join(f"{s} loss before -> after" for s in splits) + " | train tokens/s |"
+    cells = " | ".join(f"{s} loss before -> after" for s in splits)
+    head = f"| run | trainable params | {cells} | train tokens/s |"
     lines = [f"# {title}", "", head, "|" + "---|" * (len(splits) + 3)]
     for name, r in results.items():
         cells = [f"{r.before[s]['loss']:.4f} -> {r.after[s]['loss']:.4f}" for s in splits]

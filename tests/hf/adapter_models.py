@@ -21,9 +21,9 @@ def word_tokenizer(vocab: int = VOCAB, prefix: str = "w"):
 
 
 def tiny_config(family: str):
-    common = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0, "eos_token_id": 1,
-                  "bos_token_id": 1}
+    common = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0,
+              "eos_token_id": 1, "bos_token_id": 1}
     if family == "llama":
         return transformers.LlamaConfig(**common)
     if family == "mistral":

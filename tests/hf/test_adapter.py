@@ -119,7 +119,8 @@ def test_beam_search_with_cache_equals_beam_search_without():
     add_engram(model, word_tokenizer(), small_config())
     randomize(model)
     prompt = ids(1, 4, seed=5)
-    kw = {"max_new_tokens": 8, "do_sample": False, "num_beams": 3, "pad_token_id": 0, "attention_mask": torch.ones_like(prompt)}
+    kw = {"max_new_tokens": 8, "do_sample": False, "num_beams": 3, "pad_token_id": 0,
+          "attention_mask": torch.ones_like(prompt)}
     assert torch.equal(model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw))
 
 
