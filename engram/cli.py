@@ -254,8 +254,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .train.data import build_token_files, default_cache_dir, load_corpus
     from .train.evaluate import evaluate
 
+    if (args.model is None) == (args.base is None):
+        raise ConfigError("engram eval needs exactly one of --model (an engram or exported model folder) and "
+                          "--base (a Hugging Face model, optionally with --adapter)")
+    if args.adapter and not args.base:
+        raise ConfigError("--adapter goes with --base (the model the adapter was trained on)")
     if args.tasks:
         return cmd_eval_tasks(args)
+    if args.base:
+        raise ConfigError("--base evaluates through lm-eval: add --tasks, e.g. --tasks engram_text")
     model, tok = _load_model_and_tokenizer(args.model)
     corpus = load_corpus(args.data, max_bytes=args.max_bytes)
     files = build_token_files(corpus, tok, default_cache_dir() / "tokens" /
@@ -268,7 +275,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def add_eval(sub: Any) -> None:
     s = _subparser(sub, "eval", "validation loss, perplexity and bits per byte of a saved model",
                    "engram eval --model runs/small/model --data notes/ --max-batches 20")
-    s.add_argument("--model", required=True, help="the model folder a finished run writes (runs/NAME/model)")
+    s.add_argument("--model", default=None, help="the model folder a finished run writes (runs/NAME/model)")
+    s.add_argument("--base", default=None,
+                   help="--tasks on a Hugging Face model instead: a transformers folder, a .gguf file or 'smollm2'")
+    s.add_argument("--adapter", default=None,
+                   help="with --base: an Engram adapter folder (engram finetune --out) put on the base first")
     s.add_argument("--data", default=None,
                    help="text file, folder of text files or .jsonl with a \"text\" field; its validation split is "
                         "scored (default: the Python standard library)")
@@ -542,11 +553,18 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_tasks(args: argparse.Namespace) -> None:
-    from .hf.lmeval import evaluate_folder
+    from .hf.lmeval import evaluate_folder, evaluate_hf
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    r = evaluate_folder(args.model, tasks, batch_size=args.batch_size, limit=args.limit,
-                        num_fewshot=args.num_fewshot, include_path=args.include_path)
+    options = {"batch_size": args.batch_size, "limit": args.limit, "num_fewshot": args.num_fewshot,
+               "include_path": args.include_path}
+    if args.base:  # a pretrained HF model, with an Engram adapter from `engram finetune` when --adapter is given
+        from .hf.base import load_adapted
+
+        model, tokenizer = load_adapted(args.base, args.adapter)
+        r = evaluate_hf(model, tokenizer, tasks, **options)
+    else:
+        r = evaluate_folder(args.model, tasks, **options)
     print(json.dumps(r, indent=2))
 
 
