@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import EngramConfig
 from ..errors import ConfigError, ModelLoadError
+from ..files import atomic_write
 from ..hashing import NgramHasher
 from ..module import Engram
 from ..tokenizer import CompressedTokenizer
@@ -331,16 +332,6 @@ def remove_engram(model: nn.Module) -> EngramAdapter:
 
 
 # ---------------------------------------------------------------------------------------------------- files
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary sibling, fsync, then rename over ``path``: a crash leaves the old file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``adapter.safetensors`` (Engram weights + compression table) and ``adapter_config.json``.
 
@@ -363,8 +354,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "layers": list(adapter.config.layer_ids), "hidden_size": _hidden_size(model),
         "engram_config": adapter.config.to_dict(),
     }
-    _replace_file(out / WEIGHTS_FILE, save(tensors, metadata={"format": ADAPTER_FORMAT}))
-    _replace_file(out / CONFIG_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(out / WEIGHTS_FILE, save(tensors, metadata={"format": ADAPTER_FORMAT}))
+    atomic_write(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     return out
 
 

@@ -189,7 +189,7 @@ def finetune(model: nn.Module, train_tokens: np.ndarray, eval_sets: dict[str, np
 
 def write_report(results: dict[str, FinetuneResult], out_dir: str | Path, title: str) -> Path:
     """``report.md`` (before/after per split, tokens/s) and ``loss_curves.png`` for the named runs."""
-    from ..train.report import plot_loss_curves
+    from ..reports.figures import plot_loss_curves
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
