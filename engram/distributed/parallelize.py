@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._compat import ddp_ignore
 from ..module import MultiHeadEmbedding
+from ..table import EngramTable
 from .sharded_table import ShardedEmbedding
 
 DATA_PARALLEL = ("fsdp", "ddp")
@@ -42,7 +44,7 @@ def shard_engram_tables(model: nn.Module, group: dist.ProcessGroup | None = None
     """
     for name, module in list(model.named_modules()):
         table = getattr(module, "table", None)
-        if table is None or isinstance(table, ShardedEmbedding) or not getattr(table, "is_engram_table", False):
+        if not isinstance(table, EngramTable) or isinstance(table, ShardedEmbedding):
             continue
         if not isinstance(table, MultiHeadEmbedding):
             raise TypeError(f"{name}.table is a {type(table).__name__}; only dense MultiHeadEmbedding tables can be "
@@ -67,8 +69,7 @@ def apply_data_parallel(model: nn.Module, mode: str = "fsdp", group: dist.Proces
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ignore = [f"{name}.{p}" for name, t in tables.items() for p, _ in t.named_parameters()]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        ddp_ignore(model, [f"{name}.{p}" for name, t in tables.items() for p, _ in t.named_parameters()])
         # no buffer broadcast: the only training-time buffers (MoE biases) stay equal via sync_expert_counts
         return DDP(model, device_ids=[device] if device.type == "cuda" else None, process_group=group,
                    forward_sync_buffers=False)

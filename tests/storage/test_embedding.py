@@ -6,6 +6,7 @@ import torch
 
 from engram import Engram, EngramConfig, MultiHeadEmbedding, NgramHasher
 from engram.storage import TIERS, OffloadedEmbedding, create_row_store, fetch_seconds, offload_tables
+from engram.table import EngramTable
 
 HEADS, DIM = [11, 13, 17, 19], 6
 
@@ -29,7 +30,7 @@ def mhe():
 @pytest.mark.parametrize("cache_bytes", [0, 5 * DIM * 4])
 def test_output_equals_multihead_output_after_from_multihead(mhe, tmp_path, tier, cache_bytes):
     table = OffloadedEmbedding.from_multihead(mhe, tier, cache_bytes=cache_bytes, **tier_kwargs(tier, tmp_path))
-    assert table.is_engram_table and table.head_sizes == HEADS and torch.equal(table.offsets, mhe.offsets)
+    assert isinstance(table, EngramTable) and table.head_sizes == HEADS and torch.equal(table.offsets, mhe.offsets)
     assert table.store.kind == tier
     for seed in range(4):  # several batches, so that a cache fills and evicts
         ids = random_ids(seed=seed)
