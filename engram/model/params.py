@@ -147,9 +147,8 @@ def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None) 
     e_new = k + int(math.floor(rho * (e - k) + 0.5))  # round half up (paper: rho=0.4 of 106 -> 46)
     if e_new == e:
         raise ValueError(f"rho={rho} keeps all {e} routed experts (too few experts to move); use rho=1 or more experts")
-    base_counts = count_params(base)
-    per_expert = base_counts.routed_expert_params // e
-    freed = (e - e_new) * per_expert
+    # everything the dropped experts held: their weights and their rows of every router
+    freed = count_params(base).total - count_params(base.replace(n_routed_experts=e_new)).total
     hc = base.hc_mult if engram.multi_branch else 1
     probe = dataclasses.replace(engram, engram_vocab_size=[2] * engram.num_orders)
     dense = engram_counts(probe, base.hidden_size, hc).dense_params
