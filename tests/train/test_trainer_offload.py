@@ -1,13 +1,15 @@
 """Training with host / disk Engram tables: the trainer steps a row-wise optimizer in the table's tier, updates
 exactly the rows the batches touched, lowers the loss, and resumes exactly from its checkpoints."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from engram.model import load_model
 from engram.storage import offloaded_tables
 from engram.train.data import random_batch
-from engram.train.optim import param_groups
+from engram.train.optim import OptimConfig, param_groups
 from engram.train.trainer import TrainConfig, build_model, offloaded_table_factory, prepare_data, train
 
 from .test_trainer import CODE, tiny_run
@@ -21,6 +23,11 @@ def corpus_dir(tmp_path_factory):
     return d
 
 
+def offload_run(out, corpus_dir, cache, **train_kw):
+    """``tiny_run`` with the table optimizer that host and disk tables can hold (row-wise Adam)."""
+    return dataclasses.replace(tiny_run(out, corpus_dir, cache, **train_kw), optim=OptimConfig(table_optimizer="rowwise"))
+
+
 def table_rows(model):
     (_, table), = offloaded_tables(model).values()
     return table, table.store.read_range(0, table.num_rows).clone()
@@ -30,10 +37,10 @@ def table_rows(model):
 def test_resumed_offloaded_run_reproduces_the_uninterrupted_loss_trajectory(tmp_path, corpus_dir, tier):
     cache = tmp_path / "cache"
     kw = dict(table_tier=tier, table_cache_bytes=64 * 8 * 4)
-    full = train(tiny_run(tmp_path / "full", corpus_dir, cache, **kw))
-    first = train(tiny_run(tmp_path / "resumed", corpus_dir, cache, **kw), stop_after=5)
+    full = train(offload_run(tmp_path / "full", corpus_dir, cache, **kw))
+    first = train(offload_run(tmp_path / "resumed", corpus_dir, cache, **kw), stop_after=5)
     assert first.interrupted and first.steps_done == 5
-    second = train(tiny_run(tmp_path / "resumed", corpus_dir, cache, **kw))
+    second = train(offload_run(tmp_path / "resumed", corpus_dir, cache, **kw))
     assert second.steps_done == 12 and not second.interrupted
     assert [h["loss"] for h in second.history] == [h["loss"] for h in full.history]
     assert second.final["val_loss"] == full.final["val_loss"]
@@ -51,7 +58,7 @@ def test_resumed_offloaded_run_reproduces_the_uninterrupted_loss_trajectory(tmp_
 
 
 def test_host_table_training_updates_exactly_the_touched_rows_and_lowers_the_loss(tmp_path, corpus_dir):
-    run = tiny_run(tmp_path / "run", corpus_dir, tmp_path / "cache", table_tier="host", steps=20)
+    run = offload_run(tmp_path / "run", corpus_dir, tmp_path / "cache", table_tier="host", steps=20)
     tok, tokens = prepare_data(run.train)
     initial_model = build_model(run.model, tok, offloaded_table_factory(run.train))
     initial_table, initial = table_rows(initial_model)
@@ -81,6 +88,11 @@ def test_table_tier_settings_are_validated():
 
 
 def test_resume_refuses_another_table_tier(tmp_path, corpus_dir):
-    train(tiny_run(tmp_path / "run", corpus_dir, tmp_path / "cache"), stop_after=4)
-    with pytest.raises(ValueError, match="table_tier"):
+    train(offload_run(tmp_path / "run", corpus_dir, tmp_path / "cache"), stop_after=4)
+    with pytest.raises(ValueError, match="other table storage"):
+        train(offload_run(tmp_path / "run", corpus_dir, tmp_path / "cache", table_tier="host"))
+
+
+def test_full_adam_on_host_tables_is_refused_before_training(tmp_path, corpus_dir):
+    with pytest.raises(ValueError, match="optim.table_optimizer=rowwise"):
         train(tiny_run(tmp_path / "run", corpus_dir, tmp_path / "cache", table_tier="host"))
