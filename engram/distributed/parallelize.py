@@ -23,8 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._compat import ddp_ignore
-from ..module import MultiHeadEmbedding
-from ..table import EngramTable
+from ..module import Engram, MultiHeadEmbedding
 from .sharded_table import ShardedEmbedding
 
 DATA_PARALLEL = ("fsdp", "ddp")
@@ -43,9 +42,9 @@ def shard_engram_tables(model: nn.Module, group: dist.ProcessGroup | None = None
     and frees the rest, so the sharded model computes exactly what the dense one did.
     """
     for name, module in list(model.named_modules()):
-        table = getattr(module, "table", None)
-        if not isinstance(table, EngramTable) or isinstance(table, ShardedEmbedding):
+        if not isinstance(module, Engram) or isinstance(module.table, ShardedEmbedding):
             continue
+        table = module.table
         if not isinstance(table, MultiHeadEmbedding):
             raise TypeError(f"{name}.table is a {type(table).__name__}; only dense MultiHeadEmbedding tables can be "
                             f"sharded (an offloaded table already lives outside the device)")
