@@ -336,29 +336,33 @@ class OffloadedEmbedding(EngramTable):
         super().zero_grad(set_to_none)
         self._captures.clear()
 
-    def update_rows(self, rows: torch.Tensor, delta: torch.Tensor, scale: float | None = None) -> None:
+    def update_rows(self, rows: torch.Tensor, delta: torch.Tensor, scale: float | torch.Tensor | None = None) -> None:
         """``rows = scale * rows + delta`` in the table's tier, keeping the cache and pending prefetches coherent
         (their copies of these rows are replaced by the new values). ``rows``: unique CPU int64 ``[n]``,
-        ``delta``: ``[n, head_dim]`` on any device."""
-        rows, delta = self._prepare_write(rows, delta)
+        ``delta``: ``[n, head_dim]`` on any device, ``scale``: a number or one factor per row ``[n, 1]``."""
+        rows, order = self._prepare_write(rows, delta)
+        delta = delta[to_device(order, delta.device)]
+        if isinstance(scale, torch.Tensor):
+            scale = scale[to_device(order, scale.device)]
         new = self.store.apply_update(rows, delta, scale, check=False)
         self._refresh_copies(rows, new)
 
     def write_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """``rows = values`` in the table's tier, keeping the cache and pending prefetches coherent."""
-        rows, values = self._prepare_write(rows, values)
+        rows, order = self._prepare_write(rows, values)
+        values = values[to_device(order, values.device)]
         self.store.scatter(rows, values, check=False)
         self._refresh_copies(rows, values)
 
     def _prepare_write(self, rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a write and make it safe; returns ``(rows sorted, the order that sorts them)``."""
         check_rows(rows, self.num_rows, unique=True)
         if values.shape != (rows.numel(), self.head_dim):
             raise ValueError(f"expected [{rows.numel()}, {self.head_dim}] values for {rows.numel()} rows, "
                              f"got {tuple(values.shape)}")
         self._check_store_version()
         self.wait_for_prefetches()   # no gather may still be reading the rows we are about to write
-        rows, order = torch.sort(rows.cpu())
-        return rows, values[to_device(order, values.device)]
+        return torch.sort(rows.cpu())
 
     def _refresh_copies(self, rows: torch.Tensor, new: torch.Tensor) -> None:
         new = to_device(new, self.offsets.device)

@@ -245,3 +245,13 @@ def test_on_cuda_prefetched_rows_and_updates_match_the_table(mhe, tmp_path, tier
         opt.step()
         opt.zero_grad()
     assert table.cache_stats.hits > 0
+
+
+def test_update_rows_applies_each_rows_own_scale_whatever_the_row_order(mhe):
+    table = OffloadedEmbedding.from_multihead(mhe, "host")
+    rows = torch.tensor([9, 2, 40])                   # not sorted: the write sorts them, scale must follow
+    scale = torch.tensor([[0.5], [2.0], [1.0]])
+    delta = torch.arange(3 * DIM, dtype=torch.float32).view(3, DIM)
+    before = mhe.weight.detach()[rows]
+    table.update_rows(rows, delta, scale)
+    torch.testing.assert_close(table.store.gather(rows), before * scale + delta)
