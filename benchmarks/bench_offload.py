@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,6 +54,7 @@ from engram.storage import (  # noqa: E402
     offloaded_tables,
     to_tier,
 )
+from engram.table import EngramTable  # noqa: E402
 from engram.train.trainer import TrainConfig, model_config_for, prepare_data  # noqa: E402
 
 HEADS_PER_ORDER, N_EMBED = 8, 512          # K = 8 heads per order, N = 3: 16 heads of 64 floats, d_mem = 1024
@@ -155,7 +155,7 @@ def drop_page_cache(model: EngramLM) -> None:
 def drop_store_pages(store: DiskRowStore) -> None:
     """Unmap our pages of the table file, then ask the kernel to drop its (clean) cached pages."""
     store.flush()
-    store._map._mmap.madvise(mmap.MADV_DONTNEED)
+    store.advise(mmap.MADV_DONTNEED)
     fd = os.open(store.path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -422,24 +422,18 @@ def fetch_report(base: EngramLM, stores, prefill_batches, prompts, args, baselin
 
 
 # ---------------------------------------------------------------------------------------------------- huge run
-class CompactTable(nn.Module):
+class CompactTable(EngramTable):
     """Reference for the huge table: only the rows that were written (all others are zero), held in memory."""
 
     def __init__(self, head_sizes: list[int], head_dim: int, rows: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.head_sizes, self.head_dim = head_sizes, head_dim
-        sizes = torch.tensor(head_sizes)
-        self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
+        super().__init__(head_sizes, head_dim)
         order = torch.argsort(rows)
         self.register_buffer("rows", rows[order], persistent=False)
         zero_row = values.new_zeros(1, head_dim)   # what every unwritten row holds
         self.register_buffer("values", torch.cat([values[order], zero_row]), persistent=False)
 
-    def prefetch(self, ids: torch.Tensor) -> None:
-        pass
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        fused = (ids + self.offsets).reshape(-1)
+        fused = self.fused_ids(ids).reshape(-1)
         pos = torch.searchsorted(self.rows, fused).clamp_(max=self.rows.numel() - 1)
         pos = torch.where(self.rows[pos] == fused, pos, self.rows.numel())
         return self.values[pos].view(*ids.shape, self.head_dim)

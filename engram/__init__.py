@@ -8,6 +8,7 @@ from .accounting import EngramCounts, engram_counts
 from .config import EngramConfig
 from .hashing import NgramHasher
 from .module import Engram, MultiHeadEmbedding, ShortConv
+from .table import EngramTable
 from .tokenizer import CompressedTokenizer
 from .validation import set_validation, validation_enabled
 
@@ -16,6 +17,7 @@ __all__ = [
     "Engram",
     "EngramConfig",
     "EngramCounts",
+    "EngramTable",
     "MultiHeadEmbedding",
     "NgramHasher",
     "ShortConv",

@@ -402,7 +402,8 @@ def add_demo(sub: Any) -> None:
 # ---------------------------------------------------------------------------------------------------- profile
 def cmd_profile(args: argparse.Namespace) -> None:
     from .model.model import engram_hasher
-    from .storage.profile import corpus_row_batches, plot_rank_frequency, profile_corpus, simulate_cache
+    from .reports.profile_plot import plot_rank_frequency
+    from .storage.profile import corpus_row_batches, profile_corpus, simulate_cache
     from .train.trainer import RunConfig, model_config_for, prepare_data
 
     if args.model:

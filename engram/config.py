@@ -171,8 +171,6 @@ class EngramConfig:
                      n_head_per_ngram=heads, layer_ids=list(d["engram_layer_ids"]),
                      pad_id=int(d["engram_pad_token_id"]), short_conv=False, projection_bias=False)
         if "engram_num_embeddings" in d:
-            from .hashing import table_primes
-
             primes = table_primes(config)
             rows = [sum(p for heads_of_order in primes[layer] for p in heads_of_order) for layer in config.layer_ids]
             if [int(r) for r in d["engram_num_embeddings"]] != rows:
@@ -190,3 +188,49 @@ class EngramConfig:
                     f"engram_compressed_vocab_size = {want}: the hash multipliers depend on V', so this tokenizer "
                     f"would address other rows; use the tokenizer the checkpoint was trained with")
         return config
+
+
+# ---------------------------------------------------------------------------------------------------- table sizes
+def is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin for 64-bit integers."""
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+    for p in small:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d //= 2
+        r += 1
+    for a in small:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def table_primes(config: EngramConfig) -> dict[int, list[list[int]]]:
+    """Per layer, per order, the K prime table sizes (distinct across the whole model)."""
+    seen: set[int] = set()
+    out: dict[int, list[list[int]]] = {}
+    for layer_id in config.layer_ids:
+        per_order = []
+        for size in config.engram_vocab_size:
+            candidate = size - 1
+            heads = []
+            for _ in range(config.n_head_per_ngram):
+                candidate += 1
+                while candidate in seen or not is_prime(candidate):
+                    candidate += 1
+                seen.add(candidate)
+                heads.append(candidate)
+            per_order.append(heads)
+        out[layer_id] = per_order
+    return out

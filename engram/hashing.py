@@ -15,36 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import EngramConfig
+from .config import EngramConfig, is_prime, table_primes  # noqa: F401  (re-exported: the table sizes)
 from .tokenizer import CompressedTokenizer
 from .validation import validation_enabled
 
 _INT64_MAX = 2**63 - 1
-
-
-def is_prime(n: int) -> bool:
-    """Deterministic Miller-Rabin for 64-bit integers."""
-    if n < 2:
-        return False
-    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
-    for p in small:
-        if n % p == 0:
-            return n == p
-    d, r = n - 1, 0
-    while d % 2 == 0:
-        d //= 2
-        r += 1
-    for a in small:
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(r - 1):
-            x = x * x % n
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
 
 
 def layer_multipliers(config: EngramConfig, layer_id: int, compressed_vocab_size: int) -> np.ndarray:
@@ -53,26 +28,6 @@ def layer_multipliers(config: EngramConfig, layer_id: int, compressed_vocab_size
     rng = np.random.default_rng(config.seed + 10007 * layer_id)
     r = rng.integers(0, half, size=config.max_ngram_size, dtype=np.int64)
     return r * 2 + 1
-
-
-def table_primes(config: EngramConfig) -> dict[int, list[list[int]]]:
-    """Per layer, per order, the K prime table sizes (distinct across the whole model)."""
-    seen: set[int] = set()
-    out: dict[int, list[list[int]]] = {}
-    for layer_id in config.layer_ids:
-        per_order = []
-        for size in config.engram_vocab_size:
-            candidate = size - 1
-            heads = []
-            for _ in range(config.n_head_per_ngram):
-                candidate += 1
-                while candidate in seen or not is_prime(candidate):
-                    candidate += 1
-                seen.add(candidate)
-                heads.append(candidate)
-            per_order.append(heads)
-        out[layer_id] = per_order
-    return out
 
 
 def mod_primes_by_reciprocal(x: torch.Tensor, p: torch.Tensor, inv_p: torch.Tensor) -> torch.Tensor:

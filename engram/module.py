@@ -14,7 +14,6 @@ The block then does ``H <- H + Y`` before its attention.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -24,57 +23,30 @@ from torch import nn
 from .config import EngramConfig
 from .hashing import NgramHasher
 from .validation import validation_enabled
+from .table import EngramTable
 
 
-class MultiHeadEmbedding(nn.Module):
-    """All hash heads of one Engram layer in a single fused table with row offsets.
+class MultiHeadEmbedding(EngramTable):
+    """All hash heads of one Engram layer in a single fused table (an ``nn.Parameter`` on the compute device).
 
     ``forward(ids [..., H]) -> [..., H, head_dim]`` where ``ids`` are per-head row indices (as returned by
-    :meth:`NgramHasher.hash`) and head h reads rows ``offsets[h] + ids[..., h]``.
+    :meth:`NgramHasher.hash`) and head h reads rows ``offsets[h] + ids[..., h]`` (:class:`~engram.table.EngramTable`).
     """
 
     def __init__(self, head_sizes: list[int], head_dim: int, init_std: float = 0.02,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        super().__init__()
-        if any(s <= 0 for s in head_sizes) or head_dim <= 0:
-            raise ValueError(f"head sizes and head_dim must be positive, got {head_sizes}, {head_dim}")
-        self.head_sizes = [int(s) for s in head_sizes]
-        self.head_dim = int(head_dim)
-        self.num_rows = sum(self.head_sizes)
-        self.init_std = init_std
-        self.validate_ids = True  # range-check ids each call (one host sync on CUDA); off for tuned serving
-        offsets = torch.tensor([0, *itertools.accumulate(self.head_sizes)][:-1], dtype=torch.int64)
-        self.register_buffer("offsets", offsets, persistent=False)
-        self.register_buffer("sizes", torch.tensor(self.head_sizes, dtype=torch.int64), persistent=False)
+        super().__init__(head_sizes, head_dim, init_std)
+        if device is not None and torch.device(device).type != "meta":
+            self.offsets, self.sizes = self.offsets.to(device), self.sizes.to(device)
         self.weight = nn.Parameter(torch.empty(self.num_rows, self.head_dim, device=device, dtype=dtype))
         self.reset_parameters()
-
-    is_engram_table = True  # optimizers put these rows in the table group (5x LR, no weight decay)
 
     def reset_parameters(self) -> None:
         if self.weight.device.type != "meta":
             nn.init.normal_(self.weight, std=self.init_std)
 
-    def prefetch(self, ids: torch.Tensor) -> None:
-        """Rows already live on the compute device: nothing to fetch ahead (offloaded tables override this)."""
-
-    def fused_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Per-head ids -> rows of the fused table (checked to be in range)."""
-        if ids.dtype != torch.int64:
-            raise TypeError(f"hash ids must be int64, got {ids.dtype}")
-        if ids.shape[-1] != len(self.head_sizes):
-            raise ValueError(f"hash ids have {ids.shape[-1]} heads in the last dim, this table has {len(self.head_sizes)}")
-        offsets = self.offsets.to(ids.device)
-        if self.validate_ids and validation_enabled() and ids.numel() and ids.device.type != "meta":
-            bad = (ids < 0) | (ids >= self.sizes.to(ids.device))
-            if bool(bad.any()):
-                raise ValueError(
-                    "hash ids out of range for this table (negative or >= the head's prime size); they were "
-                    "produced by a hasher with a different config, seed or vocabulary"
-                )
-        return ids + offsets
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.check_ids(ids)
         return F.embedding(self.fused_ids(ids), self.weight)
 
 
@@ -179,12 +151,13 @@ class Engram(nn.Module):
         head_sizes = [p for heads in hasher.table_sizes[layer_id] for p in heads]
         if table is None:
             table = MultiHeadEmbedding(head_sizes, config.head_dim, init_std=init_std, device=device, dtype=table_dtype)
-        elif list(getattr(table, "head_sizes", [])) != head_sizes or getattr(table, "head_dim", None) != config.head_dim:
-            raise ValueError(
-                f"the given table has heads {getattr(table, 'head_sizes', None)} x {getattr(table, 'head_dim', None)}, "
-                f"this layer needs {head_sizes} x {config.head_dim}"
-            )
-        self.table = table  # MultiHeadEmbedding, or any row store with the same interface (engram.storage)
+        elif not isinstance(table, EngramTable):
+            raise TypeError(f"table must be an engram.table.EngramTable (device, offloaded or sharded table), got "
+                            f"{type(table).__name__}")
+        elif table.head_sizes != head_sizes or table.head_dim != config.head_dim:
+            raise ValueError(f"the given table has heads {table.head_sizes} x {table.head_dim}, "
+                             f"this layer needs {head_sizes} x {config.head_dim}")
+        self.table = table  # any EngramTable: the module does not know where its rows live
         d_mem = config.memory_dim
         n_keys = hc_mult if config.gating else 0
         bias = config.projection_bias

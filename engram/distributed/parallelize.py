@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..module import MultiHeadEmbedding
+from .._compat import ddp_ignore
+from ..module import Engram, MultiHeadEmbedding
 from .sharded_table import ShardedEmbedding
 
 DATA_PARALLEL = ("fsdp", "ddp")
@@ -41,9 +42,9 @@ def shard_engram_tables(model: nn.Module, group: dist.ProcessGroup | None = None
     and frees the rest, so the sharded model computes exactly what the dense one did.
     """
     for name, module in list(model.named_modules()):
-        table = getattr(module, "table", None)
-        if table is None or isinstance(table, ShardedEmbedding) or not getattr(table, "is_engram_table", False):
+        if not isinstance(module, Engram) or isinstance(module.table, ShardedEmbedding):
             continue
+        table = module.table
         if not isinstance(table, MultiHeadEmbedding):
             raise TypeError(f"{name}.table is a {type(table).__name__}; only dense MultiHeadEmbedding tables can be "
                             f"sharded (an offloaded table already lives outside the device)")
@@ -67,8 +68,7 @@ def apply_data_parallel(model: nn.Module, mode: str = "fsdp", group: dist.Proces
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ignore = [f"{name}.{p}" for name, t in tables.items() for p, _ in t.named_parameters()]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        ddp_ignore(model, [f"{name}.{p}" for name, t in tables.items() for p, _ in t.named_parameters()])
         # no buffer broadcast: the only training-time buffers (MoE biases) stay equal via sync_expert_counts
         return DDP(model, device_ids=[device] if device.type == "cuda" else None, process_group=group,
                    forward_sync_buffers=False)

@@ -1,8 +1,8 @@
 """ShardedEmbedding: one Engram layer's fused multi-head table, row-sharded across the ranks of a process group.
 
-A drop-in for :class:`~engram.module.MultiHeadEmbedding` (``head_sizes``, ``head_dim``, ``offsets``,
-``forward(ids [..., H]) -> [..., H, head_dim]``, ``prefetch(ids)``, ``is_engram_table``), so the Engram module
-does not know where its rows live. Each rank holds only its rows ``[start, end)`` as the local parameter
+An :class:`~engram.table.EngramTable` (``head_sizes``, ``head_dim``, ``fused_ids``,
+``forward(ids [..., H]) -> [..., H, head_dim]``, ``prefetch(ids)``), so the Engram module does not know where
+its rows live. Each rank holds only its rows ``[start, end)`` as the local parameter
 ``weight`` ``[end - start, head_dim]``; lookups go through a :class:`~engram.distributed.exchange.RowExchange`.
 
 Gradients. The backward sends each requested row's gradient back to its owner, which sums what all ranks sent
@@ -15,15 +15,16 @@ optimizer (the parameter is in the ``tables`` group of :func:`engram.train.optim
 
 from __future__ import annotations
 
-import itertools
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._compat import tensor_version
 from ..module import MultiHeadEmbedding
 from ..storage.tiers import init_rows
+from ..table import EngramTable
 from .exchange import RowExchange, shard_bounds
 
 
@@ -48,18 +49,18 @@ class _Prefetch:
     """A plan built and a row transfer started ahead of the forward, for the ids it was started with."""
 
     def __init__(self, ids: torch.Tensor, plan: RowExchange, rows: torch.Tensor, work):
-        self.ids, self.version = ids, None if ids.is_inference() else ids._version  # inference tensors: no counter
+        self.ids, self.version = ids, tensor_version(ids)   # None for inference tensors: they have no counter
         self.plan, self.rows, self.work = plan, rows, work
 
     def matches(self, ids: torch.Tensor) -> bool:
-        return ids is self.ids and (self.version is None or ids._version == self.version)
+        return ids is self.ids and (self.version is None or tensor_version(ids) == self.version)
 
     def result(self) -> torch.Tensor:
         self.work.wait()
         return self.rows
 
 
-class ShardedEmbedding(nn.Module):
+class ShardedEmbedding(EngramTable):
     """Rows ``[start, end)`` of a fused ``[sum(head_sizes), head_dim]`` table; see the module docstring.
 
     Args:
@@ -74,32 +75,19 @@ class ShardedEmbedding(nn.Module):
         average_grads: scale table gradients by ``1 / world_size`` (data parallelism with per-rank mean losses).
     """
 
-    is_engram_table = True  # optimizers put the local rows in the table group (5x LR, no weight decay)
-    fused_ids = MultiHeadEmbedding.fused_ids  # the same per-head -> fused id mapping and range check
-
     def __init__(self, head_sizes: list[int], head_dim: int, *, group: dist.ProcessGroup | None = None,
                  init_std: float = 0.02, seed: int = 0, average_grads: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        super().__init__()
         if not dist.is_initialized():
             raise RuntimeError("ShardedEmbedding needs an initialised process group: call "
                                "torch.distributed.init_process_group (torchrun sets the environment for it)")
-        if any(s <= 0 for s in head_sizes) or head_dim <= 0:
-            raise ValueError(f"head sizes and head_dim must be positive, got {head_sizes}, {head_dim}")
-        self.head_sizes = [int(s) for s in head_sizes]
-        self.head_dim = int(head_dim)
-        self.num_rows = sum(self.head_sizes)
-        self.init_std = init_std
-        self.validate_ids = True
+        super().__init__(head_sizes, head_dim, init_std)
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.bounds = shard_bounds(self.num_rows, self.world_size)
         self.start, self.end = self.bounds[self.rank], self.bounds[self.rank + 1]
         self.grad_scale = 1.0 / self.world_size if average_grads else 1.0
-        offsets = torch.tensor([0, *itertools.accumulate(self.head_sizes)][:-1], dtype=torch.int64)
-        self.register_buffer("offsets", offsets, persistent=False)
-        self.register_buffer("sizes", torch.tensor(self.head_sizes, dtype=torch.int64), persistent=False)
         if torch.device(device or "cpu").type == "meta":
             rows = torch.empty(self.end - self.start, self.head_dim, device="meta", dtype=dtype)
         else:
@@ -108,22 +96,21 @@ class ShardedEmbedding(nn.Module):
         self._pending: list[_Prefetch] = []
 
     @classmethod
-    def from_dense(cls, table: nn.Module, *, group: dist.ProcessGroup | None = None,
-                   average_grads: bool = True) -> "ShardedEmbedding":
+    def from_dense(cls, table: MultiHeadEmbedding, *, group: dist.ProcessGroup | None = None,
+                   average_grads: bool = True) -> ShardedEmbedding:
         """This rank's slice of a dense table (a :class:`MultiHeadEmbedding`; every rank passes the same one)."""
-        weight = getattr(table, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
-            raise TypeError(f"from_dense needs a table whose .weight holds the rows, got {type(table).__name__}; "
+        if not isinstance(table, MultiHeadEmbedding) or table.weight.device.type == "meta":
+            raise TypeError(f"from_dense needs a MultiHeadEmbedding holding its rows, got {type(table).__name__}; "
                             f"offloaded tables are not sharded (convert with .to_multihead() first)")
-        shard = cls(table.head_sizes, table.head_dim, group=group, init_std=getattr(table, "init_std", 0.02),
+        weight = table.weight
+        shard = cls(table.head_sizes, table.head_dim, group=group, init_std=table.init_std,
                     average_grads=average_grads, device="meta", dtype=weight.dtype)
         shard.weight = nn.Parameter(weight.detach()[shard.start:shard.end].clone())
-        shard.validate_ids = getattr(table, "validate_ids", True)
+        shard.offsets, shard.sizes = shard.offsets.to(weight.device), shard.sizes.to(weight.device)
         return shard
 
     def extra_repr(self) -> str:
-        return (f"rows [{self.start}, {self.end}) of {self.num_rows} x {self.head_dim}, "
-                f"rank {self.rank} of {self.world_size}")
+        return f"{super().extra_repr()}, rows [{self.start}, {self.end}), rank {self.rank} of {self.world_size}"
 
     def prefetch(self, ids: torch.Tensor) -> None:
         """Route ``ids`` now and start moving their rows; the forward with the same ids tensor takes them.
@@ -131,6 +118,7 @@ class ShardedEmbedding(nn.Module):
         Hash ids depend only on the tokens, so the model calls this before its first block: the id exchange
         happens then, and the row transfer runs while the blocks before this Engram layer compute.
         """
+        self.check_ids(ids)
         plan = RowExchange(self.fused_ids(ids), self.bounds, self.group)
         rows, work = plan.fetch(self.weight, async_op=True)
         self._pending.append(_Prefetch(ids, plan, rows, work))
@@ -147,6 +135,7 @@ class ShardedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         fetched = self._take_prefetch(ids)
         if fetched is None:
+            self.check_ids(ids)
             plan, arrived = RowExchange(self.fused_ids(ids), self.bounds, self.group), ()
         else:
             plan, arrived = fetched.plan, (fetched.result(),)

@@ -33,7 +33,7 @@ from pathlib import Path
 from ..accounting import engram_counts
 from ..config import EngramConfig
 from ..model.config import ModelConfig
-from ..model.params import count_params
+from ..model.params import count_params, match_table_budget
 from ..train.optim import OptimConfig
 from ..train.trainer import RunConfig, TrainConfig
 from .plotting import pyplot
@@ -49,25 +49,6 @@ class Variant:
 
 def with_engram(backbone: ModelConfig, engram: EngramConfig) -> ModelConfig:
     return backbone.replace(family="engram", engram=engram.to_dict())
-
-
-def match_table_budget(engram: EngramConfig, target: int) -> EngramConfig:
-    """``engram`` with one per-head size for every order, chosen so its table parameters come closest to ``target``.
-
-    Table sizes are distinct primes climbing from the configured size (one per head, layer and order), so the
-    parameters are not simply rows x heads x width; this searches the configured size instead of estimating it.
-    """
-    def params(rows: int) -> int:
-        return engram_counts(dataclasses.replace(engram, engram_vocab_size=[rows] * engram.num_orders), 1).table_params
-
-    lo, hi = 2, 2
-    while params(hi) < target:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:  # params() is non-decreasing in rows: largest rows with params(rows) <= target is lo
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if params(mid) <= target else (lo, mid)
-    best = min((lo, hi), key=lambda r: abs(params(r) - target))
-    return dataclasses.replace(engram, engram_vocab_size=[best] * engram.num_orders)
 
 
 def allocate_dense(dense: ModelConfig, ffn_share: float, engram: EngramConfig) -> ModelConfig:

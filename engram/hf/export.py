@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from ..model import EngramLM
 from ..model.io import save_tokenizer_table
-from ..storage.tables import save_table_files
+from ..model.tables import save_table_files
 from ..tokenizer import vocab_fingerprint
 from ..train.data import TextTokenizer, load_tokenizer
 

@@ -34,13 +34,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from engram.model import EngramLM, ModelConfig
 from engram.model.ffn import MoE
 from engram.model.io import load_tokenizer_table, save_tokenizer_table
+from engram.model.tables import TableFiles, save_table_files
 from engram.module import MultiHeadEmbedding
-from engram.storage import (
-    OffloadedEmbedding,
-    TableFiles,
-    offloaded_tables,
-    save_table_files,
-)
+from engram.storage import OffloadedEmbedding, offloaded_tables
 
 from .configuration_engram import EngramHFConfig
 

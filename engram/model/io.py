@@ -1,7 +1,7 @@
 """Save / load a model: ``model.safetensors`` + ``config.json`` + ``tokenizer.safetensors``.
 
 Engram tables held in a host or disk tier (``engram.storage``) are written as their own files under ``tables/``
-with a ``tables.json`` manifest, not through ``model.safetensors``; see :mod:`engram.storage.tables`.
+with a ``tables.json`` manifest, not through ``model.safetensors``; see :mod:`engram.model.tables`.
 
 The compressed-tokenizer lookup and the tokenizer's vocabulary fingerprint travel with the weights, because the
 Engram hash multipliers depend on V': loading with a different tokenizer would silently rehash every n-gram, so
@@ -31,6 +31,7 @@ from ..files import atomic_write
 from ..tokenizer import CompressedTokenizer, vocab_fingerprint
 from .config import ModelConfig
 from .model import EngramLM
+from .tables import TABLES_MANIFEST, TableFiles, save_table_files
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.safetensors"
 ADDRESSES, TEXT_TOKENIZER = "addresses.json", "tokenizer.json"
@@ -39,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 def save_model(model: EngramLM, directory: str | os.PathLike) -> Path:
     """Write the model to ``directory`` (created if needed); each file is replaced atomically."""
-    from ..storage.tables import save_table_files
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     table_keys = save_table_files(model, d)   # offloaded tables: their own files (a disk table stays in place)
@@ -86,11 +85,9 @@ def load_model(directory: str | os.PathLike, tokenizer: CompressedTokenizer | No
 
     ``tokenizer``, when given, must be the one the model was trained with (same vocabulary fingerprint and
     compression table); otherwise the stored table is used. Tables saved as their own files open in the tier
-    they were saved in; ``table_files`` (an :class:`engram.storage.tables.TableFiles`, as
-    :func:`engram.storage.load_offloaded` passes) opens them elsewhere.
+    they were saved in; ``table_files`` (an :class:`engram.model.tables.TableFiles`, as
+    :func:`load_offloaded` passes) opens them elsewhere.
     """
-    from ..storage.tables import TableFiles
-
     d = Path(directory)
     check_model_folder(d)
     try:
@@ -241,3 +238,16 @@ def _check_text_tokenizer(d: Path, tokenizer: CompressedTokenizer) -> None:
             f"refusing to load {d}: {path} is not the tokenizer the model was trained with (its vocabulary "
             f"fingerprint differs from the one in {TOKENIZER}, so every token id and hash address would be wrong); "
             f"restore the original tokenizer.json")
+
+
+def load_offloaded(directory: str | os.PathLike, tier: str | None = None, *, cache_bytes: int = 0,
+                   table_dir: str | os.PathLike | None = None, readonly: bool = False,
+                   tokenizer: CompressedTokenizer | None = None,
+                   map_location: str | torch.device = "cpu") -> EngramLM:
+    """Load a model saved with offloaded tables, opening them in ``tier`` (default: as saved) with a hot-row
+    cache of ``cache_bytes`` per table; ``map_location`` is the compute device (the tables stay in their tier)."""
+    tables = TableFiles.open(directory, tier, cache_bytes=cache_bytes, table_dir=table_dir, readonly=readonly)
+    if tables is None:
+        raise ModelLoadError(f"{directory} has no {TABLES_MANIFEST}: its tables are in model.safetensors; load it "
+                             f"with engram.model.load_model (and engram.storage.offload_tables to move them)")
+    return load_model(directory, tokenizer, map_location, table_files=tables)

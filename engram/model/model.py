@@ -13,7 +13,6 @@ before the first block (and asks offloaded tables to start fetching their rows t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from torch import nn
 
 from ..hashing import NgramHasher
 from ..module import Engram
+from ..table import TableFactory
 from ..tokenizer import CompressedTokenizer
 from ..validation import validation_enabled
 from .attention import LayerKVCache, build_attention
@@ -28,10 +28,6 @@ from .config import ModelConfig
 from .ffn import MoE, build_ffn
 from .mhc import build_residual, expand_streams, reduce_streams
 from .overencoding import OverEncoding
-
-
-# (layer_id, head_sizes, head_dim, init_std) -> the Engram table of that layer (see EngramLM)
-TableFactory = Callable[[int, list[int], int, float], nn.Module]
 
 
 @dataclass

@@ -99,6 +99,25 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     )
 
 
+def match_table_budget(engram: EngramConfig, target: int) -> EngramConfig:
+    """``engram`` with one per-head size for every order, chosen so its table parameters come closest to ``target``.
+
+    Table sizes are distinct primes climbing from the configured size (one per head, layer and order), so the
+    parameters are not simply rows x heads x width; this searches the configured size instead of estimating it.
+    """
+    def params(rows: int) -> int:
+        return engram_counts(dataclasses.replace(engram, engram_vocab_size=[rows] * engram.num_orders), 1).table_params
+
+    lo, hi = 2, 2
+    while params(hi) < target:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # params() is non-decreasing in rows: largest rows with params(rows) <= target is lo
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if params(mid) <= target else (lo, mid)
+    best = min((lo, hi), key=lambda r: abs(params(r) - target))
+    return dataclasses.replace(engram, engram_vocab_size=[best] * engram.num_orders)
+
+
 def default_engram_template(base: ModelConfig) -> EngramConfig:
     """A small-model Engram template: 2/3-grams, 4 heads, memory width = hidden, blocks 1 and L/2."""
     layers = sorted({min(1, base.num_layers - 1), base.num_layers // 2})
@@ -110,9 +129,9 @@ def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None) 
     """The config that keeps ``rho`` of ``base``'s sparse budget in routed experts and gives the rest to Engram.
 
     ``base`` must be a pure ``moe`` config. Routed experts drop from E to ``k + round(rho * (E - k))`` (the
-    activated top-k stays), and the freed parameters (less Engram's own projections) become table rows, split
-    evenly over Engram layers and heads; each head is then rounded up to a prime. The result has the same total
-    parameters as ``base`` up to that rounding, and the same activated parameters plus Engram's projections
+    activated top-k stays), and the freed parameters (less Engram's own projections) become table rows, one size
+    for every order chosen by :func:`match_table_budget`, so the total matches ``base``'s up to one prime step
+    per head (the primes climb from that size), and the activated parameters are ``base``'s plus Engram's projections
     and the d_mem table values it reads per token (reported by :func:`allocation_table`).
 
     ``engram`` gives the memory's shape (orders, heads, width, layers); its ``engram_vocab_size`` is replaced.
@@ -128,20 +147,17 @@ def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None) 
     e_new = k + int(math.floor(rho * (e - k) + 0.5))  # round half up (paper: rho=0.4 of 106 -> 46)
     if e_new == e:
         raise ValueError(f"rho={rho} keeps all {e} routed experts (too few experts to move); use rho=1 or more experts")
-    base_counts = count_params(base)
-    per_expert = base_counts.routed_expert_params // e
-    freed = (e - e_new) * per_expert
+    # everything the dropped experts held: their weights and their rows of every router
+    freed = count_params(base).total - count_params(base.replace(n_routed_experts=e_new)).total
     hc = base.hc_mult if engram.multi_branch else 1
-    probe = dataclasses.replace(engram, engram_vocab_size=[2] * (engram.max_ngram_size - 1))
+    probe = dataclasses.replace(engram, engram_vocab_size=[2] * engram.num_orders)
     dense = engram_counts(probe, base.hidden_size, hc).dense_params
-    heads = len(engram.layer_ids) * engram.num_heads_total
-    per_head = (freed - dense) // (engram.head_dim * heads)
-    if per_head < 2:
+    if freed - dense < engram_counts(probe, base.hidden_size, hc).table_params:
         raise ValueError(
             f"rho={rho} frees {freed:,} parameters, not enough for Engram's {dense:,} projection parameters plus "
             f"tables; lower rho or shrink n_embed_per_ngram"
         )
-    eng = dataclasses.replace(engram, engram_vocab_size=[int(per_head)] * (engram.max_ngram_size - 1))
+    eng = match_table_budget(engram, freed - dense)
     eng.validate(base.num_layers)
     return base.replace(family="engram", n_routed_experts=e_new, engram=eng.to_dict())
 

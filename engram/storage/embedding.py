@@ -44,9 +44,20 @@ import os
 import torch
 from torch import nn
 
+from .._compat import tensor_version
 from ..module import MultiHeadEmbedding
+from ..table import EngramTable
 from .cache import CacheStats, HotRowCache
-from .tiers import DeviceRowStore, RowStore, check_rows, create_row_store, to_device, to_tier
+from .tiers import (
+    DeviceRowStore,
+    RowStore,
+    check_rows,
+    chunk_rows_for,
+    copy_in_chunks,
+    create_row_store,
+    to_device,
+    to_tier,
+)
 
 
 def fetch_seconds(tokens: int, rows_per_token: int, head_dim: int, bytes_per_value: int,
@@ -66,10 +77,8 @@ class _Fetch:
                  device: torch.device):
         # Match the forward's ids by identity while the tensor's version counter says it is unchanged; inference
         # tensors have no version counter, so keep a copy of them and match by value.
-        if ids.is_inference():
-            self.ids, self.ids_version = ids.clone(), None
-        else:
-            self.ids, self.ids_version = ids, ids._version
+        self.ids_version = tensor_version(ids)
+        self.ids = ids.clone() if self.ids_version is None else ids
         self.unique, self.inverse, self.counts, self.device = unique, inverse, counts, device
         self.hit_pos = self.hit_values = None      # positions in ``unique`` served by the cache, and their values
         self.miss_pos: torch.Tensor | None = None  # positions read from the store (None: all of them)
@@ -78,7 +87,7 @@ class _Fetch:
 
     def matches(self, ids: torch.Tensor) -> bool:
         if self.ids_version is not None:
-            if self.ids._version != self.ids_version:   # the prefetched ids were modified in place since
+            if tensor_version(self.ids) != self.ids_version:   # the prefetched ids were modified in place since
                 return False
             if ids is self.ids:
                 return True
@@ -123,7 +132,7 @@ class _Fetch:
             values[to_device(here, self.device)] = new.to(self.device, values.dtype)
 
 
-class OffloadedEmbedding(nn.Module):
+class OffloadedEmbedding(EngramTable):
     """All hash heads of one Engram layer, rows in a :class:`RowStore` (see the module docstring).
 
     Args:
@@ -137,43 +146,32 @@ class OffloadedEmbedding(nn.Module):
         max_pending: prefetches kept waiting for their forward; the oldest is dropped beyond this.
     """
 
-    is_engram_table = True
-
     def __init__(self, head_sizes: list[int], head_dim: int, store: RowStore, *, init_std: float = 0.02,
                  device: torch.device | str | None = None, cache_bytes: int = 0, max_pending: int = 2):
-        super().__init__()
-        if any(int(s) <= 0 for s in head_sizes) or head_dim <= 0 or not head_sizes:
-            raise ValueError(f"head sizes and head_dim must be positive, got {head_sizes}, {head_dim}")
+        super().__init__(head_sizes, head_dim, init_std)
         if not isinstance(store, RowStore):
             raise TypeError(f"store must be a RowStore (device, host or disk table), got {type(store).__name__}")
-        self.head_sizes = [int(s) for s in head_sizes]
-        self.head_dim = int(head_dim)
-        self.num_rows = sum(self.head_sizes)
         if (store.num_rows, store.dim) != (self.num_rows, self.head_dim):
             raise ValueError(f"the store holds a [{store.num_rows}, {store.dim}] table, these heads need "
                              f"[{self.num_rows}, {self.head_dim}] (sum of head sizes, head_dim)")
         if cache_bytes < 0 or max_pending < 0:
             raise ValueError(f"cache_bytes and max_pending must be >= 0, got {cache_bytes}, {max_pending}")
         self.store = store
-        self.init_std = init_std
-        self.validate_ids = True   # range-check ids each call, as MultiHeadEmbedding does
         self.trainable = True      # capture row gradients when autograd is on
         self.prefetch_enabled = True  # False: prefetch() does nothing and every forward gathers synchronously
         self.cache_bytes, self.max_pending = int(cache_bytes), int(max_pending)
         if device is None:
             device = store.device if store.kind == "device" else torch.device("cpu")
-        sizes = torch.tensor(self.head_sizes, dtype=torch.int64)
-        offsets = torch.cumsum(sizes, 0) - sizes
-        # CPU copies for hashing on the host: no device round trip (and no sync) per call
-        self._offsets_cpu, self._sizes_cpu = offsets, sizes
-        self.register_buffer("offsets", offsets.to(device), persistent=False)
-        self.register_buffer("sizes", sizes.to(device), persistent=False)
+        self.offsets, self.sizes = self.offsets.to(device), self.sizes.to(device)   # the compute device
         self.cache: HotRowCache | None = None
         self._pending: collections.deque[_Fetch] = collections.deque()
         self._captures: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._known_version = store.version
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        # the rows travel in the state dict under MultiHeadEmbedding's key, though they are no parameter
+        self.register_state_dict_post_hook(_rows_into_state_dict)
+        self.register_load_state_dict_pre_hook(_rows_from_state_dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -208,38 +206,10 @@ class OffloadedEmbedding(nn.Module):
         table = MultiHeadEmbedding(self.head_sizes, self.head_dim, init_std=self.init_std, device="meta",
                                    dtype=self.store.dtype)
         table.weight = nn.Parameter(torch.empty(self.num_rows, self.head_dim, dtype=self.store.dtype, device=device))
-        chunk = max(1, (64 << 20) // self.store.row_bytes)
         with torch.no_grad():
-            for start in range(0, self.num_rows, chunk):
-                stop = min(self.num_rows, start + chunk)
-                table.weight[start:stop] = self.store.read_range(start, stop).to(device)
-        table.validate_ids = self.validate_ids
+            copy_in_chunks(self.store.read_range, lambda start, rows: table.weight[start:start + len(rows)].copy_(rows),
+                           self.num_rows, chunk_rows_for(self.store.row_bytes))
         return table.to(device)
-
-    def _apply(self, fn, recurse=True):
-        # ``offsets`` / ``sizes`` are constants of the head sizes: whatever a conversion does to buffers
-        # (``to_empty`` leaves them uninitialised), they are rebuilt from the CPU copies on the new device.
-        super()._apply(fn, recurse)
-        self.offsets = self._offsets_cpu.to(self.offsets.device)
-        self.sizes = self._sizes_cpu.to(self.sizes.device)
-        return self
-
-    # ------------------------------------------------------------------ ids
-    def fused_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Per-head ids -> rows of the fused table (checked to be in range), on the ids' device."""
-        if ids.dtype != torch.int64:
-            raise TypeError(f"hash ids must be int64, got {ids.dtype}")
-        if ids.dim() == 0 or ids.shape[-1] != len(self.head_sizes):
-            raise ValueError(f"hash ids must be [..., {len(self.head_sizes)}] (one id per head), "
-                             f"got {tuple(ids.shape)}")
-        on_cpu = ids.device.type == "cpu"
-        offsets = self._offsets_cpu if on_cpu else self.offsets.to(ids.device)
-        if self.validate_ids and ids.numel():
-            sizes = self._sizes_cpu if on_cpu else self.sizes.to(ids.device)
-            if bool(((ids < 0) | (ids >= sizes)).any()):
-                raise ValueError("hash ids out of range for this table (negative or >= the head's prime size); they "
-                                 "were produced by a hasher with a different config, seed or vocabulary")
-        return ids + offsets
 
     # ------------------------------------------------------------------ reading rows
     def _cache_on(self, device: torch.device) -> HotRowCache | None:
@@ -277,6 +247,7 @@ class OffloadedEmbedding(nn.Module):
         return to_device(store.gather(rows, check=False), device), None
 
     def _start_fetch(self, ids: torch.Tensor, asynchronous: bool) -> _Fetch:
+        self.check_ids(ids)
         device = self.offsets.device
         flat = self.fused_ids(ids).reshape(-1).cpu()
         unique, inverse, counts = torch.unique(flat, sorted=True, return_inverse=True, return_counts=True)
@@ -365,29 +336,33 @@ class OffloadedEmbedding(nn.Module):
         super().zero_grad(set_to_none)
         self._captures.clear()
 
-    def update_rows(self, rows: torch.Tensor, delta: torch.Tensor, scale: float | None = None) -> None:
+    def update_rows(self, rows: torch.Tensor, delta: torch.Tensor, scale: float | torch.Tensor | None = None) -> None:
         """``rows = scale * rows + delta`` in the table's tier, keeping the cache and pending prefetches coherent
         (their copies of these rows are replaced by the new values). ``rows``: unique CPU int64 ``[n]``,
-        ``delta``: ``[n, head_dim]`` on any device."""
-        rows, delta = self._prepare_write(rows, delta)
+        ``delta``: ``[n, head_dim]`` on any device, ``scale``: a number or one factor per row ``[n, 1]``."""
+        rows, order = self._prepare_write(rows, delta)
+        delta = delta[to_device(order, delta.device)]
+        if isinstance(scale, torch.Tensor):
+            scale = scale[to_device(order, scale.device)]
         new = self.store.apply_update(rows, delta, scale, check=False)
         self._refresh_copies(rows, new)
 
     def write_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """``rows = values`` in the table's tier, keeping the cache and pending prefetches coherent."""
-        rows, values = self._prepare_write(rows, values)
+        rows, order = self._prepare_write(rows, values)
+        values = values[to_device(order, values.device)]
         self.store.scatter(rows, values, check=False)
         self._refresh_copies(rows, values)
 
     def _prepare_write(self, rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a write and make it safe; returns ``(rows sorted, the order that sorts them)``."""
         check_rows(rows, self.num_rows, unique=True)
         if values.shape != (rows.numel(), self.head_dim):
             raise ValueError(f"expected [{rows.numel()}, {self.head_dim}] values for {rows.numel()} rows, "
                              f"got {tuple(values.shape)}")
         self._check_store_version()
         self.wait_for_prefetches()   # no gather may still be reading the rows we are about to write
-        rows, order = torch.sort(rows.cpu())
-        return rows, values[to_device(order, values.device)]
+        return torch.sort(rows.cpu())
 
     def _refresh_copies(self, rows: torch.Tensor, new: torch.Tensor) -> None:
         new = to_device(new, self.offsets.device)
@@ -397,40 +372,39 @@ class OffloadedEmbedding(nn.Module):
             fetch.patch(rows, new)
         self._known_version = self.store.version
 
-    # ------------------------------------------------------------------ checkpoints
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # the rows under MultiHeadEmbedding's key, as a view of the store (no copy; a disk table stays mapped)
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = self.store.read_range(0, self.num_rows).detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        key = prefix + "weight"
-        if key in state_dict:
-            weight = state_dict[key]
-            if tuple(weight.shape) != (self.num_rows, self.head_dim):
-                error_msgs.append(f"size mismatch for {key}: checkpoint has {tuple(weight.shape)}, this table is "
-                                  f"{(self.num_rows, self.head_dim)}")
-            else:
-                chunk = max(1, (64 << 20) // self.store.row_bytes)
-                self.wait_for_prefetches()
-                for start in range(0, self.num_rows, chunk):
-                    stop = min(self.num_rows, start + chunk)
-                    self.store.write_range(start, weight[start:stop].to(self.store.device, self.store.dtype))
-                self.store.flush()
-        elif strict:
-            missing_keys.append(key)
-        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k != key}, prefix, local_metadata,
-                                      strict, missing_keys, unexpected_keys, error_msgs)
-
     # ------------------------------------------------------------------ reporting
     @property
     def cache_stats(self) -> CacheStats | None:
         return None if self.cache is None else self.cache.stats
 
     def extra_repr(self) -> str:
-        return (f"heads={len(self.head_sizes)}, rows={self.num_rows}, head_dim={self.head_dim}, "
-                f"store={self.store!r}, cache_bytes={self.cache_bytes}")
+        return f"{super().extra_repr()}, store={self.store!r}, cache_bytes={self.cache_bytes}"
+
+
+def _rows_into_state_dict(table: OffloadedEmbedding, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """The rows under ``prefix + "weight"``, as a view of the store (no copy; a disk table stays mapped)."""
+    state_dict[prefix + "weight"] = table.store.read_range(0, table.num_rows).detach()
+
+
+def _rows_from_state_dict(table: OffloadedEmbedding, state_dict: dict, prefix: str, local_metadata: dict,
+                          strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """Write ``prefix + "weight"`` into the store chunk by chunk, and take the key out of what the module's own
+    loading sees (it is no parameter of the module)."""
+    key = prefix + "weight"
+    if key not in state_dict:
+        if strict:
+            missing_keys.append(key)
+        return
+    weight = state_dict.pop(key)
+    if tuple(weight.shape) != (table.num_rows, table.head_dim):
+        error_msgs.append(f"size mismatch for {key}: checkpoint has {tuple(weight.shape)}, this table is "
+                          f"{(table.num_rows, table.head_dim)}")
+        return
+    store = table.store
+    table.wait_for_prefetches()
+    copy_in_chunks(lambda start, stop: weight[start:stop].to(store.device, store.dtype), store.write_range,
+                   table.num_rows, chunk_rows_for(store.row_bytes))
+    store.flush()
 
 
 def offload_tables(model: nn.Module, tier: str = "host", *, path_dir: str | os.PathLike | None = None,
@@ -458,7 +432,6 @@ def offload_tables(model: nn.Module, tier: str = "host", *, path_dir: str | os.P
         else:
             new = OffloadedEmbedding.from_multihead(table, tier, path=path, cache_bytes=cache_bytes,
                                                     overwrite=overwrite, progress=progress)
-        new.validate_ids = table.validate_ids
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if name else None
         if parent is None:

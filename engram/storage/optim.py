@@ -1,26 +1,25 @@
-"""Row-wise sparse optimizer for offloaded Engram tables.
+"""Row-wise Adam: the one update rule of Engram tables in every tier, and its optimizer for offloaded tables.
 
-A step touches only the rows the last backward looked up, in the table's own tier, and keeps one float32
-scalar of state per row (in a :class:`~engram.storage.RowStore` of the same tier: a tensor on the device, in
-host memory, or a memory-mapped file next to a disk table). No state of the table's size times ``dim`` exists,
-which is what makes training a table larger than device (or host) memory possible.
+A table of billions of rows cannot afford Adam's two moments per value. Row-wise Adam keeps, per row r, one
+second moment v_r (a scalar) and the row's own step count n_r, and moves only the rows whose gradient g_r
+(summed over the row's occurrences in the batch, ``dim`` = D values) is non-zero::
 
-For a touched row r with gradient g_r (summed over its occurrences in the batch), ``dim`` = D:
+    n_r  <- n_r + 1
+    v_r  <- beta2 * v_r + (1 - beta2) * mean_j g_rj^2
+    w_r  <- (1 - lr * weight_decay) * w_r  -  lr * g_r / (sqrt(v_r / (1 - beta2^n_r)) + eps)
 
-    s_r   = mean_j g_rj^2                                              (one scalar per row and step)
-    adam:     v_r <- s_r                       on the row's first update (v_r == 0)
-              v_r <- beta2 * v_r + (1 - beta2) * s_r                   afterwards
-    adagrad:  v_r <- v_r + s_r
-    w_r   <- (1 - lr * weight_decay) * w_r  -  lr * g_r / (sqrt(v_r) + eps)
+The bias correction uses the row's own count, not the global step: a row of a Zipf table is touched rarely, and
+a global-step correction (lazy Adam) would make its steps ~1/sqrt(1 - beta2) times too large. A row-scalar first
+moment is left out because a scalar cannot carry the direction momentum needs. Rows the batch did not touch do
+not change, not even by weight decay (which defaults to 0; the paper trains the tables without it).
 
-"adam" is row-wise Adam without a first moment: a first moment is D values per row, i.e. as large as the
-table. Its second moment starts from the first observed gradient instead of zero, so no bias correction is
-needed; a global-step bias correction (lazy Adam) would give rows that are touched rarely, most of a Zipf
-table, steps ~1/sqrt(1 - beta2) times too large. "adagrad" is the row-wise Adagrad used for large
-recommendation tables. Rows the batch did not touch do not change, not even by weight decay (which defaults to 0;
-the paper trains the tables without it). The paper's 5x table learning rate is the caller's: pass ``lr=5 * base_lr``.
+:func:`rowwise_adam` is the rule, written once. Device tables (``nn.Parameter`` rows of a
+:class:`~engram.module.MultiHeadEmbedding` or a row shard) apply it through
+:class:`engram.train.optim.RowWiseAdam`; offloaded tables through :class:`SparseRowOptimizer` below, in the
+table's own tier, so switching ``train.table_tier`` does not change the algorithm.
 
-Use::
+:class:`SparseRowOptimizer` keeps the state (v_r, n_r) as a ``[num_rows, 2]`` float32 :class:`RowStore` in the
+table's tier (a tensor on the device, in host memory, or a memory-mapped file next to a disk table). Use::
 
     opt = SparseRowOptimizer(model, lr=5 * base_lr)   # finds every OffloadedEmbedding in the model
     loss.backward(); dense_opt.step(); opt.step(); dense_opt.zero_grad(); opt.zero_grad()
@@ -40,24 +39,57 @@ import torch
 from torch import nn
 
 from .embedding import OffloadedEmbedding
-from .tiers import DiskRowStore, RowStore, create_row_store, to_device
+from .tiers import (
+    DiskRowStore,
+    RowStore,
+    chunk_rows_for,
+    copy_in_chunks,
+    create_row_store,
+    to_device,
+)
 
-METHODS = ("adam", "adagrad")
+STATE_FORMAT = 2   # [num_rows, 2] per table: second moment v_r, step count n_r
+
+
+def rowwise_adam(grad: torch.Tensor, sq_avg: torch.Tensor, steps: torch.Tensor, *, lr: float, beta2: float,
+                 eps: float, weight_decay: float) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row-wise Adam step (module docstring) for ``n`` rows, without reading the rows themselves.
+
+    Args: ``grad [n, D]`` (float32), the rows' state ``sq_avg [n]`` and ``steps [n]`` (float32, on grad's device).
+    Returns ``(scale, delta, sq_avg, steps)``: the new rows are ``scale * w + delta`` (``scale`` ``[n, 1]``, or
+    None without weight decay); rows with an all-zero gradient get ``scale = 1``, ``delta = 0`` and keep their
+    state, so no device value needs to be read to select the touched rows.
+    """
+    touched = grad.ne(0).any(dim=1)
+    steps = steps + touched.to(steps.dtype)
+    sq_avg = torch.where(touched, beta2 * sq_avg + (1 - beta2) * grad.square().mean(dim=1), sq_avg)
+    correction = 1 - torch.pow(beta2, steps.clamp_min(1))
+    denom = (sq_avg / correction).sqrt_().add_(eps)
+    delta = grad / denom[:, None] * -lr   # zero where the gradient is zero
+    scale = None
+    if weight_decay:
+        scale = torch.where(touched, 1 - lr * weight_decay, 1.0).to(grad.dtype)[:, None]
+    return scale, delta, sq_avg, steps
+
+
+def check_rowwise_hyperparameters(lr: float, beta2: float, eps: float, weight_decay: float) -> None:
+    if lr < 0 or eps <= 0 or weight_decay < 0 or not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"row-wise Adam needs lr >= 0, eps > 0, weight_decay >= 0, 0 <= beta2 < 1; got lr={lr}, "
+                         f"eps={eps}, weight_decay={weight_decay}, beta2={beta2}")
 
 
 class SparseRowOptimizer:
-    """Row-wise Adam / Adagrad over the rows captured by :class:`OffloadedEmbedding` (module docstring).
+    """Row-wise Adam (:func:`rowwise_adam`) over the rows captured by :class:`OffloadedEmbedding`.
 
     Args:
         tables: an OffloadedEmbedding, a list of them, or a module containing them.
-        lr, beta2, eps, weight_decay: as in the update rule above.
-        method: ``"adam"`` or ``"adagrad"``.
+        lr, beta2, eps, weight_decay: as in the update rule (module docstring).
         state_dir: where disk tables keep their optimizer state file (default: next to the table,
             ``<table file>.rowstate``). State files are created fresh (zeros); resume with :meth:`load_state_dict`.
     """
 
     def __init__(self, tables: OffloadedEmbedding | list[OffloadedEmbedding] | nn.Module, lr: float, *,
-                 method: str = "adam", beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
                  state_dir: str | os.PathLike | None = None):
         if isinstance(tables, OffloadedEmbedding):
             tables = [tables]
@@ -70,15 +102,10 @@ class SparseRowOptimizer:
         for t in tables:
             if not isinstance(t, OffloadedEmbedding):
                 raise TypeError(f"SparseRowOptimizer optimises OffloadedEmbedding tables, got {type(t).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-        if lr < 0 or eps <= 0 or weight_decay < 0 or not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"need lr >= 0, eps > 0, weight_decay >= 0, 0 <= beta2 < 1; got lr={lr}, eps={eps}, "
-                             f"weight_decay={weight_decay}, beta2={beta2}")
+        check_rowwise_hyperparameters(lr, beta2, eps, weight_decay)
         self.tables = tables
         self.param_groups = [{"name": "tables", "lr": lr, "base_lr": lr}]
-        self.method, self.beta2, self.eps, self.weight_decay = method, beta2, eps, weight_decay
-        self.steps = 0
+        self.beta2, self.eps, self.weight_decay = beta2, eps, weight_decay
         self.row_state: list[RowStore] = [self._new_state(t, i, state_dir) for i, t in enumerate(tables)]
 
     @property
@@ -98,9 +125,9 @@ class SparseRowOptimizer:
                 path = Path(str(store.path) + ".rowstate")
             else:
                 path = Path(state_dir) / f"{store.path.name}.{index}.rowstate"
-            return create_row_store("disk", store.num_rows, 1, init_std=0.0, path=path, overwrite=True)
+            return create_row_store("disk", store.num_rows, 2, init_std=0.0, path=path, overwrite=True)
         device = store.device if store.kind == "device" else None
-        return create_row_store(store.kind, store.num_rows, 1, init_std=0.0, device=device,
+        return create_row_store(store.kind, store.num_rows, 2, init_std=0.0, device=device,
                                 **({"pin": False} if store.kind == "host" else {}))
 
     @torch.no_grad()
@@ -111,17 +138,11 @@ class SparseRowOptimizer:
             if captured is None:
                 continue
             rows, grad = captured
-            v = to_device(state.gather(rows, check=False), grad.device).squeeze(1)
-            s = grad.square().mean(1)
-            if self.method == "adam":
-                v = torch.where(v == 0, s, self.beta2 * v + (1 - self.beta2) * s)
-            else:
-                v = v + s
-            state.scatter(rows, v.unsqueeze(1), check=False)
-            delta = grad / (v.sqrt() + self.eps).unsqueeze(1) * -self.lr
-            scale = 1.0 - self.lr * self.weight_decay if self.weight_decay else None
+            old = to_device(state.gather(rows, check=False), grad.device)
+            scale, delta, sq_avg, steps = rowwise_adam(grad, old[:, 0], old[:, 1], lr=self.lr, beta2=self.beta2,
+                                                       eps=self.eps, weight_decay=self.weight_decay)
+            state.scatter(rows, torch.stack([sq_avg, steps], dim=1), check=False)
             table.update_rows(rows, delta, scale)
-        self.steps += 1
 
     def grad_tensors(self) -> list[torch.Tensor]:
         """The leaves holding the captured row gradients of every table, for a global-norm clip together with
@@ -136,34 +157,35 @@ class SparseRowOptimizer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Hyper-parameters, step count and the per-row state (``[num_rows]`` float32 per table: a view of the
-        state store, not a copy; a disk table's state stays memory-mapped until it is saved)."""
+        """Hyper-parameters and the per-row state (``[num_rows, 2]`` float32 per table, columns v_r and n_r: a
+        view of the state store, not a copy; a disk table's state stays memory-mapped until it is saved)."""
         for state in self.row_state:
             state.flush()
         return {
-            "method": self.method, "lr": self.lr, "beta2": self.beta2, "eps": self.eps,
-            "weight_decay": self.weight_decay, "steps": self.steps,
-            "row_state": [state.read_range(0, state.num_rows).squeeze(1) for state in self.row_state],
+            "format": STATE_FORMAT, "lr": self.lr, "beta2": self.beta2, "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "row_state": [state.read_range(0, state.num_rows) for state in self.row_state],
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("method") != self.method:
-            raise ValueError(f"state is for method {state_dict.get('method')!r}, this optimizer uses {self.method!r}")
+        if state_dict.get("format") != STATE_FORMAT:
+            raise ValueError(f"row optimizer state of format {state_dict.get('format')!r}, this engram reads format "
+                             f"{STATE_FORMAT} (per-row second moment and step count); it was written by an older "
+                             f"engram whose row rule differed: restart the run")
         row_state = state_dict["row_state"]
         if len(row_state) != len(self.row_state):
             raise ValueError(f"state has {len(row_state)} tables, this optimizer has {len(self.row_state)}")
         for i, (saved, state) in enumerate(zip(row_state, self.row_state)):
-            if tuple(saved.shape) != (state.num_rows,):
-                raise ValueError(f"table {i}: saved state is {tuple(saved.shape)}, the table has {state.num_rows} rows")
+            if tuple(saved.shape) != (state.num_rows, 2):
+                raise ValueError(f"table {i}: saved state is {tuple(saved.shape)}, the table needs "
+                                 f"{(state.num_rows, 2)}")
         for saved, state in zip(row_state, self.row_state):
-            chunk = 16 << 20
-            for start in range(0, state.num_rows, chunk):
-                stop = min(state.num_rows, start + chunk)
-                state.write_range(start, saved[start:stop].reshape(-1, 1).to(state.device, torch.float32))
+            copy_in_chunks(lambda start, stop: saved[start:stop].to(state.device, torch.float32), state.write_range,
+                           state.num_rows, chunk_rows_for(state.row_bytes))
             state.flush()
         self.lr, self.beta2, self.eps = state_dict["lr"], state_dict["beta2"], state_dict["eps"]
-        self.weight_decay, self.steps = state_dict["weight_decay"], state_dict["steps"]
+        self.weight_decay = state_dict["weight_decay"]
 
     def __repr__(self) -> str:
-        return (f"SparseRowOptimizer({self.method}, lr={self.lr}, beta2={self.beta2}, eps={self.eps}, "
+        return (f"SparseRowOptimizer(lr={self.lr}, beta2={self.beta2}, eps={self.eps}, "
                 f"weight_decay={self.weight_decay}, tables={len(self.tables)})")

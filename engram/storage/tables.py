@@ -1,52 +1,30 @@
-"""A model's Engram tables in a tier: build them there, save them as their own files, load them back.
+"""Engram tables in a tier, by Engram layer: a ``table_factory`` for the model, and the tables of a model.
 
-Building. ``EngramLM(cfg, tok, table_factory=table_factory("host"))`` (or :func:`build_offloaded`) creates each
-Engram layer's table directly in its tier through :meth:`OffloadedEmbedding.create`: a host or disk table is
-never allocated on the accelerator, and a disk table is written chunk by chunk to ``path_dir/layerNN.rows``.
-The Engram module gets the table through ``Engram(table=...)`` and does not know where its rows live.
+``EngramLM(cfg, tok, table_factory=table_factory("host"))`` creates each Engram layer's table directly in its
+tier through :meth:`OffloadedEmbedding.create`: a host or disk table is never allocated on the accelerator, and a
+disk table is written chunk by chunk to ``path_dir/layerNN.rows``. The Engram module gets the table through
+``Engram(table=...)`` and does not know where its rows live. Saving and loading such a model's tables as their
+own files is :mod:`engram.model.tables`' business.
 
 Initialisation. A factory-built table of layer ``l`` is ``normal(0, init_std)`` drawn from its own seed
 ``seed + l`` (see :func:`~engram.storage.tiers.init_rows`), the same rows in every tier. It does not draw from
 torch's global generator, so the other weights of a model built with a factory differ from those of a model
 built without one under the same ``torch.manual_seed``; to compare tiers on the same weights, copy a state
 dict across (``load_state_dict`` writes the table rows into the store) or use :func:`offload_tables`.
-
-Saving. :func:`engram.model.save_model` writes every table held in a :class:`~engram.storage.RowStore` as its own
-file, never through the safetensors file of the whole state dict::
-
-    model.safetensors        every other tensor
-    tables.json              {"format": 1, "tables": {"<layer>": {"file", "tier", "state_key", "num_rows",
-                                                                   "dim", "dtype", "head_sizes"}}}
-    tables/layerNN.rows      a disk table: the row file itself (left in place when the table already lives
-                             there, else copied chunk by chunk)
-    tables/layerNN.safetensors  a host or device table
-
-Loading. :func:`engram.model.load_model` sees ``tables.json`` and opens each table in the tier it was saved in
-(a disk table memory-mapped in place); :func:`load_offloaded` picks another tier or a cache size. A table file
-that is truncated, not a table, or of another shape than the layer needs is refused before any row is served.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..files import atomic_write
-from ..model.config import ModelConfig
-from ..model.io import ModelLoadError, load_model
-from ..model.model import EngramLM, TableFactory
 from ..module import Engram
-from ..tokenizer import CompressedTokenizer
+from ..table import TableFactory
 from .embedding import OffloadedEmbedding
-from .tiers import TIERS, DiskRowStore, dtype_name, load_row_store
-
-TABLES_MANIFEST = "tables.json"
-TABLES_DIR = "tables"
-TABLES_FORMAT = 1
+from .tiers import TIERS
 
 
 def table_file_name(layer_id: int, tier: str) -> str:
@@ -82,16 +60,6 @@ def table_factory(tier: str = "host", *, path_dir: str | os.PathLike | None = No
     return make
 
 
-def build_offloaded(cfg: ModelConfig, tokenizer: CompressedTokenizer, tier: str = "host", *,
-                    path_dir: str | os.PathLike | None = None, cache_bytes: int = 0,
-                    dtype: torch.dtype = torch.float32, seed: int = 0, overwrite: bool = False,
-                    progress: bool | None = None) -> EngramLM:
-    """``EngramLM(cfg, tokenizer)`` with every Engram table created directly in ``tier`` (:func:`table_factory`)."""
-    return EngramLM(cfg, tokenizer, table_factory=table_factory(
-        tier, path_dir=path_dir, cache_bytes=cache_bytes, dtype=dtype, seed=seed, overwrite=overwrite,
-        progress=progress))
-
-
 def offloaded_tables(model: nn.Module) -> dict[str, tuple[int, OffloadedEmbedding]]:
     """``{state_dict key of the table: (layer_id, table)}`` for every Engram layer whose table is offloaded."""
     found = {}
@@ -105,119 +73,3 @@ def set_prefetch(model: nn.Module, enabled: bool) -> None:
     """Turn asynchronous prefetch on or off for every offloaded table of ``model``."""
     for _, table in offloaded_tables(model).values():
         table.prefetch_enabled = enabled
-
-
-# ---------------------------------------------------------------------------------------------------- saving
-def save_table_files(model: nn.Module, directory: str | os.PathLike) -> set[str]:
-    """Write every offloaded table of ``model`` under ``directory/tables`` with a ``tables.json`` manifest (see
-    the module docstring); returns the state-dict keys it wrote, which the weights file must leave out.
-
-    A model without offloaded tables removes a stale manifest and returns an empty set.
-    """
-    d = Path(directory)
-    tables = offloaded_tables(model)
-    manifest_path = d / TABLES_MANIFEST
-    if not tables:
-        if manifest_path.exists():
-            manifest_path.unlink()
-        return set()
-    (d / TABLES_DIR).mkdir(parents=True, exist_ok=True)
-    entries = {}
-    for key, (layer_id, table) in tables.items():
-        store = table.store
-        table.wait_for_prefetches()   # no gather may be reading while the file is copied
-        rel = f"{TABLES_DIR}/{table_file_name(layer_id, store.kind)}"
-        target = d / rel
-        if isinstance(store, DiskRowStore) and target.exists() and target.resolve() == store.path.resolve():
-            store.flush()    # the table already lives in the model folder: keep it in place
-        else:
-            atomic_write(target, store.save)
-        entries[str(layer_id)] = {"file": rel, "tier": store.kind, "state_key": key, "num_rows": store.num_rows,
-                                  "dim": store.dim, "dtype": dtype_name(store.dtype), "head_sizes": table.head_sizes}
-    text = json.dumps({"format": TABLES_FORMAT, "tables": entries}, indent=1)
-    atomic_write(manifest_path, text)
-    return set(tables)
-
-
-# ---------------------------------------------------------------------------------------------------- loading
-class TableFiles:
-    """The table files of a saved model, as a ``table_factory`` that opens them (see the module docstring).
-
-    Args:
-        directory: the saved model folder.
-        tier: where to open the tables (default: the tier each was saved in). A disk file opens in place for
-            ``"disk"`` and is copied for ``"host"`` / ``"device"``; a safetensors table opening as ``"disk"`` is
-            copied to a new row file in ``table_dir``.
-        cache_bytes: hot-row cache per table.
-        table_dir: folder for the row files made when safetensors tables are opened as disk tables.
-        readonly: map disk tables read-only (serving); training needs them writable.
-    """
-
-    def __init__(self, directory: str | os.PathLike, tier: str | None = None, *, cache_bytes: int = 0,
-                 table_dir: str | os.PathLike | None = None, readonly: bool = False, pin: bool | None = None):
-        self.directory = Path(directory)
-        if tier is not None and tier not in TIERS:
-            raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
-        path = self.directory / TABLES_MANIFEST
-        try:
-            manifest = json.loads(path.read_text())
-            if manifest.get("format") != TABLES_FORMAT:
-                raise ValueError(f"format {manifest.get('format')!r}, this engram reads format {TABLES_FORMAT}")
-            self.entries = {int(layer): entry for layer, entry in manifest["tables"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelLoadError(f"{path} is not a readable table manifest ({e}); re-save the model") from e
-        self.tier, self.cache_bytes, self.readonly, self.pin = tier, int(cache_bytes), readonly, pin
-        self.table_dir = None if table_dir is None else Path(table_dir)
-
-    @classmethod
-    def open(cls, directory: str | os.PathLike, tier: str | None = None, **kwargs) -> TableFiles | None:
-        """The table files of ``directory``, or None when its tables are inside ``model.safetensors``."""
-        if not (Path(directory) / TABLES_MANIFEST).is_file():
-            return None
-        return cls(directory, tier, **kwargs)
-
-    @property
-    def state_keys(self) -> set[str]:
-        """State-dict keys held in table files instead of ``model.safetensors``."""
-        return {e["state_key"] for e in self.entries.values()}
-
-    def __call__(self, layer_id: int, head_sizes: list[int], head_dim: int, init_std: float) -> OffloadedEmbedding:
-        entry = self.entries.get(layer_id)
-        if entry is None:
-            raise ModelLoadError(f"{self.directory / TABLES_MANIFEST} has no table for Engram layer {layer_id} "
-                                 f"(it holds layers {sorted(self.entries)}); the config and the tables disagree")
-        path = self.directory / entry["file"]
-        tier = self.tier or entry["tier"]
-        want = (sum(head_sizes), head_dim)
-        if list(entry["head_sizes"]) != list(head_sizes) or (entry["num_rows"], entry["dim"]) != want:
-            raise ModelLoadError(f"{path} holds a table for heads {entry['head_sizes']} x {entry['dim']}, layer "
-                                 f"{layer_id} of this config needs {list(head_sizes)} x {head_dim}")
-        disk_path = None
-        if tier == "disk" and entry["tier"] != "disk":
-            if self.table_dir is None:
-                raise ValueError(f"opening the {entry['tier']} table {path} as a disk table copies it to a new row "
-                                 f"file: pass table_dir=")
-            self.table_dir.mkdir(parents=True, exist_ok=True)
-            disk_path = self.table_dir / table_file_name(layer_id, "disk")
-        try:
-            store = load_row_store(path, tier, pin=self.pin if tier == "host" else None, disk_path=disk_path,
-                                   readonly=self.readonly)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot open the table of Engram layer {layer_id}: {e}") from e
-        if (store.num_rows, store.dim) != want or dtype_name(store.dtype) != entry["dtype"]:
-            raise ModelLoadError(f"{path} holds a [{store.num_rows}, {store.dim}] {dtype_name(store.dtype)} table, "
-                                 f"the manifest and layer {layer_id} need [{want[0]}, {want[1]}] {entry['dtype']}")
-        return OffloadedEmbedding(head_sizes, head_dim, store, init_std=init_std, cache_bytes=self.cache_bytes)
-
-
-def load_offloaded(directory: str | os.PathLike, tier: str | None = None, *, cache_bytes: int = 0,
-                   table_dir: str | os.PathLike | None = None, readonly: bool = False,
-                   tokenizer: CompressedTokenizer | None = None,
-                   map_location: str | torch.device = "cpu") -> EngramLM:
-    """Load a model saved with offloaded tables, opening them in ``tier`` (default: as saved) with a hot-row
-    cache of ``cache_bytes`` per table; ``map_location`` is the compute device (the tables stay in their tier)."""
-    tables = TableFiles.open(directory, tier, cache_bytes=cache_bytes, table_dir=table_dir, readonly=readonly)
-    if tables is None:
-        raise ModelLoadError(f"{directory} has no {TABLES_MANIFEST}: its tables are in model.safetensors; load it "
-                             f"with engram.model.load_model (and engram.storage.offload_tables to move them)")
-    return load_model(directory, tokenizer, map_location, table_files=tables)

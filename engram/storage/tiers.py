@@ -39,8 +39,8 @@ import json
 import mmap
 import os
 import warnings
-from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -146,28 +146,48 @@ def _progress(total: int, desc: str, progress: bool | None) -> tqdm:
     return tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=None if progress is None else not progress)
 
 
-def _fill_initial(store: RowStore, init_std: float, seed: int, progress: bool | None) -> None:
-    block = init_block_rows(store.dim)
-    with _progress(store.num_rows, f"init {store.kind} table", progress) as bar:
-        for start in range(0, store.num_rows, block):
-            stop = min(store.num_rows, start + block)
-            store.write_range(start, init_rows(start, stop, store.dim, init_std, seed).to(store.dtype))
+def copy_in_chunks(read: Callable[[int, int], torch.Tensor], write: Callable[[int, torch.Tensor], None],
+                   num_rows: int, chunk_rows: int, *, desc: str = "copy rows", progress: bool | None = False) -> None:
+    """``write(start, read(start, stop))`` over rows ``[0, num_rows)`` in chunks of ``chunk_rows``: the one loop
+    behind every copy of a whole table (tier to tier, initialisation, state dicts, checkpoints), so that no copy
+    holds more than one chunk besides its source and destination."""
+    with _progress(num_rows, desc, progress) as bar:
+        for start in range(0, num_rows, chunk_rows):
+            stop = min(num_rows, start + chunk_rows)
+            write(start, read(start, stop))
             bar.update(stop - start)
 
 
-class RowStore(ABC):
-    """A ``[num_rows, dim]`` table accessed by row. See the module docstring for the contract.
+def chunk_rows_for(row_bytes: int) -> int:
+    """Rows per chunk of a chunked copy (~64 MiB)."""
+    return max(1, _COPY_CHUNK_BYTES // row_bytes)
 
-    ``gather`` returns rows on :attr:`device`: the CPU for host and disk tables (page-locked when CUDA is
-    present), the table's device for a device table, so that a device table's rows never make a round trip
-    through the host. Moving host rows to the compute device is the caller's business
-    (:class:`~engram.storage.OffloadedEmbedding` does it on a side stream).
+
+def _fill_initial(store: RowStore, init_std: float, seed: int, progress: bool | None) -> None:
+    copy_in_chunks(lambda start, stop: init_rows(start, stop, store.dim, init_std, seed).to(store.dtype),
+                   store.write_range, store.num_rows, init_block_rows(store.dim), desc=f"init {store.kind} table",
+                   progress=progress)
+    store.version = 0
+
+
+class RowStore:
+    """A ``[num_rows, dim]`` table accessed by row, held in the tensor :attr:`rows`. See the module docstring.
+
+    Every tier keeps its rows in a tensor (on the device, in host memory, or mapping a file), so the row
+    operations are implemented here once; a tier adds how it is created, loaded and saved. ``gather`` returns
+    rows on :attr:`device`: the CPU for host and disk tables (page-locked when CUDA is present), the table's
+    device for a device table, so that a device table's rows never make a round trip through the host. Moving
+    host rows to the compute device is the caller's business (:class:`~engram.storage.OffloadedEmbedding` does
+    it on a side stream).
     """
 
     kind: str = ""
 
-    def __init__(self, num_rows: int, dim: int, dtype: torch.dtype):
-        self.num_rows, self.dim, self.dtype = _check_shape(num_rows, dim, dtype)
+    def __init__(self, rows: torch.Tensor):
+        if rows.dim() != 2:
+            raise ValueError(f"a table is a 2-D [num_rows, dim] tensor, got shape {tuple(rows.shape)}")
+        self.num_rows, self.dim, self.dtype = _check_shape(rows.shape[0], rows.shape[1], rows.dtype)
+        self.rows = rows
         self.version = 0
 
     # ------------------------------------------------------------------ sizes
@@ -180,25 +200,43 @@ class RowStore(ABC):
         return self.num_rows * self.row_bytes
 
     @property
-    @abstractmethod
     def device(self) -> torch.device:
         """Where :meth:`gather` returns rows."""
+        return self.rows.device
 
     # ------------------------------------------------------------------ row access
-    @abstractmethod
     def gather(self, rows: torch.Tensor, out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
         """``values[rows]`` as ``[n, dim]`` on :attr:`device` (written into ``out`` when given)."""
+        if check:
+            check_rows(rows, self.num_rows)
+        rows = to_device(rows, self.device)
+        if out is None:
+            if self.device.type == "cpu" and cuda_pinning_default():
+                # host rows are returned page-locked so that the copy to the GPU can be asynchronous
+                out = torch.empty(rows.numel(), self.dim, dtype=self.dtype, pin_memory=True)
+                return torch.index_select(self.rows, 0, rows, out=out)
+            return torch.index_select(self.rows, 0, rows)
+        if out.shape != (rows.numel(), self.dim) or out.dtype != self.dtype or out.device != self.device:
+            raise ValueError(f"out must be a [{rows.numel()}, {self.dim}] {self.dtype} tensor on {self.device}, "
+                             f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+        return torch.index_select(self.rows, 0, rows, out=out)
 
-    @abstractmethod
     def scatter(self, rows: torch.Tensor, values: torch.Tensor, check: bool = True) -> None:
         """``values[rows] = values``; rows must not repeat."""
+        self._writable()
+        if check:
+            check_rows(rows, self.num_rows, unique=True)
+            self._check_values(values, rows.numel())
+        self.rows.index_copy_(0, to_device(rows, self.device), to_device(values, self.device).to(self.dtype))
+        self._bump()
 
-    def apply_update(self, rows: torch.Tensor, delta: torch.Tensor, scale: float | None = None,
+    def apply_update(self, rows: torch.Tensor, delta: torch.Tensor, scale: float | torch.Tensor | None = None,
                      check: bool = True) -> torch.Tensor:
         """``values[rows] = scale * values[rows] + delta`` computed in float32, stored in :attr:`dtype`.
 
-        Rows must not repeat. Returns the new values of ``rows`` (on :attr:`device`), so that callers holding
-        copies (a cache, a prefetch) can refresh them without reading the table again.
+        ``scale`` is a number or one factor per row (``[n, 1]``). Rows must not repeat. Returns the new values of
+        ``rows`` (on :attr:`device`), so that callers holding copies (a cache, a prefetch) can refresh them
+        without reading the table again.
         """
         if check:
             check_rows(rows, self.num_rows, unique=True)
@@ -207,23 +245,28 @@ class RowStore(ABC):
         rows = to_device(rows, self.device)
         new = self.gather(rows, check=False).float()
         if scale is not None:
-            new.mul_(scale)
+            new.mul_(to_device(scale, self.device) if isinstance(scale, torch.Tensor) else scale)
         new = new.add_(to_device(delta, self.device).float()).to(self.dtype)
         self.scatter(rows, new, check=False)
         return new
 
-    @abstractmethod
     def read_range(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` on :attr:`device` (may be a view; copy before keeping it)."""
+        self._check_range(start, stop)
+        return self.rows[start:stop]
 
-    @abstractmethod
     def write_range(self, start: int, values: torch.Tensor) -> None:
         """Rows ``[start, start + len(values))`` = values."""
+        self._writable()
+        self._check_range(start, start + values.shape[0])
+        self._check_values(values, values.shape[0])
+        self.rows[start:start + values.shape[0]].copy_(values)
+        self._bump()
 
     # ------------------------------------------------------------------ persistence
-    @abstractmethod
     def save(self, path: str | os.PathLike) -> None:
         """Write the table to ``path`` (safetensors for device/host, the raw row file for disk)."""
+        _save_safetensors(self, path)
 
     def flush(self) -> None:
         """Make all writes durable (a no-op for in-memory tiers)."""
@@ -233,6 +276,9 @@ class RowStore(ABC):
         return to_tier(self, tier, **kwargs)
 
     # ------------------------------------------------------------------ helpers for subclasses
+    def _writable(self) -> None:
+        """Raise if the table may not be written (a disk table opened read-only)."""
+
     def _check_range(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"row range [{start}, {stop}) is outside the table's [0, {self.num_rows})")
@@ -249,35 +295,10 @@ class RowStore(ABC):
                 f"device={self.device}, {self.nbytes / 2**20:.1f} MiB)")
 
 
-# ---------------------------------------------------------------------- tensor-backed row access, shared by tiers
-def _gather(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    rows = to_device(rows, table.device)
-    if out is None:
-        if table.device.type == "cpu" and cuda_pinning_default():
-            # host rows are returned page-locked so that the copy to the GPU can be asynchronous
-            out = torch.empty(rows.numel(), table.shape[1], dtype=table.dtype, pin_memory=True)
-            return torch.index_select(table, 0, rows, out=out)
-        return torch.index_select(table, 0, rows)
-    if out.shape != (rows.numel(), table.shape[1]) or out.dtype != table.dtype or out.device != table.device:
-        raise ValueError(f"out must be a [{rows.numel()}, {table.shape[1]}] {table.dtype} tensor on {table.device}, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
-    return torch.index_select(table, 0, rows, out=out)
-
-
-def _scatter(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-    table.index_copy_(0, to_device(rows, table.device), to_device(values, table.device).to(table.dtype))
-
-
 class DeviceRowStore(RowStore):
     """Rows in a tensor on the compute device (any torch device; ``cpu`` on a machine without accelerator)."""
 
     kind = "device"
-
-    def __init__(self, rows: torch.Tensor):
-        if rows.dim() != 2:
-            raise ValueError(f"a table is a 2-D [num_rows, dim] tensor, got shape {tuple(rows.shape)}")
-        super().__init__(rows.shape[0], rows.shape[1], rows.dtype)
-        self.rows = rows
 
     @classmethod
     def create(cls, num_rows: int, dim: int, *, dtype: torch.dtype = torch.float32, init_std: float = 0.02,
@@ -286,7 +307,6 @@ class DeviceRowStore(RowStore):
         device = torch.device(device) if device is not None else _default_device()
         store = cls(torch.empty(num_rows, dim, dtype=dtype, device=device))
         _fill_initial(store, init_std, seed, progress)
-        store.version = 0
         return store
 
     @classmethod
@@ -296,35 +316,6 @@ class DeviceRowStore(RowStore):
         store = cls(torch.empty(reader.num_rows, reader.dim, dtype=reader.dtype, device=device))
         reader.copy_into(store)
         return store
-
-    @property
-    def device(self) -> torch.device:
-        return self.rows.device
-
-    def gather(self, rows, out=None, check=True):
-        if check:
-            check_rows(rows, self.num_rows)
-        return _gather(self.rows, rows, out)
-
-    def scatter(self, rows, values, check=True):
-        if check:
-            check_rows(rows, self.num_rows, unique=True)
-            self._check_values(values, rows.numel())
-        _scatter(self.rows, rows, values)
-        self._bump()
-
-    def read_range(self, start, stop):
-        self._check_range(start, stop)
-        return self.rows[start:stop]
-
-    def write_range(self, start, values):
-        self._check_range(start, start + values.shape[0])
-        self._check_values(values, values.shape[0])
-        self.rows[start:start + values.shape[0]].copy_(values)
-        self._bump()
-
-    def save(self, path):
-        _save_safetensors(self, path)
 
 
 class HostRowStore(RowStore):
@@ -336,10 +327,7 @@ class HostRowStore(RowStore):
     def __init__(self, rows: torch.Tensor):
         if rows.device.type != "cpu":
             raise ValueError(f"a host table lives on the CPU, got a tensor on {rows.device}; use DeviceRowStore")
-        if rows.dim() != 2:
-            raise ValueError(f"a table is a 2-D [num_rows, dim] tensor, got shape {tuple(rows.shape)}")
-        super().__init__(rows.shape[0], rows.shape[1], rows.dtype)
-        self.rows = rows
+        super().__init__(rows)
 
     @staticmethod
     def _allocate(num_rows: int, dim: int, dtype: torch.dtype, pin: bool | None) -> torch.Tensor:
@@ -352,7 +340,6 @@ class HostRowStore(RowStore):
         num_rows, dim, dtype = _check_shape(num_rows, dim, dtype)
         store = cls(cls._allocate(num_rows, dim, dtype, pin))
         _fill_initial(store, init_std, seed, progress)
-        store.version = 0
         return store
 
     @classmethod
@@ -363,37 +350,8 @@ class HostRowStore(RowStore):
         return store
 
     @property
-    def device(self) -> torch.device:
-        return self.rows.device
-
-    @property
     def pinned(self) -> bool:
         return self.rows.is_pinned()
-
-    def gather(self, rows, out=None, check=True):
-        if check:
-            check_rows(rows, self.num_rows)
-        return _gather(self.rows, rows, out)
-
-    def scatter(self, rows, values, check=True):
-        if check:
-            check_rows(rows, self.num_rows, unique=True)
-            self._check_values(values, rows.numel())
-        _scatter(self.rows, rows, values)
-        self._bump()
-
-    def read_range(self, start, stop):
-        self._check_range(start, stop)
-        return self.rows[start:stop]
-
-    def write_range(self, start, values):
-        self._check_range(start, start + values.shape[0])
-        self._check_values(values, values.shape[0])
-        self.rows[start:start + values.shape[0]].copy_(values)
-        self._bump()
-
-    def save(self, path):
-        _save_safetensors(self, path)
 
 
 class DiskRowStore(RowStore):
@@ -411,26 +369,28 @@ class DiskRowStore(RowStore):
                  dim: int | None = None, dtype: torch.dtype | None = None):
         self.path = Path(path)
         header = read_disk_header(self.path)
-        super().__init__(header["num_rows"], header["dim"], header["dtype"])
         expected = (num_rows, dim, dtype)
-        found = (self.num_rows, self.dim, self.dtype)
+        found = (header["num_rows"], header["dim"], header["dtype"])
         if any(e is not None and e != f for e, f in zip(expected, found)):
             want = (f"[{'*' if num_rows is None else num_rows}, {'*' if dim is None else dim}] "
                     f"{'any dtype' if dtype is None else dtype_name(dtype)}")
-            raise ValueError(f"{self.path} holds a [{self.num_rows}, {self.dim}] {dtype_name(self.dtype)} table, "
+            raise ValueError(f"{self.path} holds a [{found[0]}, {found[1]}] {dtype_name(found[2])} table, "
                              f"expected {want}; it was built for another table config")
         self.readonly = readonly
         self._lock = None if readonly else FileLock(lock_path_for(self.path), f"table file {self.path}")
-        self._map = np.memmap(self.path, dtype=_NUMPY_STORAGE[self.dtype], mode="r" if readonly else "r+",
-                              offset=DISK_HEADER_BYTES, shape=(self.num_rows, self.dim))
-        # Rows are read at random: without this hint every page fault also reads the pages around it (hundreds
-        # of KiB for one 4 KiB page), which on a table much larger than the page cache multiplies the bytes
-        # read, and the time, many times over. Sequential copies ask for their range explicitly (read_range).
-        self._advise(getattr(mmap, "MADV_RANDOM", None))
+        # Python's own map of the whole file (public, and it has madvise); the rows start after the header
+        with open(self.path, "rb" if readonly else "r+b") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
+        values = np.frombuffer(self._mmap, dtype=_NUMPY_STORAGE[found[2]], count=found[0] * found[1],
+                               offset=DISK_HEADER_BYTES).reshape(found[0], found[1])
         with warnings.catch_warnings():
             # a read-only map gives a non-writable array; torch warns, we refuse writes ourselves
             warnings.simplefilter("ignore", UserWarning)
-            self.rows = torch.from_numpy(self._map).view(self.dtype)
+            super().__init__(torch.from_numpy(values).view(found[2]))
+        # Rows are read at random: without this hint every page fault also reads the pages around it (hundreds
+        # of KiB for one 4 KiB page), which on a table much larger than the page cache multiplies the bytes
+        # read, and the time, many times over. Sequential copies ask for their range explicitly (read_range).
+        self.advise(getattr(mmap, "MADV_RANDOM", None))
 
     @classmethod
     def create(cls, path: str | os.PathLike, num_rows: int, dim: int, *, dtype: torch.dtype = torch.float32,
@@ -446,15 +406,14 @@ class DiskRowStore(RowStore):
         _write_empty_disk_file(path, num_rows, dim, dtype)
         if init_std != 0:
             # plain file writes, not writes through the map: the process never holds the table in its memory
-            block = init_block_rows(dim)
             row_bytes = dim * torch.empty((), dtype=dtype).element_size()
-            with open(path, "r+b") as f, _progress(num_rows, "init disk table", progress) as bar:
-                for start in range(0, num_rows, block):
-                    stop = min(num_rows, start + block)
-                    chunk = init_rows(start, stop, dim, init_std, seed).to(dtype)
+            with open(path, "r+b") as f:
+                def write(start: int, chunk: torch.Tensor) -> None:
                     f.seek(DISK_HEADER_BYTES + start * row_bytes)
                     f.write(_as_numpy(chunk).tobytes())
-                    bar.update(stop - start)
+
+                copy_in_chunks(lambda start, stop: init_rows(start, stop, dim, init_std, seed).to(dtype), write,
+                               num_rows, init_block_rows(dim), desc="init disk table", progress=progress)
         store = cls(path)
         lock.release()
         return store
@@ -463,55 +422,29 @@ class DiskRowStore(RowStore):
     def load(cls, path: str | os.PathLike, readonly: bool = False) -> DiskRowStore:
         return cls(path, readonly=readonly)
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
     def _writable(self) -> None:
         if self.readonly:
             raise PermissionError(f"{self.path} was opened read-only; open it with readonly=False to write rows")
 
-    def gather(self, rows, out=None, check=True):
-        if check:
-            check_rows(rows, self.num_rows)
-        return _gather(self.rows, rows, out)
-
-    def scatter(self, rows, values, check=True):
-        self._writable()
-        if check:
-            check_rows(rows, self.num_rows, unique=True)
-            self._check_values(values, rows.numel())
-        _scatter(self.rows, rows, values)
-        self._bump()
-
     def read_range(self, start, stop):
-        self._check_range(start, stop)
         if (stop - start) * self.row_bytes <= _COPY_CHUNK_BYTES:   # a chunk of a copy: read it ahead in bulk
-            self._advise(getattr(mmap, "MADV_WILLNEED", None), start, stop)   # (not a view of the whole table)
-        return self.rows[start:stop]
+            self.advise(getattr(mmap, "MADV_WILLNEED", None), start, stop)   # (not a view of the whole table)
+        return super().read_range(start, stop)
 
-    def _advise(self, option: int | None, start: int = 0, stop: int | None = None) -> None:
-        """madvise the pages of rows ``[start, stop)`` (all rows by default) where the platform supports it."""
-        mm = getattr(self._map, "_mmap", None)   # numpy's map object, mapped from the header's end rounded down
-        if option is None or mm is None or not hasattr(mm, "madvise"):   # to the allocation granularity
+    def advise(self, option: int | None, start: int = 0, stop: int | None = None) -> None:
+        """``madvise`` the pages of rows ``[start, stop)`` (all rows by default) where the platform supports it
+        (``option`` None, or a Python without ``mmap.madvise``, does nothing)."""
+        if option is None or not hasattr(self._mmap, "madvise"):
             return
         stop = self.num_rows if stop is None else stop
-        base = DISK_HEADER_BYTES % mmap.ALLOCATIONGRANULARITY   # where row 0 sits in that map
-        first = (base + start * self.row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        length = base + stop * self.row_bytes - first
+        first = (DISK_HEADER_BYTES + start * self.row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        length = DISK_HEADER_BYTES + stop * self.row_bytes - first
         if length > 0:
-            mm.madvise(option, first, length)
-
-    def write_range(self, start, values):
-        self._writable()
-        self._check_range(start, start + values.shape[0])
-        self._check_values(values, values.shape[0])
-        self.rows[start:start + values.shape[0]].copy_(values)
-        self._bump()
+            self._mmap.madvise(option, first, length)
 
     def flush(self) -> None:
         if not self.readonly:
-            self._map.flush()
+            self._mmap.flush()
 
     def save(self, path):
         """Flush; to another path, copy the file chunk by chunk (a disk table's checkpoint is its file)."""
@@ -624,12 +557,8 @@ def _default_device() -> torch.device:
 
 
 def _copy_rows(src, dst: RowStore, progress: bool | None) -> None:
-    chunk = max(1, _COPY_CHUNK_BYTES // dst.row_bytes)
-    with _progress(dst.num_rows, f"copy to {dst.kind} table", progress) as bar:
-        for start in range(0, dst.num_rows, chunk):
-            stop = min(dst.num_rows, start + chunk)
-            dst.write_range(start, src.read_range(start, stop).to(dst.device, dst.dtype))
-            bar.update(stop - start)
+    copy_in_chunks(src.read_range, lambda start, values: dst.write_range(start, values.to(dst.device, dst.dtype)),
+                   dst.num_rows, chunk_rows_for(dst.row_bytes), desc=f"copy to {dst.kind} table", progress=progress)
 
 
 def create_row_store(tier: str, num_rows: int, dim: int, *, dtype: torch.dtype = torch.float32,

@@ -288,7 +288,8 @@ def load_corpus(source: str | os.PathLike[str] | None = None, *, max_bytes: int 
     from .hf_datasets import is_hf_dataset, load_hf_corpus
 
     if is_hf_dataset(path):
-        return load_hf_corpus(path, text_field=text_field, max_bytes=max_bytes, val_fraction=val_fraction)
+        return Corpus(*load_hf_corpus(path, text_field=text_field, max_bytes=max_bytes, val_fraction=val_fraction,
+                                      is_validation=is_validation))
     if path.is_dir():
         return _load_folder(path, max_bytes, val_fraction)
     if path.suffix.lower() == ".jsonl":

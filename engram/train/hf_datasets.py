@@ -11,7 +11,7 @@ is_validation` of ``row:INDEX``), so the split is the same on every machine.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,21 +89,20 @@ def _rows(dataset: Any, field: str, max_bytes: int | None, source: Path) -> np.n
     return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
 
 
-def load_hf_corpus(path: Path, *, text_field: str, max_bytes: int | None, val_fraction: float):
-    """A :class:`~engram.train.data.Corpus` over the dataset at ``path`` (see the module docstring)."""
-    from .data import Corpus, is_validation
-
+def load_hf_corpus(path: Path, *, text_field: str, max_bytes: int | None, val_fraction: float,
+                   is_validation: Callable[[str, float], bool]) -> tuple[str, TextColumn, TextColumn]:
+    """``(name, train texts, validation texts)`` of the dataset at ``path`` (see the module docstring), which
+    :func:`engram.train.data.load_corpus` makes a ``Corpus`` of; ``is_validation`` is its split rule."""
     train, val = _open(path)
     train_rows = _rows(train, text_field, max_bytes, path)
     if not len(train_rows):
         raise ValueError(f"{path}: column {text_field!r} has no non-empty text")
     if val is not None:
         val_rows = _rows(val, text_field, None if max_bytes is None else max(1, int(max_bytes * val_fraction)), path)
-        return Corpus(path.name, TextColumn(train.select(train_rows), text_field),
-                      TextColumn(val.select(val_rows), text_field))
+        return path.name, TextColumn(train.select(train_rows), text_field), TextColumn(val.select(val_rows), text_field)
     held = np.fromiter((is_validation(f"row:{i}", val_fraction) for i in train_rows), dtype=bool,
                        count=len(train_rows))
     if val_fraction > 0 and len(train_rows) >= 2 and held.sum() in (0, len(train_rows)):
         held[-1 if not held.any() else 0] = not held.any()   # both sides non-empty, as for the other corpora
-    return Corpus(path.name, TextColumn(train.select(train_rows[~held]), text_field),
-                  TextColumn(train.select(train_rows[held]), text_field))
+    return (path.name, TextColumn(train.select(train_rows[~held]), text_field),
+            TextColumn(train.select(train_rows[held]), text_field))

@@ -8,8 +8,8 @@ follows the library's naming works without changes:
 ============  ======================================================================  =======================
 group         what                                                                    optimizer
 ============  ======================================================================  =======================
-tables        ``.weight`` of every :class:`engram.MultiHeadEmbedding`; parameters of  Adam (or RowWiseAdam),
-              any module with ``is_engram_table = True`` (e.g. offloaded tables)      lr x table_lr_mult, wd 0
+tables        parameters of every :class:`engram.table.EngramTable` (the device rows  Adam (or RowWiseAdam),
+              of a ``MultiHeadEmbedding``, a rank's rows of a ``ShardedEmbedding``)    lr x table_lr_mult, wd 0
 matrices      other 2-D weights: attention, dense MLP, Engram W_K / W_V               Muon
 adamw         ``nn.Embedding`` (``tok_emb``), ``lm_head``, ``router`` weights and     AdamW, weight decay
               3-D+ tensors (MoE expert banks ``[E, D, I]``, conv kernels)
@@ -32,8 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..module import MultiHeadEmbedding
 from ..yamlio import dataclass_from_dict
+from ..storage.embedding import OffloadedEmbedding
+from ..storage.optim import (
+    SparseRowOptimizer,
+    check_rowwise_hyperparameters,
+    rowwise_adam,
+)
+from ..table import EngramTable
 
 GROUPS = ("tables", "matrices", "adamw", "no_decay")
 
@@ -52,8 +58,9 @@ class OptimConfig:
     * ``warmup_steps = 100``, ``schedule = "step"`` with ``milestones = (0.8, 0.9)`` and
       ``milestone_factors = (0.316, 0.1)``: DeepSeek-LLM's multi-step decay (the factor is relative to the
       peak, not cumulative). ``"cosine"`` decays to ``min_lr_ratio`` x peak; ``"constant"`` stays at the peak.
-    * ``table_optimizer = "adam"`` is the paper's; ``"rowwise"`` is :class:`RowWiseAdam` (one scalar of state
-      per row instead of two per element, and lazy: untouched rows do not move).
+    * ``table_optimizer = "adam"`` is the paper's (two moments per table value: device tables only);
+      ``"rowwise"`` is row-wise Adam (:mod:`engram.storage.optim`: one second moment and one step count per row,
+      and lazy: untouched rows do not move), the same rule in every tier (:func:`build_table_optimizer`).
     """
 
     lr: float = 1e-3
@@ -124,7 +131,7 @@ def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
         leaf_name = mod_name.rsplit(".", 1)[-1]
-        is_table = isinstance(module, MultiHeadEmbedding) or getattr(module, "is_engram_table", False) is True
+        is_table = isinstance(module, EngramTable)
         for p_name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
@@ -251,18 +258,12 @@ class LRSchedule:
 
 # ---------------------------------------------------------------------------------------------------- row-wise
 class RowWiseAdam(torch.optim.Optimizer):
-    """Adam with one second moment per table row and no first moment, updating only touched rows.
+    """Row-wise Adam (:func:`engram.storage.optim.rowwise_adam`, the rule every tier uses) for 2-D table
+    parameters ``[rows, dim]``: device tables and row shards.
 
-    For each row r of a 2-D table whose gradient g_r is non-zero at this step::
-
-        n_r   += 1                                         (the row's own step count)
-        v_r    = beta2 * v_r + (1 - beta2) * mean(g_r ** 2)
-        w_r   <- w_r * (1 - lr * weight_decay) - lr * g_r / (sqrt(v_r / (1 - beta2 ** n_r)) + eps)
-
-    Rows with an all-zero gradient (not looked up) keep their weights and state exactly. The state is two
-    floats per row (``v`` and ``n``) instead of Adam's two per element, i.e. ``head_dim`` times less memory:
-    the point for tables of billions of parameters. A row-scalar first moment is left out because a scalar
-    cannot carry the direction momentum needs. Accepts dense gradients and sparse COO gradients
+    Per row the state is its second moment ``sq_avg`` and its own step count ``row_step`` (two floats per row
+    instead of Adam's two per element, i.e. ``head_dim`` times less memory). Rows with an all-zero gradient (not
+    looked up) keep their weights and state exactly. Accepts dense gradients and sparse COO gradients
     (``F.embedding(..., sparse=True)``).
     """
 
@@ -270,10 +271,7 @@ class RowWiseAdam(torch.optim.Optimizer):
                  weight_decay: float = 0.0):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
-        if eps <= 0 or weight_decay < 0:
-            raise ValueError(f"eps must be > 0 and weight_decay >= 0, got {eps}, {weight_decay}")
+        check_rowwise_hyperparameters(lr, beta2, eps, weight_decay)
         super().__init__(params, {"lr": lr, "beta2": beta2, "eps": eps, "weight_decay": weight_decay})
         for group in self.param_groups:
             for p in group["params"]:
@@ -299,7 +297,6 @@ class RowWiseAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, beta2, eps, wd = group["lr"], group["beta2"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -310,18 +307,35 @@ class RowWiseAdam(torch.optim.Optimizer):
                 rows, g = self._touched(p.grad)
                 if rows.numel() == 0:
                     continue
-                g = g.float()
-                n = state["row_step"].index_select(0, rows) + 1
-                v = state["sq_avg"].index_select(0, rows) * beta2 + (1 - beta2) * g.square().mean(dim=1)
-                state["row_step"].index_copy_(0, rows, n)
-                state["sq_avg"].index_copy_(0, rows, v)
-                denom = (v / (1 - torch.pow(beta2, n))).sqrt_().add_(eps)
+                scale, delta, sq_avg, steps = rowwise_adam(
+                    g.float(), state["sq_avg"].index_select(0, rows), state["row_step"].index_select(0, rows),
+                    lr=group["lr"], beta2=group["beta2"], eps=group["eps"], weight_decay=group["weight_decay"])
+                state["sq_avg"].index_copy_(0, rows, sq_avg)
+                state["row_step"].index_copy_(0, rows, steps)
                 w = p.index_select(0, rows).float()
-                if wd:
-                    w.mul_(1 - lr * wd)
-                w.sub_(lr * g / denom[:, None])
-                p.index_copy_(0, rows, w.to(p.dtype))
+                if scale is not None:
+                    w.mul_(scale)
+                p.index_copy_(0, rows, w.add_(delta).to(p.dtype))
         return loss
+
+
+def build_table_optimizer(model: nn.Module, cfg: OptimConfig) -> SparseRowOptimizer | None:
+    """The row-wise optimizer of ``model``'s offloaded (host / disk) tables, or None when it has none.
+
+    Offloaded rows are no parameters (no torch optimizer sees them) and hold no per-value state, so only
+    ``optim.table_optimizer = "rowwise"`` can train them; full Adam is refused rather than silently replaced.
+    The rule is the one :class:`RowWiseAdam` applies to device tables, with the same learning rate
+    (``lr x table_lr_mult``), ``beta2 = betas[1]``, ``eps`` and ``table_weight_decay``.
+    """
+    tables = [m for m in model.modules() if isinstance(m, OffloadedEmbedding)]
+    if not tables:
+        return None
+    if cfg.table_optimizer != "rowwise":
+        raise ValueError(f"optim.table_optimizer={cfg.table_optimizer!r} keeps two moments per table value, which "
+                         f"host and disk tables do not hold; set optim.table_optimizer=rowwise (row-wise Adam, the "
+                         f"same rule on every tier) or keep the tables on the device (train.table_tier=device)")
+    return SparseRowOptimizer(tables, lr=cfg.lr * cfg.table_lr_mult, beta2=cfg.betas[1], eps=cfg.eps,
+                              weight_decay=cfg.table_weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------------- clipping

@@ -29,7 +29,8 @@ from ..errors import ConfigError, DivergenceError
 from ..files import FileLock, atomic_write, remove_stale_temps, write_json
 from ..model.config import ModelConfig
 from ..model.io import save_model
-from ..model.model import EngramLM, TableFactory
+from ..model.model import EngramLM
+from ..table import TableFactory
 from ..model.params import count_params
 from ..tokenizer import CompressedTokenizer
 from ..yamlio import dataclass_from_dict
@@ -37,7 +38,7 @@ from .checkpoint import CheckpointManager, capture_rng_state, install_signal_han
 from .data import TextTokenizer, TokenizedCorpus, build_token_files, load_corpus, load_tokenizer, random_batch
 from .evaluate import evaluate
 from .metrics import MetricsLog
-from .optim import LRSchedule, OptimConfig, build_optimizers, clip_grad_norm
+from .optim import LRSchedule, OptimConfig, build_optimizers, build_table_optimizer, clip_grad_norm
 from .resume import check_fresh_start, data_fingerprint, resume_changes
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ class TrainConfig:
     overwrite: bool = False  # start a new run over another run's files in out_dir
     progress: bool = True
     # Engram tables: "device" (nn.Parameter, trained by the table optimizer of optim) or "host" / "disk"
-    # (created in that tier, trained row-wise in place by engram.storage.SparseRowOptimizer)
+    # (created in that tier, trained row-wise in place by engram.storage.SparseRowOptimizer: needs
+    # optim.table_optimizer=rowwise, the row-wise Adam rule that device tables get with the same setting)
     table_tier: str = "device"
     table_dir: str | None = None  # disk tier: folder of the table files (default out_dir/tables)
     table_cache_bytes: int = 0  # host / disk tiers: hot-row cache per table on the compute device
@@ -324,12 +326,7 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
         train_model = torch.compile(train_model)
     amp = torch.bfloat16 if device.type == "cuda" else None
     optimizers = build_optimizers(model, run.optim)
-    table_opt = None  # offloaded tables: row-wise Adam in their own tier, no dense state (engram.storage)
-    if tcfg.table_tier != "device":
-        from ..storage import SparseRowOptimizer
-
-        table_opt = SparseRowOptimizer(model, lr=run.optim.lr * run.optim.table_lr_mult, beta2=run.optim.betas[1],
-                                       eps=run.optim.eps, weight_decay=run.optim.table_weight_decay)
+    table_opt = build_table_optimizer(model, run.optim)  # offloaded tables: row-wise Adam in their own tier
     stepped = optimizers + ([table_opt] if table_opt is not None else [])
     schedule = LRSchedule(stepped, run.optim, tcfg.steps)
     gen = torch.Generator().manual_seed(tcfg.seed)

@@ -6,6 +6,7 @@ import torch
 
 from engram import Engram, EngramConfig, MultiHeadEmbedding, NgramHasher
 from engram.storage import TIERS, OffloadedEmbedding, create_row_store, fetch_seconds, offload_tables
+from engram.table import EngramTable
 
 HEADS, DIM = [11, 13, 17, 19], 6
 
@@ -29,7 +30,7 @@ def mhe():
 @pytest.mark.parametrize("cache_bytes", [0, 5 * DIM * 4])
 def test_output_equals_multihead_output_after_from_multihead(mhe, tmp_path, tier, cache_bytes):
     table = OffloadedEmbedding.from_multihead(mhe, tier, cache_bytes=cache_bytes, **tier_kwargs(tier, tmp_path))
-    assert table.is_engram_table and table.head_sizes == HEADS and torch.equal(table.offsets, mhe.offsets)
+    assert isinstance(table, EngramTable) and table.head_sizes == HEADS and torch.equal(table.offsets, mhe.offsets)
     assert table.store.kind == tier
     for seed in range(4):  # several batches, so that a cache fills and evicts
         ids = random_ids(seed=seed)
@@ -244,3 +245,13 @@ def test_on_cuda_prefetched_rows_and_updates_match_the_table(mhe, tmp_path, tier
         opt.step()
         opt.zero_grad()
     assert table.cache_stats.hits > 0
+
+
+def test_update_rows_applies_each_rows_own_scale_whatever_the_row_order(mhe):
+    table = OffloadedEmbedding.from_multihead(mhe, "host")
+    rows = torch.tensor([9, 2, 40])                   # not sorted: the write sorts them, scale must follow
+    scale = torch.tensor([[0.5], [2.0], [1.0]])
+    delta = torch.arange(3 * DIM, dtype=torch.float32).view(3, DIM)
+    before = mhe.weight.detach()[rows]
+    table.update_rows(rows, delta, scale)
+    torch.testing.assert_close(table.store.gather(rows), before * scale + delta)

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram import MultiHeadEmbedding
+from engram.table import EngramTable
 from engram.train.optim import (
     LRSchedule,
     OptimConfig,
@@ -15,13 +16,11 @@ from engram.train.optim import (
 )
 
 
-class HostTable(nn.Module):
-    """Stands in for an offloaded table that opts in with ``is_engram_table``."""
-
-    is_engram_table = True
+class HostTable(EngramTable):
+    """Stands in for any other EngramTable whose rows are a parameter (a row shard, say)."""
 
     def __init__(self):
-        super().__init__()
+        super().__init__([13], 4)
         self.rows = nn.Parameter(torch.randn(13, 4))
 
 

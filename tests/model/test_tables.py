@@ -9,17 +9,18 @@ import torch
 from safetensors import safe_open
 
 from engram import CompressedTokenizer, EngramConfig, MultiHeadEmbedding
-from engram.model import EngramLM, ModelConfig, ModelLoadError, SamplingConfig, generate, load_model, save_model
-from engram.storage import (
-    DiskRowStore,
-    HostRowStore,
-    OffloadedEmbedding,
+from engram.model import (
+    EngramLM,
+    ModelConfig,
+    ModelLoadError,
+    SamplingConfig,
     build_offloaded,
+    generate,
+    load_model,
     load_offloaded,
-    offloaded_tables,
-    set_prefetch,
-    table_factory,
+    save_model,
 )
+from engram.storage import DiskRowStore, HostRowStore, OffloadedEmbedding, offloaded_tables, set_prefetch, table_factory
 
 VOCAB = 97
 
