@@ -60,8 +60,14 @@ def licence_corpus_file() -> Path:
 
 def engram_config(pad_id: int) -> EngramConfig:
     """2 layers (blocks 1 and 14 of 30, the paper's relative placement), N = 3, K = 4 heads of 64 values."""
-    return EngramConfig(engram_vocab_size=[32768, 32768], max_ngram_size=3, n_embed_per_ngram=256,
-                        n_head_per_ngram=4, layer_ids=[1, 14], pad_id=pad_id)
+    return EngramConfig(
+        engram_vocab_size=[32768, 32768],
+        max_ngram_size=3,
+        n_embed_per_ngram=256,
+        n_head_per_ngram=4,
+        layer_ids=[1, 14],
+        pad_id=pad_id,
+    )
 
 
 def row_coverage(config: EngramConfig, tokenizer, train_tokens, val_tokens, cfg: FinetuneConfig) -> dict:
@@ -116,9 +122,15 @@ def main() -> None:
     ttok = text_tokenizer(tok, "smollm2")
     domain = tokenize(load_corpus("stdlib", max_bytes=args.domain_bytes), ttok)
     prose = tokenize(load_corpus(licence_corpus_file(), val_fraction=0.5), ttok)
-    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                         eval_every=args.steps, eval_batches=args.eval_batches,
-                         warmup_steps=max(args.steps // 10, 1))
+    cfg = FinetuneConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        eval_every=args.steps,
+        eval_batches=args.eval_batches,
+        warmup_steps=max(args.steps // 10, 1),
+    )
     eval_sets = {"stdlib": domain.val.tokens, "licences": prose.val.tokens}
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -159,16 +171,24 @@ def main() -> None:
             remove_engram(model)
         elif arm == "lora":
             model = run_model.unload()
-    meta = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-            "tokens_per_arm": args.steps * args.batch_size * args.seq_len, "lora_rank": args.lora_rank,
-            "engram_config": engram_config(ttok.pad_id).to_dict(), "eval_batches": args.eval_batches,
-            "domain_val_tokens": min(len(domain.val), args.eval_batches * args.batch_size * args.seq_len),
-            "licence_val_tokens": min(len(prose.val), args.eval_batches * args.batch_size * args.seq_len)}
+    meta = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "tokens_per_arm": args.steps * args.batch_size * args.seq_len,
+        "lora_rank": args.lora_rank,
+        "engram_config": engram_config(ttok.pad_id).to_dict(),
+        "eval_batches": args.eval_batches,
+        "domain_val_tokens": min(len(domain.val), args.eval_batches * args.batch_size * args.seq_len),
+        "licence_val_tokens": min(len(prose.val), args.eval_batches * args.batch_size * args.seq_len),
+    }
     if set(rows) != {"nothing", "engram", "lora"}:
         print(f"arms {sorted(rows)} done in {out}; the report needs all three (rerun without --arms)")
         return
-    meta["engram_row_coverage"] = row_coverage(engram_config(ttok.pad_id), tok, domain.train.tokens,
-                                               domain.val.tokens, cfg)
+    meta["engram_row_coverage"] = row_coverage(
+        engram_config(ttok.pad_id), tok, domain.train.tokens, domain.val.tokens, cfg
+    )
     print("validation positions whose Engram row was trained:", json.dumps(meta["engram_row_coverage"]))
     (out / "results.json").write_text(json.dumps({"meta": meta, "arms": rows}, indent=2))
     write_report(results, out, "Engram adapter vs LoRA vs nothing on SmolLM2-135M-Instruct")

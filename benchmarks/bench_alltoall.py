@@ -49,8 +49,11 @@ LAYER = 1
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--head-rows", default="20000,226240,2262400,7239680",
-                   help="configured rows per hash head (paper: 2262400 for Engram-27B, 7239680 for Engram-40B)")
+    p.add_argument(
+        "--head-rows",
+        default="20000,226240,2262400,7239680",
+        help="configured rows per hash head (paper: 2262400 for Engram-27B, 7239680 for Engram-40B)",
+    )
     p.add_argument("--tokens", default="4096,16384,65536", help="tokens per rank per step")
     p.add_argument("--worlds", default="8,64,512", help="ranks W for the byte count")
     p.add_argument("--head-dim", type=int, default=80)
@@ -58,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--value-bytes", type=int, default=4, help="bytes per table value: 4 fp32 (as trained here), 2 bf16")
     p.add_argument("--seq-len", type=int, default=512, help="window length of the sampled sequences")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--measure-head-rows", default="2000,20000,100000",
-                   help="rows per head for the timed 2-process part")
+    p.add_argument(
+        "--measure-head-rows", default="2000,20000,100000", help="rows per head for the timed 2-process part"
+    )
     p.add_argument("--measure-tokens", default="4096,16384")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
@@ -72,9 +76,14 @@ def ints(text: str) -> list[int]:
 
 
 def hasher_for(head_rows: int, args: argparse.Namespace, tok) -> NgramHasher:
-    cfg = EngramConfig(engram_vocab_size=[head_rows, head_rows], max_ngram_size=3,
-                       n_embed_per_ngram=args.heads * args.head_dim, n_head_per_ngram=args.heads,
-                       layer_ids=[LAYER], pad_id=tok.pad_id)
+    cfg = EngramConfig(
+        engram_vocab_size=[head_rows, head_rows],
+        max_ngram_size=3,
+        n_embed_per_ngram=args.heads * args.head_dim,
+        n_head_per_ngram=args.heads,
+        layer_ids=[LAYER],
+        pad_id=tok.pad_id,
+    )
     return NgramHasher.from_tokenizer(cfg, CompressedTokenizer(tok.hf))
 
 
@@ -83,7 +92,7 @@ def sample_windows(tokens, n_tokens: int, seq_len: int, gen: torch.Generator) ->
 
     rows = max(1, n_tokens // seq_len)
     starts = torch.randint(0, len(tokens) - seq_len, (rows,), generator=gen).tolist()
-    return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts]))
+    return torch.from_numpy(np.stack([np.asarray(tokens[s : s + seq_len], dtype=np.int64) for s in starts]))
 
 
 def fused_ids(hasher: NgramHasher, windows: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -102,11 +111,15 @@ def memory_table(args: argparse.Namespace) -> None:
     from engram.model import ModelConfig
 
     print("## Table memory per rank (all Engram layers of the model, fp32 rows)\n")
-    print("weights + dense local gradient + optimizer state: AdamW keeps 2 values per element (16 bytes/element in "
-          "all), RowWiseAdam 2 floats per row (8 bytes/element + 8 bytes/row). `replicated` is what every rank "
-          "would hold with AdamW if the tables were data-parallel instead.\n")
-    print("| model | table params | W | rows/rank | weights GiB/rank | + AdamW GiB/rank | + RowWiseAdam GiB/rank | "
-          "replicated GiB/rank |")
+    print(
+        "weights + dense local gradient + optimizer state: AdamW keeps 2 values per element (16 bytes/element in "
+        "all), RowWiseAdam 2 floats per row (8 bytes/element + 8 bytes/row). `replicated` is what every rank "
+        "would hold with AdamW if the tables were data-parallel instead.\n"
+    )
+    print(
+        "| model | table params | W | rows/rank | weights GiB/rank | + AdamW GiB/rank | + RowWiseAdam GiB/rank | "
+        "replicated GiB/rank |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in ("engram-27b", "engram-40b"):
         cfg = ModelConfig.from_dict(yaml.safe_load((ROOT / "configs" / "paper" / f"{name}.yaml").read_text())["model"])
@@ -115,8 +128,10 @@ def memory_table(args: argparse.Namespace) -> None:
         for world in ints(args.worlds):
             per_rank = -(-rows // world)
             w = per_rank * dim * 4
-            print(f"| {name} | {rows * dim / 1e9:.2f}B | {world} | {per_rank:,} | {w / 2**30:.2f} | "
-                  f"{4 * w / 2**30:.2f} | {(2 * w + 8 * per_rank) / 2**30:.2f} | {16 * rows * dim / 2**30:,.0f} |")
+            print(
+                f"| {name} | {rows * dim / 1e9:.2f}B | {world} | {per_rank:,} | {w / 2**30:.2f} | "
+                f"{4 * w / 2**30:.2f} | {(2 * w + 8 * per_rank) / 2**30:.2f} | {16 * rows * dim / 2**30:,.0f} |"
+            )
     print()
 
 
@@ -124,13 +139,19 @@ def memory_table(args: argparse.Namespace) -> None:
 def byte_table(args: argparse.Namespace, tok, tokens) -> None:
     D, b = args.head_dim, args.value_bytes
     rows_per_token = 2 * args.heads
-    print(f"## Bytes per token per rank, one Engram layer ({rows_per_token} rows/token, head_dim {D}, "
-          f"{b}-byte values, ids 8 bytes)\n")
-    print("sharded = ids + rows forward + row gradients backward, sent by one rank to the others; replicated = ring "
-          "all-reduce of the dense table gradient. `unique/token`: distinct rows per token after deduplication "
-          f"(of {rows_per_token}).\n")
-    print("| rows per head | table rows | table MiB | tokens/rank | unique/token | W | rows/rank | "
-          "sharded B/token | replicated B/token | replicated / sharded |")
+    print(
+        f"## Bytes per token per rank, one Engram layer ({rows_per_token} rows/token, head_dim {D}, "
+        f"{b}-byte values, ids 8 bytes)\n"
+    )
+    print(
+        "sharded = ids + rows forward + row gradients backward, sent by one rank to the others; replicated = ring "
+        "all-reduce of the dense table gradient. `unique/token`: distinct rows per token after deduplication "
+        f"(of {rows_per_token}).\n"
+    )
+    print(
+        "| rows per head | table rows | table MiB | tokens/rank | unique/token | W | rows/rank | "
+        "sharded B/token | replicated B/token | replicated / sharded |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for head_rows in ints(args.head_rows):
         hasher = hasher_for(head_rows, args, tok)
@@ -144,9 +165,11 @@ def byte_table(args: argparse.Namespace, tok, tokens) -> None:
                 remote = int(((unique < bounds[0]) | (unique >= bounds[1])).sum())  # rank 0 owns [b0, b1)
                 sharded = remote * 8 + 2 * remote * D * b + world * 8
                 replicated = 2 * (world - 1) / world * num_rows * D * b
-                print(f"| {head_rows:,} | {num_rows:,} | {num_rows * D * b / 2**20:,.0f} | {n_tok_real:,} | "
-                      f"{unique.numel() / n_tok_real:.2f} | {world} | {bounds[1] - bounds[0]:,} | "
-                      f"{sharded / n_tok_real:,.0f} | {replicated / n_tok_real:,.0f} | {replicated / sharded:,.1f}x |")
+                print(
+                    f"| {head_rows:,} | {num_rows:,} | {num_rows * D * b / 2**20:,.0f} | {n_tok_real:,} | "
+                    f"{unique.numel() / n_tok_real:.2f} | {world} | {bounds[1] - bounds[0]:,} | "
+                    f"{sharded / n_tok_real:,.0f} | {replicated / n_tok_real:,.0f} | {replicated / sharded:,.1f}x |"
+                )
 
 
 # ---------------------------------------------------------------------------------------------------- part 2
@@ -213,41 +236,53 @@ def measured_table(args: argparse.Namespace, tok, tokens) -> None:
         sizes = [p for heads in hasher.table_sizes[LAYER] for p in heads]
         gen = torch.Generator().manual_seed(args.seed + 1)
         for n_tok in ints(args.measure_tokens):
-            per_rank = torch.stack([hasher.hash_tokens(sample_windows(tokens, n_tok, args.seq_len, gen))[LAYER]
-                                    for _ in range(world)])
+            per_rank = torch.stack(
+                [hasher.hash_tokens(sample_windows(tokens, n_tok, args.seq_len, gen))[LAYER] for _ in range(world)]
+            )
             cases.append((head_rows, sizes, per_rank))
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_measure_worker, args=(r, world, store, cases, args, results))
-                 for r in range(world)]
+        procs = [
+            ctx.Process(target=_measure_worker, args=(r, world, store, cases, args, results)) for r in range(world)
+        ]
         for p in procs:
             p.start()
         rows = results.get()
         for p in procs:
             p.join()
-    print(f"\n## Measured: {world} gloo processes on this CPU, one thread each, fp32, head_dim {args.head_dim}, "
-          f"median of {args.repeats}\n")
-    print("sharded = ShardedEmbedding forward + backward (dedup, id and row all-to-all, gradient all-to-all, "
-          "index_add); replicated = MultiHeadEmbedding forward + backward + all_reduce of the table gradient. "
-          "The communication alone: `exchange` = the sharded step's four all-to-alls (plan, rows, gradients), "
-          "`all_reduce` = the replicated step's all-reduce.\n")
-    print("| rows per head | table rows | tokens/rank | sharded ms | replicated ms | replicated / sharded | "
-          "exchange ms | all_reduce ms | all_reduce / exchange | sharded bytes sent/rank |")
+    print(
+        f"\n## Measured: {world} gloo processes on this CPU, one thread each, fp32, head_dim {args.head_dim}, "
+        f"median of {args.repeats}\n"
+    )
+    print(
+        "sharded = ShardedEmbedding forward + backward (dedup, id and row all-to-all, gradient all-to-all, "
+        "index_add); replicated = MultiHeadEmbedding forward + backward + all_reduce of the table gradient. "
+        "The communication alone: `exchange` = the sharded step's four all-to-alls (plan, rows, gradients), "
+        "`all_reduce` = the replicated step's all-reduce.\n"
+    )
+    print(
+        "| rows per head | table rows | tokens/rank | sharded ms | replicated ms | replicated / sharded | "
+        "exchange ms | all_reduce ms | all_reduce / exchange | sharded bytes sent/rank |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for head_rows, num_rows, n_tok, t_sh, t_rep, t_x, t_ar, moved in rows:
-        print(f"| {head_rows:,} | {num_rows:,} | {n_tok:,} | {t_sh * 1e3:,.1f} | {t_rep * 1e3:,.1f} | "
-              f"{t_rep / t_sh:,.1f}x | {t_x * 1e3:,.1f} | {t_ar * 1e3:,.1f} | {t_ar / t_x:,.1f}x | "
-              f"{moved / 2**20:,.2f} MiB |")
+        print(
+            f"| {head_rows:,} | {num_rows:,} | {n_tok:,} | {t_sh * 1e3:,.1f} | {t_rep * 1e3:,.1f} | "
+            f"{t_rep / t_sh:,.1f}x | {t_x * 1e3:,.1f} | {t_ar * 1e3:,.1f} | {t_ar / t_x:,.1f}x | "
+            f"{moved / 2**20:,.2f} MiB |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     tok, files = prepare_data(TrainConfig(progress=False))
     tokens = files.train.tokens
-    print(f"corpus: {len(tokens):,} training tokens (Python standard library, BPE {tok.vocab_size}); "
-          f"torch {torch.__version__}\n")
+    print(
+        f"corpus: {len(tokens):,} training tokens (Python standard library, BPE {tok.vocab_size}); "
+        f"torch {torch.__version__}\n"
+    )
     memory_table(args)
     byte_table(args, tok, tokens)
     if not args.skip_measure:

@@ -26,15 +26,17 @@ from engram.model.params import dense_counterpart
 from engram.reports.compare import demo_base, demo_engram_template
 
 
-def demo_models(vocab_size: int = 4096, rho: float = 0.75, max_seq_len: int = 512,
-                device: str | torch.device = "cpu") -> dict[str, EngramLM]:
+def demo_models(
+    vocab_size: int = 4096, rho: float = 0.75, max_seq_len: int = 512, device: str | torch.device = "cpu"
+) -> dict[str, EngramLM]:
     """The demo's MoE, its Engram counterpart and the dense model of the same activated size, in eval mode."""
     base = demo_base().replace(vocab_size=vocab_size, max_seq_len=max_seq_len)
     configs = {"moe": base, "engram": allocate(base, rho, demo_engram_template()), "dense": dense_counterpart(base)}
     tok = CompressedTokenizer.identity(vocab_size)
     torch.manual_seed(0)
-    return {name: EngramLM(cfg, tok if cfg.family == "engram" else None).to(device).eval()
-            for name, cfg in configs.items()}
+    return {
+        name: EngramLM(cfg, tok if cfg.family == "engram" else None).to(device).eval() for name, cfg in configs.items()
+    }
 
 
 def generate_seconds(model: EngramLM, prompts: list[list[int]], new_tokens: int) -> float:
@@ -75,9 +77,11 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, model in models.items():
             times[name].append(decode_step_ms(model, prompts, args.new_tokens))
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
-          f"prompt={args.prompt_len} new={args.new_tokens} greedy rounds={args.rounds} (median) "
-          f"validation={'on' if args.validate else 'off'} load={os.getloadavg()[0]:.1f}")
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
+        f"prompt={args.prompt_len} new={args.new_tokens} greedy rounds={args.rounds} (median) "
+        f"validation={'on' if args.validate else 'off'} load={os.getloadavg()[0]:.1f}"
+    )
     print("| model | ms / decode step | tokens/s (batch) | vs moe |")
     print("|---|---|---|---|")
     ref = statistics.median(times["moe"])

@@ -67,13 +67,25 @@ def sync(device: torch.device) -> None:
 
 def build_models(args: argparse.Namespace, device: torch.device) -> dict[str, torch.nn.Module]:
     max_len = max(args.prompt_len + args.new_tokens, max(positions(args)) + args.window + 1)
-    base = ModelConfig(family="moe", vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                       num_heads=max(1, args.hidden // 32), max_seq_len=max_len, intermediate_size=3 * args.hidden,
-                       moe_intermediate_size=args.hidden, n_shared_experts=1, n_routed_experts=args.experts,
-                       num_experts_per_tok=2, first_k_dense=1, hc_mult=1)
+    base = ModelConfig(
+        family="moe",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=max(1, args.hidden // 32),
+        max_seq_len=max_len,
+        intermediate_size=3 * args.hidden,
+        moe_intermediate_size=args.hidden,
+        n_shared_experts=1,
+        n_routed_experts=args.experts,
+        num_experts_per_tok=2,
+        first_k_dense=1,
+        hc_mult=1,
+    )
     # the demo's Engram shape: d_mem = d/2 (2 orders x 4 heads), one module at block 1
-    template = EngramConfig(engram_vocab_size=[1000, 1000], n_embed_per_ngram=args.hidden // 4, n_head_per_ngram=4,
-                            layer_ids=[1], pad_id=0)
+    template = EngramConfig(
+        engram_vocab_size=[1000, 1000], n_embed_per_ngram=args.hidden // 4, n_head_per_ngram=4, layer_ids=[1], pad_id=0
+    )
     configs = {"engram": allocate(base, args.rho, template), "moe": base, "dense": dense_counterpart(base)}
     tok = CompressedTokenizer.identity(args.vocab)
     models: dict[str, torch.nn.Module] = {}
@@ -89,10 +101,19 @@ def llama_like(cfg: ModelConfig, device: torch.device, seed: int) -> torch.nn.Mo
     """transformers' LlamaForCausalLM with the dense model's shape (MHA, SwiGLU, RMSNorm, RoPE, untied head)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-                         intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_seq_len,
-                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(hf_cfg).to(device).eval()
 
@@ -108,15 +129,23 @@ def generate_call(name: str, model: torch.nn.Module, prompt: torch.Tensor, new_t
 
         def run() -> int:
             with torch.no_grad():
-                out = model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+                out = model.generate(
+                    prompt,
+                    attention_mask=mask,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                )
             return (out.shape[1] - prompt.shape[1]) * out.shape[0]
+
         return run
     prompts = prompt.tolist()
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
 
     def run() -> int:
         return sum(len(o) for o in generate(model, prompts, sampling))
+
     return run
 
 
@@ -126,7 +155,7 @@ def table_generate(models: dict, args: argparse.Namespace, device: torch.device)
     for b in [int(x) for x in args.batches.split(",") if x]:
         prompt = torch.randint(0, args.vocab, (b, args.prompt_len), generator=gen).to(device)
         calls = {name: generate_call(name, m, prompt, args.new_tokens) for name, m in models.items()}
-        for call in calls.values():   # warm-up (allocator, lazy init)
+        for call in calls.values():  # warm-up (allocator, lazy init)
             call()
         times: dict[str, list[float]] = {n: [] for n in calls}
         counts: dict[str, int] = {}
@@ -141,8 +170,15 @@ def table_generate(models: dict, args: argparse.Namespace, device: torch.device)
             if counts[name] != b * args.new_tokens:
                 raise SystemExit(f"{name} generated {counts[name]} tokens, expected {b * args.new_tokens}")
             sec = statistics.median(times[name])
-            rows.append({"model": name, "batch": b, "seconds": sec, "tokens_per_s": counts[name] / sec,
-                         "ms_per_step": sec / args.new_tokens * 1e3})
+            rows.append(
+                {
+                    "model": name,
+                    "batch": b,
+                    "seconds": sec,
+                    "tokens_per_s": counts[name] / sec,
+                    "ms_per_step": sec / args.new_tokens * 1e3,
+                }
+            )
     return rows
 
 
@@ -151,8 +187,9 @@ class ModuleTimer:
 
     def __init__(self, modules: list[torch.nn.Module], device: torch.device):
         self.device, self.total, self._t0 = device, 0.0, 0.0
-        self.handles = [h for m in modules for h in (m.register_forward_pre_hook(self._start),
-                                                     m.register_forward_hook(self._stop))]
+        self.handles = [
+            h for m in modules for h in (m.register_forward_pre_hook(self._start), m.register_forward_hook(self._stop))
+        ]
 
     def _start(self, module, args) -> None:
         sync(self.device)
@@ -198,13 +235,14 @@ def table_positions(models: dict, args: argparse.Namespace, device: torch.device
     rows = []
     for pos in positions(args):
         times = {}
-        for _ in range(args.repeats):   # interleaved: both models see the same load
+        for _ in range(args.repeats):  # interleaved: both models see the same load
             for name in ("engram", "moe"):
                 times.setdefault(name, []).append(step_times(models[name], pos, args, device))
         eng = [statistics.median(t[i] for t in times["engram"]) for i in range(2)]
         moe = statistics.median(t[0] for t in times["moe"])
-        rows.append({"position": pos, "engram_ms": eng[0] * 1e3, "moe_ms": moe * 1e3,
-                     "engram_modules_ms": eng[1] * 1e3})
+        rows.append(
+            {"position": pos, "engram_ms": eng[0] * 1e3, "moe_ms": moe * 1e3, "engram_modules_ms": eng[1] * 1e3}
+        )
     return rows
 
 
@@ -214,9 +252,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     models = build_models(args, device)
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} hidden={args.hidden} "
-          f"layers={args.layers} vocab={args.vocab}; greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"median of {args.repeats}; load average {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} hidden={args.hidden} "
+        f"layers={args.layers} vocab={args.vocab}; greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+        f"median of {args.repeats}; load average {os.getloadavg()[0]:.1f}\n"
+    )
     rows = table_generate(models, args, device)
     print("| model | batch | seconds | tokens/s | ms/step | vs moe | vs transformers |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -224,16 +264,22 @@ def main(argv: list[str] | None = None) -> None:
         same = {x["model"]: x for x in rows if x["batch"] == r["batch"]}
         hf = same.get("llama (transformers)")
         vs_hf = f"{r['tokens_per_s'] / hf['tokens_per_s']:.3f}x" if hf else "-"
-        print(f"| {r['model']} | {r['batch']} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['ms_per_step']:.2f} | {r['tokens_per_s'] / same['moe']['tokens_per_s']:.3f}x | {vs_hf} |")
-    print(f"\nper decode step at a position (batch {args.position_batch}, median of {args.window} steps x "
-          f"{args.repeats} repeats; 'Engram modules' = time inside the Engram layers of the step, hooks synchronised)")
+        print(
+            f"| {r['model']} | {r['batch']} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['ms_per_step']:.2f} | {r['tokens_per_s'] / same['moe']['tokens_per_s']:.3f}x | {vs_hf} |"
+        )
+    print(
+        f"\nper decode step at a position (batch {args.position_batch}, median of {args.window} steps x "
+        f"{args.repeats} repeats; 'Engram modules' = time inside the Engram layers of the step, hooks synchronised)"
+    )
     prow = table_positions(models, args, device)
     print("| position | engram step ms | moe step ms | engram / moe | Engram modules ms | Engram modules vs first |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in prow:
-        print(f"| {r['position']} | {r['engram_ms']:.3f} | {r['moe_ms']:.3f} | {r['engram_ms'] / r['moe_ms']:.3f}x | "
-              f"{r['engram_modules_ms']:.3f} | {r['engram_modules_ms'] / prow[0]['engram_modules_ms']:.2f}x |")
+        print(
+            f"| {r['position']} | {r['engram_ms']:.3f} | {r['moe_ms']:.3f} | {r['engram_ms'] / r['moe_ms']:.3f}x | "
+            f"{r['engram_modules_ms']:.3f} | {r['engram_modules_ms'] / prow[0]['engram_modules_ms']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

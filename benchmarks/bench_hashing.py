@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "core"))
 
-from engram import Engram, EngramConfig, NgramHasher, set_validation  # noqa: E402
 from reference_numpy import ref_hash_layer, ref_multipliers, ref_primes  # noqa: E402
+
+from engram import Engram, EngramConfig, NgramHasher, set_validation  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,8 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vprime", type=int, default=99092, help="compressed vocab size V'")
     p.add_argument("--table-size", type=int, default=5 * 129280, help="configured per-head table size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default); 1 compares like for like with single-threaded numpy")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 compares like for like with single-threaded numpy",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--skip-module", action="store_true", help="only the hashing benchmark")
@@ -57,9 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hc-mults", default="4,1", help="comma list of M values to time")
     p.add_argument("--module-batch", type=int, default=None, help="default: 8 on CUDA, 2 on CPU")
     p.add_argument("--module-seq", type=int, default=None, help="default: 4096 on CUDA, 512 on CPU")
-    p.add_argument("--module-table-size", type=int, default=None,
-                   help="per-head table size of the Engram benchmark; default: 5*129280 on CUDA, 20000 on CPU "
-                        "(the dense table gradient of the full size is GBs)")
+    p.add_argument(
+        "--module-table-size",
+        type=int,
+        default=None,
+        help="per-head table size of the Engram benchmark; default: 5*129280 on CUDA, 20000 on CPU "
+        "(the dense table gradient of the full size is GBs)",
+    )
     return p.parse_args(argv)
 
 
@@ -79,10 +88,12 @@ def timeit(fn: Callable[[], object], device: torch.device, warmup: int, repeats:
     return statistics.median(times)
 
 
-def timeit_interleaved(fns: list[Callable[[], object]], devices: list[torch.device], warmup: int,
-                       repeats: int) -> list[tuple[float, float]]:
+def timeit_interleaved(
+    fns: list[Callable[[], object]], devices: list[torch.device], warmup: int, repeats: int
+) -> list[tuple[float, float]]:
     """Median (wall, process CPU) seconds of each fn, alternating them run by run so that both see the same
     machine load. On a shared machine the CPU time is the steadier measure of the work done."""
+
     def once(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
@@ -102,9 +113,15 @@ def timeit_interleaved(fns: list[Callable[[], object]], devices: list[torch.devi
 
 def bench_hashing(args: argparse.Namespace, device: torch.device) -> list[dict]:
     n = args.max_ngram
-    cfg = EngramConfig(engram_vocab_size=[args.table_size] * (n - 1), max_ngram_size=n,
-                       n_embed_per_ngram=args.heads, n_head_per_ngram=args.heads,
-                       layer_ids=[1 + 13 * i for i in range(args.layers)], seed=args.seed, pad_id=0)
+    cfg = EngramConfig(
+        engram_vocab_size=[args.table_size] * (n - 1),
+        max_ngram_size=n,
+        n_embed_per_ngram=args.heads,
+        n_head_per_ngram=args.heads,
+        layer_ids=[1 + 13 * i for i in range(args.layers)],
+        seed=args.seed,
+        pad_id=0,
+    )
     pad = 2
     hasher = NgramHasher(cfg, args.vprime, pad)
     compiled = NgramHasher(cfg, args.vprime, pad, compile=True)
@@ -118,8 +135,10 @@ def bench_hashing(args: argparse.Namespace, device: torch.device) -> list[dict]:
     def run_numpy() -> dict[int, np.ndarray]:
         return {l: ref_hash_layer(tokens_np, mults[l], primes[l], pad) for l in cfg.layer_ids}
 
-    runs = {"NgramHasher.hash (torch)": lambda: hasher.hash(tokens),
-            "NgramHasher(compile=True).hash": lambda: compiled.hash(tokens)}
+    runs = {
+        "NgramHasher.hash (torch)": lambda: hasher.hash(tokens),
+        "NgramHasher(compile=True).hash": lambda: compiled.hash(tokens),
+    }
     t0 = time.perf_counter()
     ref = run_numpy()
     for name, run in runs.items():  # never time something wrong; the first compiled call compiles
@@ -130,20 +149,42 @@ def bench_hashing(args: argparse.Namespace, device: torch.device) -> list[dict]:
     print(f"outputs checked equal (incl. compiling: {time.perf_counter() - t0:.1f} s)")
 
     n_tok = args.batch * args.seq
-    timed = timeit_interleaved([run_numpy, *runs.values()], [torch.device("cpu")] + [device] * len(runs),
-                               args.warmup, 3 * args.repeats)
+    timed = timeit_interleaved(
+        [run_numpy, *runs.values()], [torch.device("cpu")] + [device] * len(runs), args.warmup, 3 * args.repeats
+    )
     (t_np, c_np) = timed[0]
-    desc = (f"N={n}, K={args.heads}, {args.layers} layers, V'={args.vprime}, table {args.table_size}, "
-            f"{args.batch}x{args.seq}")
-    rows = [dict(name="hash: numpy reference", device="cpu", config=desc, ms=t_np * 1e3, cpu_ms=c_np * 1e3,
-                 tok_s=n_tok / t_np, us_tok=t_np / n_tok * 1e6, note="1.00x")]
+    desc = (
+        f"N={n}, K={args.heads}, {args.layers} layers, V'={args.vprime}, table {args.table_size}, "
+        f"{args.batch}x{args.seq}"
+    )
+    rows = [
+        dict(
+            name="hash: numpy reference",
+            device="cpu",
+            config=desc,
+            ms=t_np * 1e3,
+            cpu_ms=c_np * 1e3,
+            tok_s=n_tok / t_np,
+            us_tok=t_np / n_tok * 1e6,
+            note="1.00x",
+        )
+    ]
     for name, (t_pt, c_pt) in zip(runs, timed[1:]):
         # with more threads, idle OpenMP workers spinning between torch's parallel regions count as CPU time
         one_thread = device.type == "cpu" and torch.get_num_threads() == 1
         cpu_ratio = f", {c_np / c_pt:.2f}x in CPU time" if one_thread else ""
-        rows.append(dict(name=f"hash: {name}", device=str(device), config=desc, ms=t_pt * 1e3, cpu_ms=c_pt * 1e3,
-                         tok_s=n_tok / t_pt, us_tok=t_pt / n_tok * 1e6,
-                         note=f"{t_np / t_pt:.2f}x numpy throughput{cpu_ratio}"))
+        rows.append(
+            dict(
+                name=f"hash: {name}",
+                device=str(device),
+                config=desc,
+                ms=t_pt * 1e3,
+                cpu_ms=c_pt * 1e3,
+                tok_s=n_tok / t_pt,
+                us_tok=t_pt / n_tok * 1e6,
+                note=f"{t_np / t_pt:.2f}x numpy throughput{cpu_ratio}",
+            )
+        )
     return rows
 
 
@@ -161,8 +202,15 @@ def bench_module(args: argparse.Namespace, device: torch.device) -> list[dict]:
     n = args.max_ngram
     if args.d_mem % (n - 1) or (args.d_mem // (n - 1)) % args.heads:
         raise SystemExit(f"--d-mem {args.d_mem} must split into {n - 1} orders x {args.heads} heads")
-    cfg = EngramConfig(engram_vocab_size=[size] * (n - 1), max_ngram_size=n, n_embed_per_ngram=args.d_mem // (n - 1),
-                       n_head_per_ngram=args.heads, layer_ids=[1], seed=args.seed, pad_id=0)
+    cfg = EngramConfig(
+        engram_vocab_size=[size] * (n - 1),
+        max_ngram_size=n,
+        n_embed_per_ngram=args.d_mem // (n - 1),
+        n_head_per_ngram=args.heads,
+        layer_ids=[1],
+        seed=args.seed,
+        pad_id=0,
+    )
     hasher = NgramHasher(cfg, args.vprime, 2)
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, args.vprime, (b, t), generator=gen).to(device)
@@ -178,10 +226,18 @@ def bench_module(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
         sec = timeit(functools.partial(engram_step, mod, hidden, grad, hash_ids), device, args.warmup, args.repeats)
         n_tok = b * t
-        rows.append(dict(name=f"Engram fwd+bwd, M={m}", device=str(device),
-                         config=f"d={args.hidden}, d_mem={args.d_mem}, N={n}, K={args.heads}, table {size}/head, "
-                                f"{b}x{t}",
-                         ms=sec * 1e3, cpu_ms=None, tok_s=n_tok / sec, us_tok=sec / n_tok * 1e6, note=""))
+        rows.append(
+            dict(
+                name=f"Engram fwd+bwd, M={m}",
+                device=str(device),
+                config=f"d={args.hidden}, d_mem={args.d_mem}, N={n}, K={args.heads}, table {size}/head, {b}x{t}",
+                ms=sec * 1e3,
+                cpu_ms=None,
+                tok_s=n_tok / sec,
+                us_tok=sec / n_tok * 1e6,
+                note="",
+            )
+        )
         del mod
     return rows
 
@@ -195,10 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {device} ({name}); torch {torch.__version__}, numpy {np.__version__}, "
-          f"torch CPU threads {torch.get_num_threads()} of {os.cpu_count()} cores (load average "
-          f"{os.getloadavg()[0]:.1f}: other work on the machine slows the torch rows most); "
-          f"warmup {args.warmup}, median of {args.repeats}\n")
+    print(
+        f"device: {device} ({name}); torch {torch.__version__}, numpy {np.__version__}, "
+        f"torch CPU threads {torch.get_num_threads()} of {os.cpu_count()} cores (load average "
+        f"{os.getloadavg()[0]:.1f}: other work on the machine slows the torch rows most); "
+        f"warmup {args.warmup}, median of {args.repeats}\n"
+    )
     rows = bench_hashing(args, device)
     if not args.skip_module:
         rows += bench_module(args, device)
@@ -206,8 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         cpu = "" if r["cpu_ms"] is None else f"{r['cpu_ms']:.1f}"
-        print(f"| {r['name']} | {r['device']} | {r['config']} | {r['ms']:.1f} | {cpu} | {r['tok_s']:,.0f} | "
-              f"{r['us_tok']:.3f} | {r['note']} |")
+        print(
+            f"| {r['name']} | {r['device']} | {r['config']} | {r['ms']:.1f} | {cpu} | {r['tok_s']:,.0f} | "
+            f"{r['us_tok']:.3f} | {r['note']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -48,9 +48,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd train steps")
     ap.add_argument("--models", default="moe,engram,dense", help="comma-separated subset of moe,engram,dense")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="step time as wall-clock time, or as this thread's CPU time (robust to other processes "
-                         "on a shared machine; CPU only, with --threads 1)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="step time as wall-clock time, or as this thread's CPU time (robust to other processes "
+        "on a shared machine; CPU only, with --threads 1)",
+    )
     args = ap.parse_args()
     engram.set_validation(False)
     if args.threads:
@@ -58,13 +62,25 @@ def main() -> None:
     torch.manual_seed(0)
     dev = torch.device(args.device)
 
-    base = ModelConfig(family="moe", vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                       num_heads=max(1, args.hidden // 32), max_seq_len=args.seq, moe_intermediate_size=args.hidden,
-                       intermediate_size=3 * args.hidden, n_shared_experts=1, n_routed_experts=args.experts,
-                       num_experts_per_tok=2, first_k_dense=1, hc_mult=args.hc)
+    base = ModelConfig(
+        family="moe",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=max(1, args.hidden // 32),
+        max_seq_len=args.seq,
+        moe_intermediate_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        n_shared_experts=1,
+        n_routed_experts=args.experts,
+        num_experts_per_tok=2,
+        first_k_dense=1,
+        hc_mult=args.hc,
+    )
     # as in the demo: d_mem = d/2 (2 orders x 4 heads), one module at block 1
-    template = EngramConfig(engram_vocab_size=[1000, 1000], n_embed_per_ngram=args.hidden // 4, n_head_per_ngram=4,
-                            layer_ids=[1], pad_id=0)
+    template = EngramConfig(
+        engram_vocab_size=[1000, 1000], n_embed_per_ngram=args.hidden // 4, n_head_per_ngram=4, layer_ids=[1], pad_id=0
+    )
     configs = {"moe": base, "engram": allocate(base, args.rho, template), "dense": dense_counterpart(base)}
     configs = {n: configs[n] for n in args.models.split(",")}
     tok = CompressedTokenizer.identity(args.vocab)
@@ -122,9 +138,11 @@ def main() -> None:
         for key in runners:
             times[key].append(step(key))
     tokens = args.batch * args.seq
-    print(f"device={dev} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch}x{args.seq} "
-          f"steps={args.steps} (median, {args.clock} clock) load={os.getloadavg()[0]:.1f}"
-          + (f" warm-up incl. compilation {t_compile:.0f}s" if args.compile else ""))
+    print(
+        f"device={dev} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch}x{args.seq} "
+        f"steps={args.steps} (median, {args.clock} clock) load={os.getloadavg()[0]:.1f}"
+        + (f" warm-up incl. compilation {t_compile:.0f}s" if args.compile else "")
+    )
     head = "| model | total | activated | engram | routed experts | step ms | tokens/s | vs moe | peak MiB/step |"
     if args.compile:
         head += " compiled ms | eager/compiled |"
@@ -135,9 +153,11 @@ def main() -> None:
         c = count_params(cfg)
         med = statistics.median(times[name, "eager"])
         vs = f"{ref / med:.3f}x" if ref else "-"
-        row = (f"| {name} | {format_count(c.total)} | {format_count(c.activated)} | {format_count(c.engram)} | "
-               f"{c.routed_experts} | {1e3 * med:.1f} | {tokens / med:,.0f} | {vs} | "
-               f"{peaks[name, 'eager'] / 2**20:.1f} |")
+        row = (
+            f"| {name} | {format_count(c.total)} | {format_count(c.activated)} | {format_count(c.engram)} | "
+            f"{c.routed_experts} | {1e3 * med:.1f} | {tokens / med:,.0f} | {vs} | "
+            f"{peaks[name, 'eager'] / 2**20:.1f} |"
+        )
         if args.compile:
             comp = statistics.median(times[name, "compiled"])
             row += f" {1e3 * comp:.1f} | {med / comp:.2f}x |"

@@ -57,7 +57,7 @@ from engram.storage import (  # noqa: E402
 from engram.table import EngramTable  # noqa: E402
 from engram.train.trainer import TrainConfig, model_config_for, prepare_data  # noqa: E402
 
-HEADS_PER_ORDER, N_EMBED = 8, 512          # K = 8 heads per order, N = 3: 16 heads of 64 floats, d_mem = 1024
+HEADS_PER_ORDER, N_EMBED = 8, 512  # K = 8 heads per order, N = 3: 16 heads of 64 floats, d_mem = 1024
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,13 +75,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dir", default=None, help="folder for the disk table files (default: a temporary folder)")
     p.add_argument("--huge", action="store_true", help="only the larger-than-RAM disk table run")
     p.add_argument("--huge-gib", type=float, default=32)
-    p.add_argument("--huge-random-rows", type=int, default=200_000,
-                   help="rows written at random positions of the huge table, besides the rows the inputs use")
+    p.add_argument(
+        "--huge-random-rows",
+        type=int,
+        default=200_000,
+        help="rows written at random positions of the huge table, besides the rows the inputs use",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="compute device: auto (cuda if available), cpu or cuda")
-    p.add_argument("--tiers", default="device,host,disk",
-                   help="comma list of the table tiers to time (the device baseline always runs)")
+    p.add_argument(
+        "--tiers",
+        default="device,host,disk",
+        help="comma list of the table tiers to time (the device baseline always runs)",
+    )
     p.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of the stdlib corpus for the inputs")
     p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary of the inputs' tokenizer")
     args = p.parse_args(argv)
@@ -94,12 +101,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------- setup
 def model_config(args: argparse.Namespace, per_head_rows: int) -> ModelConfig:
     """A dense backbone (every block dense: first_k_dense = num_layers), one Engram layer in block 1."""
-    return ModelConfig(family="engram", hidden_size=args.hidden, num_layers=args.layers, num_heads=8,
-                       intermediate_size=int(args.hidden * 8 / 3) // 64 * 64, first_k_dense=args.layers,
-                       max_seq_len=max(args.prefill_len, args.prompt_len + args.new_tokens),
-                       engram=EngramConfig(engram_vocab_size=[per_head_rows] * 2, max_ngram_size=3,
-                                           n_embed_per_ngram=N_EMBED, n_head_per_ngram=HEADS_PER_ORDER,
-                                           layer_ids=[1]))
+    return ModelConfig(
+        family="engram",
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=8,
+        intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
+        first_k_dense=args.layers,
+        max_seq_len=max(args.prefill_len, args.prompt_len + args.new_tokens),
+        engram=EngramConfig(
+            engram_vocab_size=[per_head_rows] * 2,
+            max_ngram_size=3,
+            n_embed_per_ngram=N_EMBED,
+            n_head_per_ngram=HEADS_PER_ORDER,
+            layer_ids=[1],
+        ),
+    )
 
 
 def per_head_rows_for(table_bytes: float) -> int:
@@ -117,13 +134,16 @@ def corpus_inputs(args: argparse.Namespace):
         out = []
         for _ in range(rounds):
             starts = rng.integers(0, len(tokens) - length, n)
-            out.append(torch.from_numpy(np.stack([tokens[s:s + length] for s in starts]).astype(np.int64)))
+            out.append(torch.from_numpy(np.stack([tokens[s : s + length] for s in starts]).astype(np.int64)))
         return out
 
-    rounds = args.rounds + 1   # one extra batch for the warm-up
+    rounds = args.rounds + 1  # one extra batch for the warm-up
     device = compute_device(args)
-    return (tok, [x.to(device) for x in windows(args.batch, args.prefill_len, rounds)],
-            [x.to(device) for x in windows(args.gen_batch, args.prompt_len, rounds)])
+    return (
+        tok,
+        [x.to(device) for x in windows(args.batch, args.prefill_len, rounds)],
+        [x.to(device) for x in windows(args.gen_batch, args.prompt_len, rounds)],
+    )
 
 
 def compute_device(args: argparse.Namespace) -> torch.device:
@@ -134,15 +154,19 @@ def compute_device(args: argparse.Namespace) -> torch.device:
 
 def with_tables(cfg: ModelConfig, ctok, stores: dict[int, object], base: EngramLM, cache_bytes: int = 0) -> EngramLM:
     """A model with ``base``'s weights whose Engram tables are OffloadedEmbeddings over ``stores``."""
-    model = EngramLM(cfg, ctok, table_factory=lambda layer, heads, dim, std: OffloadedEmbedding(
-        heads, dim, stores[layer], init_std=std, cache_bytes=cache_bytes))
+    model = EngramLM(
+        cfg,
+        ctok,
+        table_factory=lambda layer, heads, dim, std: OffloadedEmbedding(
+            heads, dim, stores[layer], init_std=std, cache_bytes=cache_bytes
+        ),
+    )
     keys = set(offloaded_tables(model))
-    missing, unexpected = model.load_state_dict({k: v for k, v in base.state_dict().items() if k not in keys},
-                                                strict=False)
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in base.state_dict().items() if k not in keys}, strict=False
+    )
     assert sorted(missing) == sorted(keys) and not unexpected, (missing, unexpected)
     return model.eval()
-
-
 
 
 def drop_page_cache(model: EngramLM) -> None:
@@ -174,8 +198,12 @@ def read_into_page_cache(store: DiskRowStore) -> None:
 def resident_mib(path: Path) -> str:
     """Page-cache residency of a file, from util-linux ``fincore`` (or '?' where it is missing)."""
     try:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                             capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         return f"{int(out[0]) / 2**20:,.1f} MiB"
     except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
         return "?"
@@ -219,9 +247,9 @@ class Variant:
     def __init__(self, name: str, model: EngramLM, prefetch: bool = True, cache_bytes: int = 0, cold: bool = False):
         self.name, self.model, self.prefetch, self.cache_bytes, self.cold = name, model, prefetch, cache_bytes, cold
         self.caches: dict[str, object] = {}
-        self.prefill_tps: list[float] = []   # tokens per wall-clock second
+        self.prefill_tps: list[float] = []  # tokens per wall-clock second
         self.decode_tps: list[float] = []
-        self.prefill_cpu: list[float] = []   # tokens per CPU second of this process (all its threads)
+        self.prefill_cpu: list[float] = []  # tokens per CPU second of this process (all its threads)
         self.decode_cpu: list[float] = []
 
     def activate(self) -> None:
@@ -254,8 +282,12 @@ def run_rounds(variants: list[Variant], prefill_batches, prompts, args, warm_fil
     for r in range(1, args.rounds + 1):
         for store in warm_files:
             read_into_page_cache(store)
-        for v in [*warm[r % len(warm):], *warm[:r % len(warm)], *cold[r % max(len(cold), 1):],
-                  *cold[:r % max(len(cold), 1)]]:
+        for v in [
+            *warm[r % len(warm) :],
+            *warm[: r % len(warm)],
+            *cold[r % max(len(cold), 1) :],
+            *cold[: r % max(len(cold), 1)],
+        ]:
             v.activate()
             v.before_call()
             t0, c0 = time.perf_counter(), time.process_time()
@@ -271,7 +303,7 @@ def run_rounds(variants: list[Variant], prefill_batches, prompts, args, warm_fil
 
 
 def report(variants: list[Variant], baseline: Variant) -> str:
-    """"vs device" = throughput / the baseline's (1.000 = as fast, < 1 = slower): from the median wall time over
+    """ "vs device" = throughput / the baseline's (1.000 = as fast, < 1 = slower): from the median wall time over
     rounds, from the best round of each (the least disturbed by other tenants of the machine), and from this
     process's CPU time (median; all its threads)."""
     med = statistics.median
@@ -279,11 +311,12 @@ def report(variants: list[Variant], baseline: Variant) -> str:
     def cols(v: Variant, tps: str, cpu: str) -> str:
         b_tps, b_cpu = getattr(baseline, tps), getattr(baseline, cpu)
         x, c = getattr(v, tps), getattr(v, cpu)
-        return (f"{med(x):,.1f} | {med(x) / med(b_tps):.3f} | {max(x) / max(b_tps):.3f} | "
-                f"{med(c) / med(b_cpu):.3f}")
+        return f"{med(x):,.1f} | {med(x) / med(b_tps):.3f} | {max(x) / max(b_tps):.3f} | {med(c) / med(b_cpu):.3f}"
 
-    lines = ["| variant | prefill tok/s | vs device: median | best | CPU | decode tok/s | vs device: median | best "
-             "| CPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | prefill tok/s | vs device: median | best | CPU | decode tok/s | vs device: median | best | CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for v in variants:
         lines.append(f"| {v.name} | {cols(v, 'prefill_tps', 'prefill_cpu')} | {cols(v, 'decode_tps', 'decode_cpu')} |")
     return "\n".join(lines)
@@ -292,6 +325,7 @@ def report(variants: list[Variant], baseline: Variant) -> str:
 def spread(variants: list[Variant]) -> str:
     def rel(xs):
         return (max(xs) - min(xs)) / statistics.median(xs)
+
     worst_p = max(rel(v.prefill_tps) for v in variants)
     worst_d = max(rel(v.decode_tps) for v in variants)
     return f"largest (max - min) / median over rounds: prefill {worst_p:.1%}, decode {worst_d:.1%}"
@@ -299,8 +333,10 @@ def spread(variants: list[Variant]) -> str:
 
 def machine() -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, load average {load}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average {load}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- main run
@@ -312,18 +348,23 @@ def run_main(args: argparse.Namespace, work: Path) -> None:
     weight = base.blocks[1].engram.table.weight.detach()
     table_mib = weight.numel() * 4 / 2**20
     backbone = sum(p.numel() for n, p in base.named_parameters() if not n.endswith("table.weight"))
-    print(f"model: hidden {cfg.hidden_size}, {cfg.num_layers} dense blocks, Engram at block 1; table "
-          f"{weight.shape[0]:,} x {weight.shape[1]} float32 = {table_mib:,.0f} MiB; other parameters "
-          f"{backbone / 1e6:.1f}M ({backbone * 4 / 2**20:,.0f} MiB)")
-    print(f"inputs: prefill {args.batch} x {args.prefill_len}, decode {args.gen_batch} x {args.new_tokens} "
-          f"after a {args.prompt_len}-token prompt, {args.rounds} rounds; {machine()}")
+    print(
+        f"model: hidden {cfg.hidden_size}, {cfg.num_layers} dense blocks, Engram at block 1; table "
+        f"{weight.shape[0]:,} x {weight.shape[1]} float32 = {table_mib:,.0f} MiB; other parameters "
+        f"{backbone / 1e6:.1f}M ({backbone * 4 / 2**20:,.0f} MiB)"
+    )
+    print(
+        f"inputs: prefill {args.batch} x {args.prefill_len}, decode {args.gen_batch} x {args.new_tokens} "
+        f"after a {args.prompt_len}-token prompt, {args.rounds} rounds; {machine()}"
+    )
 
     tiers = set(args.tiers.split(","))
     t0 = time.perf_counter()
     # built from the CPU weights, before the move
     host_store = to_tier(DeviceRowStore(weight), "host") if "host" in tiers else None
-    disk_store = (to_tier(DeviceRowStore(weight), "disk", path=work / "layer01.rows", overwrite=True)
-                  if "disk" in tiers else None)
+    disk_store = (
+        to_tier(DeviceRowStore(weight), "disk", path=work / "layer01.rows", overwrite=True) if "disk" in tiers else None
+    )
     print(f"host copy / disk file written in {time.perf_counter() - t0:.1f} s")
     device = compute_device(args)
     base.to(device)
@@ -331,8 +372,9 @@ def run_main(args: argparse.Namespace, work: Path) -> None:
     baseline = Variant("device (MultiHeadEmbedding)", base)
     variants = [baseline]
     if "device" in tiers:
-        dev_store_model = with_tables(cfg, ctok, {1: DeviceRowStore(base.blocks[1].engram.table.weight.detach())},
-                                      base).to(device)
+        dev_store_model = with_tables(
+            cfg, ctok, {1: DeviceRowStore(base.blocks[1].engram.table.weight.detach())}, base
+        ).to(device)
         variants.append(Variant("device store (OffloadedEmbedding)", dev_store_model))
     if host_store is not None:
         host_model = with_tables(cfg, ctok, {1: host_store}, base).to(device)
@@ -346,12 +388,10 @@ def run_main(args: argparse.Namespace, work: Path) -> None:
         variants += [
             Variant("disk (page cache warm), prefetch", disk_model),
             Variant("disk (page cache warm), no prefetch", disk_model, prefetch=False),
-            Variant(f"disk (page cache warm), prefetch + {args.cache_mib:g} MiB cache", disk_model,
-                    cache_bytes=cache),
+            Variant(f"disk (page cache warm), prefetch + {args.cache_mib:g} MiB cache", disk_model, cache_bytes=cache),
             Variant("disk (cold), prefetch", disk_model, cold=True),
             Variant("disk (cold), no prefetch", disk_model, prefetch=False, cold=True),
-            Variant(f"disk (cold), prefetch + {args.cache_mib:g} MiB cache", disk_model, cache_bytes=cache,
-                    cold=True),
+            Variant(f"disk (cold), prefetch + {args.cache_mib:g} MiB cache", disk_model, cache_bytes=cache, cold=True),
         ]
 
     # correctness first: every variant gives the baseline's logits and greedy tokens
@@ -363,9 +403,11 @@ def run_main(args: argparse.Namespace, work: Path) -> None:
         assert torch.equal(prefill(v.model, prefill_batches[0]), want_logits), v.name
         v.before_call()
         assert decode(v.model, prompts[0], args.new_tokens)[0] == want_tokens, v.name
-        v.caches.clear()   # the timed runs start from empty caches
-    print(f"checked: all {len(variants) - 1} variants give the device model's prefill logits (torch.equal) and "
-          f"greedy tokens")
+        v.caches.clear()  # the timed runs start from empty caches
+    print(
+        f"checked: all {len(variants) - 1} variants give the device model's prefill logits (torch.equal) and "
+        f"greedy tokens"
+    )
     if disk_store is not None:
         drop_page_cache(disk_model)
         print(f"page cache holding the disk table after a drop: {resident_mib(disk_store.path)}")
@@ -377,12 +419,20 @@ def run_main(args: argparse.Namespace, work: Path) -> None:
     print(spread(variants))
     for v in variants:
         for s in v.cache_stats():
-            print(f"{v.name}: cache hit rate {s.hit_rate:.1%} over warm-up and rounds ({s.hits:,} hits, "
-                  f"{s.misses:,} misses)")
+            print(
+                f"{v.name}: cache hit rate {s.hit_rate:.1%} over warm-up and rounds ({s.hits:,} hits, "
+                f"{s.misses:,} misses)"
+            )
     print()
-    stores = [(name, store, cold) for name, store, cold in [
-        ("host", host_store, False), ("disk (page cache warm)", disk_store, False), ("disk (cold)", disk_store, True)]
-        if store is not None]
+    stores = [
+        (name, store, cold)
+        for name, store, cold in [
+            ("host", host_store, False),
+            ("disk (page cache warm)", disk_store, False),
+            ("disk (cold)", disk_store, True),
+        ]
+        if store is not None
+    ]
     if stores:
         print(fetch_report(base, stores, prefill_batches, prompts, args, baseline))
 
@@ -401,7 +451,7 @@ def fetch_report(base: EngramLM, stores, prefill_batches, prompts, args, baselin
         rows = [torch.unique(table.fused_ids(x).reshape(-1)).cpu() for x in ids]
         for i in range(2):
             n_rows[i].append(rows[i].numel())
-        for name, store, cold in stores:   # the cold tier last: its drops do not reach the warm one
+        for name, store, cold in stores:  # the cold tier last: its drops do not reach the warm one
             if isinstance(store, DiskRowStore) and not cold:
                 read_into_page_cache(store)
             for i in range(2):
@@ -411,13 +461,19 @@ def fetch_report(base: EngramLM, stores, prefill_batches, prompts, args, baselin
                 store.gather(rows[i])
                 times[name][i].append(time.perf_counter() - t0)
     med = statistics.median
-    lines = [f"one block of the device model: {block_prefill * 1e3:.1f} ms in prefill, {block_decode * 1e3:.2f} ms "
-             f"per decode step (median time / {args.layers} blocks)", "",
-             f"| tier | prefill batch: unique rows | gather ms | in blocks | decode step: unique rows | gather ms "
-             f"| in blocks |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"one block of the device model: {block_prefill * 1e3:.1f} ms in prefill, {block_decode * 1e3:.2f} ms "
+        f"per decode step (median time / {args.layers} blocks)",
+        "",
+        "| tier | prefill batch: unique rows | gather ms | in blocks | decode step: unique rows | gather ms "
+        "| in blocks |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, (tp, td) in times.items():
-        lines.append(f"| {name} | {med(n_rows[0]):,.0f} | {med(tp) * 1e3:.2f} | {med(tp) / block_prefill:.3f} | "
-                     f"{med(n_rows[1]):,.0f} | {med(td) * 1e3:.3f} | {med(td) / block_decode:.3f} |")
+        lines.append(
+            f"| {name} | {med(n_rows[0]):,.0f} | {med(tp) * 1e3:.2f} | {med(tp) / block_prefill:.3f} | "
+            f"{med(n_rows[1]):,.0f} | {med(td) * 1e3:.3f} | {med(td) / block_decode:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -429,7 +485,7 @@ class CompactTable(EngramTable):
         super().__init__(head_sizes, head_dim)
         order = torch.argsort(rows)
         self.register_buffer("rows", rows[order], persistent=False)
-        zero_row = values.new_zeros(1, head_dim)   # what every unwritten row holds
+        zero_row = values.new_zeros(1, head_dim)  # what every unwritten row holds
         self.register_buffer("values", torch.cat([values[order], zero_row]), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -453,7 +509,7 @@ def run_huge(args: argparse.Namespace, work: Path) -> None:
     num_rows = sum(heads)
     path = work / "huge.rows"
     t0 = time.perf_counter()
-    store = create_row_store("disk", num_rows, dim, init_std=0.0, path=path, overwrite=True)   # sparse: no writes
+    store = create_row_store("disk", num_rows, dim, init_std=0.0, path=path, overwrite=True)  # sparse: no writes
     # the rows the inputs look up (prefill batches and prompts), plus random rows across the whole file
     used = torch.cat([(hasher.hash_tokens(x)[1] + hasher.offsets[1]).reshape(-1) for x in prefill_batches + prompts])
     gen = torch.Generator().manual_seed(args.seed)
@@ -461,16 +517,23 @@ def run_huge(args: argparse.Namespace, work: Path) -> None:
     rows = torch.unique(torch.cat([used, random_rows]))
     values = torch.randn(rows.numel(), dim, generator=gen)
     store.scatter(rows, values)
-    drop_store_pages(store)   # flushes, then evicts: the writer's map must not keep the pages resident
+    drop_store_pages(store)  # flushes, then evicts: the writer's map must not keep the pages resident
     table_bytes = store.nbytes
     del store
     st = path.stat()
-    print(f"huge table: {num_rows:,} x {dim} float32 = {table_bytes / 2**30:.2f} GiB file "
-          f"(machine RAM {ram / 2**30:.1f} GiB); {rows.numel():,} known rows written "
-          f"({st.st_blocks * 512 / 2**20:,.0f} MiB allocated on disk) in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"huge table: {num_rows:,} x {dim} float32 = {table_bytes / 2**30:.2f} GiB file "
+        f"(machine RAM {ram / 2**30:.1f} GiB); {rows.numel():,} known rows written "
+        f"({st.st_blocks * 512 / 2**20:,.0f} MiB allocated on disk) in {time.perf_counter() - t0:.1f} s"
+    )
 
-    disk_model = EngramLM(cfg, ctok, table_factory=lambda layer, h, d, std: OffloadedEmbedding(
-        h, d, DiskRowStore(path, num_rows=sum(h), dim=d), init_std=std)).eval()
+    disk_model = EngramLM(
+        cfg,
+        ctok,
+        table_factory=lambda layer, h, d, std: OffloadedEmbedding(
+            h, d, DiskRowStore(path, num_rows=sum(h), dim=d), init_std=std
+        ),
+    ).eval()
     table = disk_model.blocks[1].engram.table
     ref_model = with_tables_ref(cfg, ctok, disk_model, heads, dim, rows, values)
     disk_model.to(compute_device(args))
@@ -486,8 +549,10 @@ def run_huge(args: argparse.Namespace, work: Path) -> None:
     others = torch.randint(0, num_rows, (100_000,), generator=gen)
     others = others[~torch.isin(others, rows)]
     assert not table.store.gather(others).any(), "rows never written must read as zeros"
-    print(f"checked: all {rows.numel():,} written rows read back exactly from disk ({seconds:.2f} s cold, "
-          f"{rows.numel() / seconds:,.0f} rows/s), and {others.numel():,} random unwritten rows read as zeros")
+    print(
+        f"checked: all {rows.numel():,} written rows read back exactly from disk ({seconds:.2f} s cold, "
+        f"{rows.numel() / seconds:,.0f} rows/s), and {others.numel():,} random unwritten rows read as zeros"
+    )
     # outputs: the disk model equals the reference on the benchmark inputs
     for x, p in zip(prefill_batches[:2], prompts[:2]):
         drop_page_cache(disk_model)
@@ -495,10 +560,12 @@ def run_huge(args: argparse.Namespace, work: Path) -> None:
         assert decode(disk_model, p, args.new_tokens)[0] == decode(ref_model, p, args.new_tokens)[0]
     print("checked: prefill logits (torch.equal) and greedy generations equal the in-memory reference's")
 
-    variants = [Variant("in-memory reference (written rows only)", ref_model),
-                Variant("disk (cold), prefetch", disk_model, cold=True),
-                Variant("disk (cold), no prefetch", disk_model, prefetch=False, cold=True),
-                Variant("disk (page cache kept between calls), prefetch", disk_model)]
+    variants = [
+        Variant("in-memory reference (written rows only)", ref_model),
+        Variant("disk (cold), prefetch", disk_model, cold=True),
+        Variant("disk (cold), no prefetch", disk_model, prefetch=False, cold=True),
+        Variant("disk (page cache kept between calls), prefetch", disk_model),
+    ]
     run_rounds(variants, prefill_batches, prompts, args)
     print()
     print(report(variants, variants[0]).replace("vs device", "vs reference"))
@@ -522,8 +589,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     tmp = None
     if args.dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="engram-offload-", dir="/var/tmp" if os.path.isdir("/var/tmp")
-                                          else None)
+        tmp = tempfile.TemporaryDirectory(
+            prefix="engram-offload-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None
+        )
         work = Path(tmp.name)
     else:
         work = Path(args.dir)

@@ -116,13 +116,14 @@ def find_row(tables: list[list[dict[str, str]]], column: str, pattern: str) -> d
 class Step:
     """One time-boxed subprocess. ``figures`` reads the key numbers from its output (stdout text, tables) and
     raises ``StepFailed`` when the output shows a failure the exit status does not (e.g. a loss that rose)."""
+
     name: str
     argv: list[str]
     timeout_s: float
     figures: Callable[[str, list], dict] = lambda text, tables: {}
-    requires: str | None = None   # a flag the called script must define; otherwise the step is "missing"
+    requires: str | None = None  # a flag the called script must define; otherwise the step is "missing"
     env: dict[str, str] = dataclasses.field(default_factory=dict)
-    stdout_to: Path | None = None   # where a successful step's stdout is written (a file a later step reads)
+    stdout_to: Path | None = None  # where a successful step's stdout is written (a file a later step reads)
 
 
 class StepFailed(Exception):
@@ -158,6 +159,7 @@ def cuda_tests_figures(junit: Path, dry_run: bool) -> Callable[[str, list], dict
         if not dry_run and counts["passed"] != counts["tests"]:
             raise StepFailed(f"on a GPU every CUDA test must run and pass: {counts}")
         return {**counts, "selected": names}
+
     return read
 
 
@@ -184,12 +186,18 @@ def train_figures(run_dir: Path) -> Callable[[str, list], dict]:
         if len(train) < 2 or len(evals) < 2:
             raise StepFailed(f"too few records to judge the loss: {len(train)} train, {len(evals)} eval")
         tps = sorted(r["tokens_per_s"] for r in train[1:])
-        figures = {"first_loss": train[0]["loss"], "last_loss": train[-1]["loss"],
-                   "first_val_loss": evals[0]["val_loss"], "last_val_loss": evals[-1]["val_loss"],
-                   "steps": train[-1]["step"], "median_tokens_per_s": tps[len(tps) // 2]}
+        figures = {
+            "first_loss": train[0]["loss"],
+            "last_loss": train[-1]["loss"],
+            "first_val_loss": evals[0]["val_loss"],
+            "last_val_loss": evals[-1]["val_loss"],
+            "steps": train[-1]["step"],
+            "median_tokens_per_s": tps[len(tps) // 2],
+        }
         if not (figures["last_loss"] < figures["first_loss"] and figures["last_val_loss"] < figures["first_val_loss"]):
             raise StepFailed(f"the loss did not fall: {figures}")
         return figures
+
     return read
 
 
@@ -197,10 +205,12 @@ def hashing_figures(text: str, tables: list) -> dict:
     row = find_row(tables, "benchmark", r"NgramHasher\.hash")
     compiled = find_row(tables, "benchmark", r"compile=True")
     ref = find_row(tables, "benchmark", r"numpy")
-    return {"torch_hash_tokens_per_s": number(row and row.get("tokens/s")),
-            "numpy_tokens_per_s": number(ref and ref.get("tokens/s")),
-            "vs_numpy": number(row and row.get("ratio")),
-            "compiled_vs_numpy": number(compiled and compiled.get("ratio"))}
+    return {
+        "torch_hash_tokens_per_s": number(row and row.get("tokens/s")),
+        "numpy_tokens_per_s": number(ref and ref.get("tokens/s")),
+        "vs_numpy": number(row and row.get("ratio")),
+        "compiled_vs_numpy": number(compiled and compiled.get("ratio")),
+    }
 
 
 def models_figures(text: str, tables: list) -> dict:
@@ -237,49 +247,209 @@ def build_steps(args: argparse.Namespace, python: str) -> list[Step]:
     dry = args.dry_run
     junit = out / "cuda_tests.xml"
     run_dir = out / "train_bf16"
-    spec = {"tiny": dry, "out_dir": str(run_dir), "device": dev, "steps": 40 if dry else 300,
-            "batch_size": 8 if dry else 16, "seq_len": 64 if dry else 128, "eval_every": 20 if dry else 100,
-            "eval_batches": 4 if dry else 10, "log_every": 10 if dry else 20, "ckpt_every": 1000,
-            "max_bytes": 1_000_000 if dry else 4_000_000, "vocab_size": 512 if dry else 4096, "progress": False,
-            "resume": False, "warmup_steps": 5 if dry else 30}
+    spec = {
+        "tiny": dry,
+        "out_dir": str(run_dir),
+        "device": dev,
+        "steps": 40 if dry else 300,
+        "batch_size": 8 if dry else 16,
+        "seq_len": 64 if dry else 128,
+        "eval_every": 20 if dry else 100,
+        "eval_batches": 4 if dry else 10,
+        "log_every": 10 if dry else 20,
+        "ckpt_every": 1000,
+        "max_bytes": 1_000_000 if dry else 4_000_000,
+        "vocab_size": 512 if dry else 4096,
+        "progress": False,
+        "resume": False,
+        "warmup_steps": 5 if dry else 30,
+    }
     config_path = out / "train_bf16.yaml"
-    hashing = (["--batch", "2", "--seq", "256", "--vprime", "1000", "--table-size", "5000", "--repeats", "2",
-                "--warmup", "1", "--hidden", "64", "--d-mem", "64", "--heads", "4", "--module-table-size", "1000",
-                "--module-batch", "1", "--module-seq", "64"] if dry else [])
-    models = (["--hidden", "64", "--layers", "2", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1",
-               "--vocab", "512"] if dry else
-              ["--hidden", "1024", "--layers", "8", "--batch", "16", "--seq", "512", "--vocab", "32768",
-               "--steps", "10", "--warmup", "3"])
-    offload = (["--table-mib", "8", "--hidden", "64", "--layers", "2", "--batch", "2", "--prefill-len", "32",
-                "--gen-batch", "2", "--prompt-len", "8", "--new-tokens", "4", "--rounds", "2", "--max-bytes",
-                "300000", "--vocab", "512", "--tiers", "device,host"] if dry else
-               ["--table-mib", "2048", "--hidden", "1024", "--layers", "8", "--batch", "8", "--prefill-len", "512",
-                "--gen-batch", "8", "--prompt-len", "64", "--new-tokens", "64", "--rounds", "4",
-                "--tiers", "device,host"])
-    generate = (["--hidden", "64", "--layers", "2", "--vocab", "512", "--batches", "1,2", "--prompt-len", "8",
-                 "--new-tokens", "8", "--positions", "16,48", "--window", "4", "--repeats", "1"] if dry else
-                ["--hidden", "1024", "--layers", "8", "--vocab", "32768", "--positions", "128,1024,4096"])
+    hashing = (
+        [
+            "--batch",
+            "2",
+            "--seq",
+            "256",
+            "--vprime",
+            "1000",
+            "--table-size",
+            "5000",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--hidden",
+            "64",
+            "--d-mem",
+            "64",
+            "--heads",
+            "4",
+            "--module-table-size",
+            "1000",
+            "--module-batch",
+            "1",
+            "--module-seq",
+            "64",
+        ]
+        if dry
+        else []
+    )
+    models = (
+        [
+            "--hidden",
+            "64",
+            "--layers",
+            "2",
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--vocab",
+            "512",
+        ]
+        if dry
+        else [
+            "--hidden",
+            "1024",
+            "--layers",
+            "8",
+            "--batch",
+            "16",
+            "--seq",
+            "512",
+            "--vocab",
+            "32768",
+            "--steps",
+            "10",
+            "--warmup",
+            "3",
+        ]
+    )
+    offload = (
+        [
+            "--table-mib",
+            "8",
+            "--hidden",
+            "64",
+            "--layers",
+            "2",
+            "--batch",
+            "2",
+            "--prefill-len",
+            "32",
+            "--gen-batch",
+            "2",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "4",
+            "--rounds",
+            "2",
+            "--max-bytes",
+            "300000",
+            "--vocab",
+            "512",
+            "--tiers",
+            "device,host",
+        ]
+        if dry
+        else [
+            "--table-mib",
+            "2048",
+            "--hidden",
+            "1024",
+            "--layers",
+            "8",
+            "--batch",
+            "8",
+            "--prefill-len",
+            "512",
+            "--gen-batch",
+            "8",
+            "--prompt-len",
+            "64",
+            "--new-tokens",
+            "64",
+            "--rounds",
+            "4",
+            "--tiers",
+            "device,host",
+        ]
+    )
+    generate = (
+        [
+            "--hidden",
+            "64",
+            "--layers",
+            "2",
+            "--vocab",
+            "512",
+            "--batches",
+            "1,2",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "8",
+            "--positions",
+            "16,48",
+            "--window",
+            "4",
+            "--repeats",
+            "1",
+        ]
+        if dry
+        else ["--hidden", "1024", "--layers", "8", "--vocab", "32768", "--positions", "128,1024,4096"]
+    )
     py = [python]
     # a dry run shares a CPU machine with other work: its time boxes are wider, the mechanism the same
     box = DRY_RUN_BOX_FACTOR if dry else 1.0
     return [
         Step("probe", [*py, "-c", PROBE], 60 * box, probe_figures),
-        Step("cuda_tests", [*py, "-m", "pytest", "-p", "gpu_check", "-q", "-rs", f"--junitxml={junit}",
-                            *cuda_test_files()], 120 * box, cuda_tests_figures(junit, dry),
-             env={"PYTHONPATH": str(BENCH)}),
+        Step(
+            "cuda_tests",
+            [*py, "-m", "pytest", "-p", "gpu_check", "-q", "-rs", f"--junitxml={junit}", *cuda_test_files()],
+            120 * box,
+            cuda_tests_figures(junit, dry),
+            env={"PYTHONPATH": str(BENCH)},
+        ),
         Step("train_config", [*py, "-c", TRAIN_CONFIG, json.dumps(spec)], 60 * box, stdout_to=config_path),
-        Step("train_bf16", [*py, "-m", "engram.cli", "train", "--config", str(config_path)], 150 * box,
-             train_figures(run_dir)),
-        Step("bench_hashing", [*py, str(BENCH / "bench_hashing.py"), "--device", dev, *hashing], 60 * box,
-             hashing_figures),
-        Step("bench_models", [*py, str(BENCH / "bench_models.py"), "--device", dev, *models], 90 * box,
-             models_figures),
-        Step("bench_models_compile", [*py, str(BENCH / "bench_models.py"), "--device", dev, "--compile", *models],
-             150 * box, models_figures, requires="--compile"),
-        Step("bench_offload", [*py, str(BENCH / "bench_offload.py"), "--device", dev, *offload], 120 * box,
-             offload_figures),
-        Step("bench_generate", [*py, str(BENCH / "bench_generate.py"), "--device", dev, *generate], 120 * box,
-             generate_figures),
+        Step(
+            "train_bf16",
+            [*py, "-m", "engram.cli", "train", "--config", str(config_path)],
+            150 * box,
+            train_figures(run_dir),
+        ),
+        Step(
+            "bench_hashing",
+            [*py, str(BENCH / "bench_hashing.py"), "--device", dev, *hashing],
+            60 * box,
+            hashing_figures,
+        ),
+        Step("bench_models", [*py, str(BENCH / "bench_models.py"), "--device", dev, *models], 90 * box, models_figures),
+        Step(
+            "bench_models_compile",
+            [*py, str(BENCH / "bench_models.py"), "--device", dev, "--compile", *models],
+            150 * box,
+            models_figures,
+            requires="--compile",
+        ),
+        Step(
+            "bench_offload",
+            [*py, str(BENCH / "bench_offload.py"), "--device", dev, *offload],
+            120 * box,
+            offload_figures,
+        ),
+        Step(
+            "bench_generate",
+            [*py, str(BENCH / "bench_generate.py"), "--device", dev, *generate],
+            120 * box,
+            generate_figures,
+        ),
     ]
 
 
@@ -288,8 +458,12 @@ def run_step(step: Step, out: Path, deadline: float, env: dict[str, str]) -> dic
     left = deadline - time.monotonic()
     rec = {"name": step.name, "command": step.argv, "timeout_s": round(min(step.timeout_s, left), 1)}
     if step.requires and f'"{step.requires}"' not in Path(step.argv[1]).read_text(encoding="utf-8"):
-        return {**rec, "status": "missing", "seconds": 0.0,
-                "error": f"{Path(step.argv[1]).name} has no {step.requires} option in this checkout"}
+        return {
+            **rec,
+            "status": "missing",
+            "seconds": 0.0,
+            "error": f"{Path(step.argv[1]).name} has no {step.requires} option in this checkout",
+        }
     if left < 5:
         return {**rec, "status": "skipped", "error": "the overall budget was spent before this step"}
     log = out / "logs" / f"{step.name}.log"
@@ -298,8 +472,9 @@ def run_step(step: Step, out: Path, deadline: float, env: dict[str, str]) -> dic
     if "PYTHONPATH" in step.env and env.get("PYTHONPATH"):
         step_env["PYTHONPATH"] = step.env["PYTHONPATH"] + os.pathsep + env["PYTHONPATH"]
     try:
-        proc = subprocess.run(step.argv, check=False, cwd=ROOT, env=step_env, capture_output=True, text=True,
-                              timeout=rec["timeout_s"])
+        proc = subprocess.run(
+            step.argv, check=False, cwd=ROOT, env=step_env, capture_output=True, text=True, timeout=rec["timeout_s"]
+        )
         text, rc, status = proc.stdout, proc.returncode, "ok" if proc.returncode == 0 else "failed"
         log.write_text(proc.stdout + ("\n--- stderr ---\n" + proc.stderr if proc.stderr else ""))
         error = None if rc == 0 else proc.stderr.strip().splitlines()[-1:] or [f"exit status {rc}"]
@@ -307,8 +482,9 @@ def run_step(step: Step, out: Path, deadline: float, env: dict[str, str]) -> dic
         text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         rc, status, error = None, "timeout", [f"killed after {rec['timeout_s']} s"]
         log.write_text(text)
-    rec.update(status=status, rc=rc, seconds=round(time.monotonic() - t0, 2), log=str(log),
-               error=error[0] if error else None)
+    rec.update(
+        status=status, rc=rc, seconds=round(time.monotonic() - t0, 2), log=str(log), error=error[0] if error else None
+    )
     tables = markdown_tables(text)
     rec["tables"] = tables
     if status == "ok" and step.stdout_to is not None:
@@ -325,8 +501,11 @@ def summary_table(result: dict) -> str:
     lines = ["| step | status | seconds | key figures |", "|---|---|---:|---|"]
     for s in result["steps"]:
         figs = s.get("figures") or {}
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figs.items()
-                          if not isinstance(v, (list, dict)))
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in figs.items()
+            if not isinstance(v, (list, dict))
+        )
         note = shown or (s.get("error") or "")
         lines.append(f"| {s['name']} | {s['status']} | {s.get('seconds', 0):.1f} | {note[:160]} |")
     return "\n".join(lines)
@@ -336,8 +515,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, current Python, no installs")
     p.add_argument("--out", default="gpu_check", help="folder for gpu_check.json, logs and the training run")
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole check, setup included (default 480; 1800 for a dry run)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole check, setup included (default 480; 1800 for a dry run)",
+    )
     p.add_argument("--python", default=sys.executable, help="interpreter of the steps (the one with torch)")
     p.add_argument("--only", default="", help="comma list of step names to run (default: all)")
     p.add_argument("--setup-json", default=None, help="written by gpu_check.sh: the setup step's record")
@@ -356,14 +539,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_json:
         setup = json.loads(Path(args.setup_json).read_text())
     else:
-        setup = {"name": "setup", "status": "skipped", "seconds": 0.0,
-                 "error": "dry run: no environment made" if args.dry_run else "no --setup-json: current Python used"}
+        setup = {
+            "name": "setup",
+            "status": "skipped",
+            "seconds": 0.0,
+            "error": "dry run: no environment made" if args.dry_run else "no --setup-json: current Python used",
+        }
     # the budget counts the setup's time too
     deadline = time.monotonic() + args.budget - float(setup.get("seconds", 0.0))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "ENGRAM_CACHE_DIR": str(out / "cache"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "ENGRAM_CACHE_DIR": str(out / "cache"),
+        "PYTHONUNBUFFERED": "1",
+    }
     if args.dry_run:
-        env["CUDA_VISIBLE_DEVICES"] = ""   # the dry run must not touch a GPU even where one exists
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run must not touch a GPU even where one exists
     only = {s for s in args.only.split(",") if s} | {"probe"}
     steps = [s for s in build_steps(args, args.python) if args.only == "" or s.name in only]
     records, probe = [setup], {}
@@ -371,8 +562,12 @@ def main(argv: list[str] | None = None) -> int:
         if setup["status"] == "failed":
             rec = {"name": step.name, "command": step.argv, "status": "skipped", "error": "setup failed"}
         elif step.name != "probe" and probe.get("status") != "ok":
-            rec = {"name": step.name, "command": step.argv, "status": "skipped",
-                   "error": f"probe {probe.get('status')}: {probe.get('error')}"}
+            rec = {
+                "name": step.name,
+                "command": step.argv,
+                "status": "skipped",
+                "error": f"probe {probe.get('status')}: {probe.get('error')}",
+            }
         else:
             rec = run_step(step, out, deadline, env)
         if step.name == "probe":
@@ -381,20 +576,27 @@ def main(argv: list[str] | None = None) -> int:
             probe = rec
         records.append(rec)
         print(f"[gpu_check] {rec['name']}: {rec['status']} ({rec.get('seconds', 0):.1f} s)", flush=True)
-    result = {"dry_run": args.dry_run, "device": "cpu" if args.dry_run else "cuda", "budget_s": args.budget,
-              "started_unix": round(start_wall, 1), "wall_s": round(time.time() - start_wall
-                                                                    + float(setup.get("seconds", 0.0)), 1),
-              "machine": probe.get("figures"), "steps": records,
-              "missing": [r["name"] for r in records if r["status"] == "missing"],
-              "ok": all(r["status"] in ("ok", "missing") for r in records if r["name"] != "setup")
-              and setup["status"] in (("ok", "skipped") if args.dry_run or not args.setup_json else ("ok",))}
+    result = {
+        "dry_run": args.dry_run,
+        "device": "cpu" if args.dry_run else "cuda",
+        "budget_s": args.budget,
+        "started_unix": round(start_wall, 1),
+        "wall_s": round(time.time() - start_wall + float(setup.get("seconds", 0.0)), 1),
+        "machine": probe.get("figures"),
+        "steps": records,
+        "missing": [r["name"] for r in records if r["status"] == "missing"],
+        "ok": all(r["status"] in ("ok", "missing") for r in records if r["name"] != "setup")
+        and setup["status"] in (("ok", "skipped") if args.dry_run or not args.setup_json else ("ok",)),
+    }
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
     print()
     print(summary_table(result))
     if result["missing"]:
         print(f"\nNOT RUN, their code is not in this checkout: {', '.join(result['missing'])}")
-    print(f"\n{'all steps ok' if result['ok'] else 'SOME STEPS FAILED'} in {result['wall_s']:.0f} s; "
-          f"JSON: {out / 'gpu_check.json'}, logs: {out / 'logs'}")
+    print(
+        f"\n{'all steps ok' if result['ok'] else 'SOME STEPS FAILED'} in {result['wall_s']:.0f} s; "
+        f"JSON: {out / 'gpu_check.json'}, logs: {out / 'logs'}"
+    )
     return 0 if result["ok"] else 1
 
 

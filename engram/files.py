@@ -130,7 +130,7 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------------- locks
-_held: dict[str, list] = {}   # lock file path -> [fd, count], for the locks this process holds
+_held: dict[str, list] = {}  # lock file path -> [fd, count], for the locks this process holds
 _held_lock = threading.Lock()
 
 
@@ -155,7 +155,7 @@ class FileLock:
         self.path = Path(path)
         self.what = what
         self._key = str(self.path.resolve())
-        self._released = True   # until taken: a refused lock must never release someone else's count
+        self._released = True  # until taken: a refused lock must never release someone else's count
         with _held_lock:
             entry = _held.get(self._key)
             if entry is not None:
@@ -170,9 +170,11 @@ class FileLock:
                     holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
                     os.close(fd)
                     owner = holder or "a process that is starting (pid not yet written)"
-                    raise LockedError(f"{what} is in use by {owner} (lock file {self.path}); wait for it to finish "
-                                      f"or stop it, or use another folder") from None
-                try:   # the holder we waited on may have removed the file between our open and our lock
+                    raise LockedError(
+                        f"{what} is in use by {owner} (lock file {self.path}); wait for it to finish "
+                        f"or stop it, or use another folder"
+                    ) from None
+                try:  # the holder we waited on may have removed the file between our open and our lock
                     same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
                 except FileNotFoundError:
                     same = False
@@ -180,8 +182,9 @@ class FileLock:
                     break
                 os.close(fd)
             os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                         f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+            os.write(
+                fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode()
+            )
             _held[self._key] = [fd, 1]
             self._released = False
 
@@ -196,8 +199,8 @@ class FileLock:
             entry[1] -= 1
             if entry[1] == 0:
                 del _held[self._key]
-                self.path.unlink(missing_ok=True)   # while still locked: no one else holds this file
-                os.close(entry[0])   # closing the descriptor drops the flock
+                self.path.unlink(missing_ok=True)  # while still locked: no one else holds this file
+                os.close(entry[0])  # closing the descriptor drops the flock
 
     def __enter__(self) -> FileLock:
         return self
@@ -206,5 +209,5 @@ class FileLock:
         self.release()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):   # at interpreter exit the module may be gone; the kernel frees it
+        with contextlib.suppress(Exception):  # at interpreter exit the module may be gone; the kernel frees it
             self.release()

@@ -79,8 +79,14 @@ class NgramHasher:
     bit-exact.
     """
 
-    def __init__(self, config: EngramConfig, compressed_vocab_size: int, compressed_pad_id: int,
-                 tokenizer: CompressedTokenizer | None = None, compile: bool = False):
+    def __init__(
+        self,
+        config: EngramConfig,
+        compressed_vocab_size: int,
+        compressed_pad_id: int,
+        tokenizer: CompressedTokenizer | None = None,
+        compile: bool = False,
+    ):
         config.validate()
         if compressed_vocab_size <= 0:
             raise ValueError(f"compressed_vocab_size must be positive, got {compressed_vocab_size}")
@@ -122,7 +128,9 @@ class NgramHasher:
         fingerprint), so :meth:`hash_tokens` hashes raw ids and :meth:`compress` returns them unchanged.
         """
         if not 0 <= config.pad_id < tokenizer.vocab_size:
-            raise ValueError(f"pad_id {config.pad_id} is outside the tokenizer's vocabulary (size {tokenizer.vocab_size})")
+            raise ValueError(
+                f"pad_id {config.pad_id} is outside the tokenizer's vocabulary (size {tokenizer.vocab_size})"
+            )
         if not config.compress_tokens:
             tokenizer = CompressedTokenizer.identity(tokenizer.vocab_size, tokenizer.fingerprint)
         pad = int(tokenizer.lookup[config.pad_id])
@@ -136,8 +144,9 @@ class NgramHasher:
             sizes = [self.table_sizes[l] for l in self.config.layer_ids]
             mult = torch.from_numpy(np.stack([self.multipliers[l] for l in self.config.layer_ids]))
             primes = torch.tensor(sizes, dtype=torch.int64)
-            inv = torch.tensor([[[1.0 / p for p in heads] for heads in per_order] for per_order in sizes],
-                               dtype=torch.float64)
+            inv = torch.tensor(
+                [[[1.0 / p for p in heads] for heads in per_order] for per_order in sizes], dtype=torch.float64
+            )
             cached = (mult.to(device), primes.to(device), inv.to(device))
             self._device_cache[device] = cached
         return cached
@@ -180,7 +189,7 @@ class NgramHasher:
         mult, primes, inv = self._constants(context.device)
         b, total = context.shape
         # s_i = the token i positions back, for every output position: [1, B, T] views, no copies
-        shifted = [context[None, :, total - t_out - i: total - i] for i in range(n_max)]
+        shifted = [context[None, :, total - t_out - i : total - i] for i in range(n_max)]
         # mix[..., n-2] = mix_n of every layer [L, B, T]; each order's XOR builds on the previous one
         mix = torch.empty((len(self.config.layer_ids), b, t_out, n_max - 1), dtype=torch.int64, device=context.device)
         acc = shifted[0] * mult[:, 0, None, None]
@@ -236,12 +245,15 @@ class NgramHasher:
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The decoding state of empty sequences: N-1 compressed pad ids each."""
-        return torch.full((batch_size, self.config.max_ngram_size - 1), self.compressed_pad_id,
-                          dtype=torch.int64, device=device)
+        return torch.full(
+            (batch_size, self.config.max_ngram_size - 1), self.compressed_pad_id, dtype=torch.int64, device=device
+        )
 
     def advance_history(self, history: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
         """Roll the [B, N-1] decoding state forward past the compressed ids ``new_ids`` [B, T_new]."""
-        return torch.cat([history.to(new_ids.device), new_ids.to(torch.int64)], dim=1)[:, -(self.config.max_ngram_size - 1):]
+        return torch.cat([history.to(new_ids.device), new_ids.to(torch.int64)], dim=1)[
+            :, -(self.config.max_ngram_size - 1) :
+        ]
 
     # ------------------------------------------------------------------ raw ids
     def _require_tokenizer(self) -> CompressedTokenizer:
@@ -262,13 +274,15 @@ class NgramHasher:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"NgramHasher(layers={c.layer_ids}, N={c.max_ngram_size}, K={c.n_head_per_ngram}, "
-                f"V'={self.compressed_vocab_size}, pad={self.compressed_pad_id})")
+        return (
+            f"NgramHasher(layers={c.layer_ids}, N={c.max_ngram_size}, K={c.n_head_per_ngram}, "
+            f"V'={self.compressed_vocab_size}, pad={self.compressed_pad_id})"
+        )
 
 
 _TOO_LARGE = {
     "compressed": "{name} holds id {hi} >= compressed vocab size {size}: pass compressed ids "
-                  "(CompressedTokenizer.compress), or use hash_tokens() for raw ids",
+    "(CompressedTokenizer.compress), or use hash_tokens() for raw ids",
     "raw": "{name} holds token id {hi}, out of range for a tokenizer with vocab size {size}: the ids come from a "
-           "different (larger) tokenizer than the one this model was built with",
+    "different (larger) tokenizer than the one this model was built with",
 }

@@ -22,7 +22,6 @@ from torch import nn
 
 from .config import EngramConfig
 from .hashing import NgramHasher
-from .validation import validation_enabled
 from .table import EngramTable
 
 
@@ -33,8 +32,14 @@ class MultiHeadEmbedding(EngramTable):
     :meth:`NgramHasher.hash`) and head h reads rows ``offsets[h] + ids[..., h]`` (:class:`~engram.table.EngramTable`).
     """
 
-    def __init__(self, head_sizes: list[int], head_dim: int, init_std: float = 0.02,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        head_sizes: list[int],
+        head_dim: int,
+        init_std: float = 0.02,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__(head_sizes, head_dim, init_std)
         if device is not None and torch.device(device).type != "meta":
             self.offsets, self.sizes = self.offsets.to(device), self.sizes.to(device)
@@ -86,27 +91,30 @@ class ShortConv(nn.Module):
         start), so decoding one token at a time gives the same outputs as a full-sequence pass.
         """
         if x.dim() != 4 or tuple(x.shape[2:]) != (self.hc_mult, self.hidden_size):
-            raise ValueError(f"ShortConv input must be [B, T, M={self.hc_mult}, D={self.hidden_size}], "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"ShortConv input must be [B, T, M={self.hc_mult}, D={self.hidden_size}], got {tuple(x.shape)}"
+            )
         b, t, m, d = x.shape
         if state is not None and tuple(state.shape) != (b, self.state_len, m * d):
-            raise ValueError(f"ShortConv state must be [B, (kernel-1)*dilation, M*D] = {[b, self.state_len, m * d]} "
-                             f"(the state returned by the previous call for this batch), got {tuple(state.shape)}")
-        gains = torch.stack([norm.weight for norm in self.norms])                  # [M, D]
+            raise ValueError(
+                f"ShortConv state must be [B, (kernel-1)*dilation, M*D] = {[b, self.state_len, m * d]} "
+                f"(the state returned by the previous call for this batch), got {tuple(state.shape)}"
+            )
+        gains = torch.stack([norm.weight for norm in self.norms])  # [M, D]
         normed = (F.rms_norm(x, (d,), eps=self.eps) * gains).reshape(b, t, m * d)
         if state is None:
-            full = F.pad(normed, (0, 0, self.state_len, 0))                        # zeros before the start
+            full = F.pad(normed, (0, 0, self.state_len, 0))  # zeros before the start
         else:
-            full = torch.cat([state.to(normed.dtype), normed], dim=1)              # [B, state_len + T, M*D]
-        taps = self.conv.weight[:, 0, :].to(normed.dtype)                          # [M*D, w]
+            full = torch.cat([state.to(normed.dtype), normed], dim=1)  # [B, state_len + T, M*D]
+        taps = self.conv.weight[:, 0, :].to(normed.dtype)  # [M*D, w]
         if t == 1:  # a decode step: the w taps read exactly every N-th position of full, in one strided product
-            y = (full[:, ::self.dilation] * taps.t()).sum(1, keepdim=True)
+            y = (full[:, :: self.dilation] * taps.t()).sum(1, keepdim=True)
         else:
             y = full[:, :t] * taps[:, 0]
             for j in range(1, self.kernel_size):
-                y = torch.addcmul(y, full[:, j * self.dilation: j * self.dilation + t], taps[:, j])
+                y = torch.addcmul(y, full[:, j * self.dilation : j * self.dilation + t], taps[:, j])
         # not full[:, -state_len:]: with kernel_size 1 (state_len 0) that slice is the whole sequence
-        return F.silu(y).view(b, t, m, d), full[:, full.shape[1] - self.state_len:]
+        return F.silu(y).view(b, t, m, d), full[:, full.shape[1] - self.state_len :]
 
 
 class Engram(nn.Module):
@@ -132,17 +140,27 @@ class Engram(nn.Module):
     pass for all branch norms) so its cost does not grow with Python loops over branches.
     """
 
-    def __init__(self, config: EngramConfig, layer_id: int, hidden_size: int, hc_mult: int = 1,
-                 hasher: NgramHasher | None = None, init_std: float = 0.02,
-                 device: torch.device | str | None = None, table_dtype: torch.dtype | None = None,
-                 table: nn.Module | None = None):
+    def __init__(
+        self,
+        config: EngramConfig,
+        layer_id: int,
+        hidden_size: int,
+        hc_mult: int = 1,
+        hasher: NgramHasher | None = None,
+        init_std: float = 0.02,
+        device: torch.device | str | None = None,
+        table_dtype: torch.dtype | None = None,
+        table: nn.Module | None = None,
+    ):
         super().__init__()
         if layer_id not in config.layer_ids:
             raise ValueError(f"layer_id {layer_id} is not one of the config's Engram layer_ids {config.layer_ids}")
         if hidden_size <= 0 or hc_mult <= 0:
             raise ValueError(f"hidden_size and hc_mult must be positive, got {hidden_size}, {hc_mult}")
         if hasher is None:
-            raise ValueError("Engram needs the model's NgramHasher (it fixes the table sizes): NgramHasher(config, V', pad)")
+            raise ValueError(
+                "Engram needs the model's NgramHasher (it fixes the table sizes): NgramHasher(config, V', pad)"
+            )
         if hasher.config is not config and hasher.config != config:
             raise ValueError("the hasher was built for a different EngramConfig than this module")
         self.config, self.layer_id = config, layer_id
@@ -152,11 +170,15 @@ class Engram(nn.Module):
         if table is None:
             table = MultiHeadEmbedding(head_sizes, config.head_dim, init_std=init_std, device=device, dtype=table_dtype)
         elif not isinstance(table, EngramTable):
-            raise TypeError(f"table must be an engram.table.EngramTable (device, offloaded or sharded table), got "
-                            f"{type(table).__name__}")
+            raise TypeError(
+                f"table must be an engram.table.EngramTable (device, offloaded or sharded table), got "
+                f"{type(table).__name__}"
+            )
         elif table.head_sizes != head_sizes or table.head_dim != config.head_dim:
-            raise ValueError(f"the given table has heads {table.head_sizes} x {table.head_dim}, "
-                             f"this layer needs {head_sizes} x {config.head_dim}")
+            raise ValueError(
+                f"the given table has heads {table.head_sizes} x {table.head_dim}, "
+                f"this layer needs {head_sizes} x {config.head_dim}"
+            )
         self.table = table  # any EngramTable: the module does not know where its rows live
         d_mem = config.memory_dim
         n_keys = hc_mult if config.gating else 0
@@ -166,8 +188,9 @@ class Engram(nn.Module):
         self.key_projs = nn.ModuleList(nn.Linear(d_mem, hidden_size, bias=bias, device=device) for _ in range(n_keys))
         self.key_norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=eps, device=device) for _ in range(n_keys))
         self.query_norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=eps, device=device) for _ in range(n_keys))
-        self.short_conv = (ShortConv(hidden_size, hc_mult, config.kernel_size, config.max_ngram_size)
-                           if config.short_conv else None)
+        self.short_conv = (
+            ShortConv(hidden_size, hc_mult, config.kernel_size, config.max_ngram_size) if config.short_conv else None
+        )
         self.last_gate: torch.Tensor | None = None  # [B, T, M] of the last forward, for analysis
         self.record_gate = False
 
@@ -212,9 +235,14 @@ class Engram(nn.Module):
             score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
         return torch.sigmoid(score)
 
-    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor | None = None,
-                input_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                state: dict | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        hash_ids: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        state: dict | None = None,
+    ) -> torch.Tensor:
         """Y for ``hidden``; see the class docstring.
 
         ``mask`` [B, T] (bool) marks real tokens: the gated value of padding positions is zeroed so a left-padded
@@ -242,13 +270,14 @@ class Engram(nn.Module):
                 f"got {tuple(hash_ids.shape)}"
             )
         if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, t)):
-            raise ValueError(f"mask must be bool [B, T] = [{b}, {t}] (True = real token), got {mask.dtype} "
-                             f"{tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be bool [B, T] = [{b}, {t}] (True = real token), got {mask.dtype} {tuple(mask.shape)}"
+            )
 
-        e = self.retrieve(hash_ids).to(hidden.dtype)                       # [B, T, d_mem]
-        value, keys = self.project(e)                                      # [B, T, 1, D] shared, [B, T, M, D]
+        e = self.retrieve(hash_ids).to(hidden.dtype)  # [B, T, d_mem]
+        value, keys = self.project(e)  # [B, T, 1, D] shared, [B, T, M, D]
         if keys is not None:
-            alpha = self.gate(hidden, keys)                                # [B, T, M, 1]
+            alpha = self.gate(hidden, keys)  # [B, T, M, 1]
             gated = alpha.to(value.dtype) * value
             if self.record_gate:
                 self.last_gate = alpha.squeeze(-1).detach()

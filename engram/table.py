@@ -79,9 +79,11 @@ class EngramTable(ConversionHookModule):
         if ids.dtype != torch.int64:
             raise TypeError(f"hash ids must be int64, got {ids.dtype}")
         if ids.dim() == 0 or ids.shape[-1] != len(self.head_sizes):
-            raise ValueError(f"hash ids must be [..., {len(self.head_sizes)}] (one id per head; this table has "
-                             f"{len(self.head_sizes)} heads), "
-                             f"got {tuple(ids.shape)}")
+            raise ValueError(
+                f"hash ids must be [..., {len(self.head_sizes)}] (one id per head; this table has "
+                f"{len(self.head_sizes)} heads), "
+                f"got {tuple(ids.shape)}"
+            )
 
     def check_ids(self, ids: torch.Tensor) -> None:
         """Check dtype and shape, and refuse ids outside their head's ``[0, head_size)`` while validation is on
@@ -91,8 +93,10 @@ class EngramTable(ConversionHookModule):
             return
         sizes = self._sizes_cpu if ids.device.type == "cpu" else self.sizes.to(ids.device)
         if bool(((ids < 0) | (ids >= sizes)).any()):
-            raise ValueError("hash ids out of range for this table (negative or >= the head's prime size); they "
-                             "were produced by a hasher with a different config, seed or vocabulary")
+            raise ValueError(
+                "hash ids out of range for this table (negative or >= the head's prime size); they "
+                "were produced by a hasher with a different config, seed or vocabulary"
+            )
 
     def prefetch(self, ids: torch.Tensor) -> None:
         """Start bringing the rows of ``ids`` to the compute device for the forward with the same ids. Tables

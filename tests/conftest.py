@@ -31,13 +31,33 @@ def corpus_dir(tmp_path_factory):
 
 def tiny_engram_run(out, corpus_dir, cache, **train_kw) -> RunConfig:
     """A 2-block Engram MoE (width 32) on ``corpus_dir``: 12 steps of 4 x 32 tokens, checkpoints every 4."""
-    model = ModelConfig(family="engram", hidden_size=32, num_layers=2, num_heads=2, n_routed_experts=4,
-                        num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64, max_seq_len=32,
-                        engram=EngramConfig(engram_vocab_size=[211, 223], n_embed_per_ngram=16, n_head_per_ngram=2,
-                                            layer_ids=[1]))
-    kw = dict(out_dir=str(out), steps=12, batch_size=4, seq_len=32, eval_every=6, eval_batches=2, log_every=2,
-              ckpt_every=4, data=str(corpus_dir), max_bytes=None, vocab_size=300, cache_dir=str(cache),
-              progress=False)
+    model = ModelConfig(
+        family="engram",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        max_seq_len=32,
+        engram=EngramConfig(engram_vocab_size=[211, 223], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1]),
+    )
+    kw = dict(
+        out_dir=str(out),
+        steps=12,
+        batch_size=4,
+        seq_len=32,
+        eval_every=6,
+        eval_batches=2,
+        log_every=2,
+        ckpt_every=4,
+        data=str(corpus_dir),
+        max_bytes=None,
+        vocab_size=300,
+        cache_dir=str(cache),
+        progress=False,
+    )
     kw.update(train_kw)
     return RunConfig(model=model, train=TrainConfig(**kw))
 

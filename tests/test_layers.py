@@ -20,8 +20,17 @@ import engram
 
 PACKAGE_DIR = Path(engram.__file__).parent
 CORE = "core"
-LAYERS = {CORE: 0, "storage": 1, "model": 2, "train": 3, "distributed": 3, "experiments": 4, "reports": 4, "hf": 4,
-          "cli": 5}
+LAYERS = {
+    CORE: 0,
+    "storage": 1,
+    "model": 2,
+    "train": 3,
+    "distributed": 3,
+    "experiments": 4,
+    "reports": 4,
+    "hf": 4,
+    "cli": 5,
+}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -61,8 +70,12 @@ def import_graph(root: Path) -> dict[str, set[str]]:
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{m} ({layer_of(m)}) imports {t} ({layer_of(t)})" for m, targets in graph.items()
-                  for t in targets if LAYERS[layer_of(t)] > LAYERS[layer_of(m)])
+    return sorted(
+        f"{m} ({layer_of(m)}) imports {t} ({layer_of(t)})"
+        for m, targets in graph.items()
+        for t in targets
+        if LAYERS[layer_of(t)] > LAYERS[layer_of(m)]
+    )
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -124,19 +137,29 @@ def test_the_checker_sees_upward_imports_inside_functions_and_relative_ones(tmp_
         (root / sub).mkdir(parents=True)
         (root / sub / "__init__.py").write_text("")
     (root / "__init__.py").write_text("")
-    (root / "table.py").write_text("def f():\n    from .model import io\n")             # core -> model, lazily
-    (root / "model" / "io.py").write_text("import engram.storage.tiers\n")              # downward: allowed
-    (root / "storage" / "tiers.py").write_text("from ..model.io import load_model\n")   # storage -> model
+    (root / "table.py").write_text("def f():\n    from .model import io\n")  # core -> model, lazily
+    (root / "model" / "io.py").write_text("import engram.storage.tiers\n")  # downward: allowed
+    (root / "storage" / "tiers.py").write_text("from ..model.io import load_model\n")  # storage -> model
     graph = import_graph(root)
     assert graph["engram.table"] == {"engram.model.io"}
-    assert upward_imports(graph) == ["engram.storage.tiers (storage) imports engram.model.io (model)",
-                                     "engram.table (core) imports engram.model.io (model)"]
+    assert upward_imports(graph) == [
+        "engram.storage.tiers (storage) imports engram.model.io (model)",
+        "engram.table (core) imports engram.model.io (model)",
+    ]
     assert cycles(graph) == [["engram.model.io", "engram.storage.tiers"]]
     assert cycles(package_graph(graph)) == [["model", "storage"]]
 
 
-@pytest.mark.parametrize("module, layer", [("engram", CORE), ("engram.table", CORE), ("engram.storage.tiers", "storage"),
-                                           ("engram.hf.export", "hf"), ("engram.reports", "reports"),
-                                           ("engram.cli", "cli")])
+@pytest.mark.parametrize(
+    "module, layer",
+    [
+        ("engram", CORE),
+        ("engram.table", CORE),
+        ("engram.storage.tiers", "storage"),
+        ("engram.hf.export", "hf"),
+        ("engram.reports", "reports"),
+        ("engram.cli", "cli"),
+    ],
+)
 def test_every_module_maps_to_its_layer(module, layer):
     assert layer_of(module) == layer

@@ -20,8 +20,13 @@ def test_command_line_overrides_parse_like_the_file():
 def test_dataclass_from_dict_names_unknown_fields_by_section_and_builds_nested_configs():
     from engram.train.trainer import RunConfig
 
-    run = RunConfig.from_dict({"model": {"family": "engram", "engram": {"layer_ids": [1]}, "num_layers": 2},
-                               "train": {"steps": 3}, "optim": {"betas": [0.8, 0.9]}})
+    run = RunConfig.from_dict(
+        {
+            "model": {"family": "engram", "engram": {"layer_ids": [1]}, "num_layers": 2},
+            "train": {"steps": 3},
+            "optim": {"betas": [0.8, 0.9]},
+        }
+    )
     assert run.model.engram.layer_ids == [1] and run.train.steps == 3 and run.optim.betas == (0.8, 0.9)
     with pytest.raises(ValueError, match=r"unknown model.engram fields \['layers'\]"):
         RunConfig.from_dict({"model": {"family": "engram", "engram": {"layers": [1]}}})

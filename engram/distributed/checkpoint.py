@@ -76,8 +76,10 @@ def _split_optimizers(optimizers: list[torch.optim.Optimizer], table_params: dic
     for opt in optimizers:
         mine = [id(p) in ids for g in opt.param_groups for p in g["params"]]
         if any(mine) and not all(mine):
-            raise ValueError("an optimizer mixes sharded table rows with replicated parameters; give the tables an "
-                             "optimizer of their own (build_optimizers does)")
+            raise ValueError(
+                "an optimizer mixes sharded table rows with replicated parameters; give the tables an "
+                "optimizer of their own (build_optimizers does)"
+            )
         flags.append(bool(mine) and all(mine))
     return flags
 
@@ -86,14 +88,20 @@ class ShardedCheckpointManager(CheckpointManager):
     """Save and load distributed training state (module docstring). ``save`` and ``load`` are collectives:
     every rank of ``group`` calls them with its own model and optimizers."""
 
-    def __init__(self, directory: str | os.PathLike[str], keep_last: int | None = 3,
-                 group: dist.ProcessGroup | None = None):
+    def __init__(
+        self, directory: str | os.PathLike[str], keep_last: int | None = 3, group: dist.ProcessGroup | None = None
+    ):
         super().__init__(directory, keep_last)
         self.group = group
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],  # type: ignore[override]
-             state: dict[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizers: list[torch.optim.Optimizer],  # type: ignore[override]
+        state: dict[str, Any] | None = None,
+    ) -> Path:
         """Write checkpoint ``step``: ``model`` (the unwrapped model), its ``optimizers``, and ``state`` (other
         picklable keys; ``"config"`` and ``"extra"`` go to meta.json). Returns the step directory."""
         if step < 0:
@@ -105,8 +113,10 @@ class ShardedCheckpointManager(CheckpointManager):
         is_table_opt = _split_optimizers(optimizers, params)
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         backbone = {k: v for k, v in get_model_state_dict(model, options=full).items() if k not in params}
-        opt_states = [self._table_optimizer_groups(o, params) if t else get_optimizer_state_dict(model, o, options=full)
-                      for o, t in zip(optimizers, is_table_opt)]
+        opt_states = [
+            self._table_optimizer_groups(o, params) if t else get_optimizer_state_dict(model, o, options=full)
+            for o, t in zip(optimizers, is_table_opt)
+        ]
 
         final = self.directory / self.step_dir_name(step)
         tmp = self.directory / f".tmp-{final.name}-sharded"
@@ -126,8 +136,11 @@ class ShardedCheckpointManager(CheckpointManager):
                         if isinstance(v, torch.Tensor):
                             tensors[f"{pname}{_STATE_SEP}{k}"] = v
         ranges = {f"{n}.weight": [t.start, t.end] for n, t in tables.items()}
-        save_file(_tensors_for_safetensors(tensors), str(tmp / name),
-                  metadata={"rank": str(rank), "world_size": str(world), "ranges": json.dumps(ranges)})
+        save_file(
+            _tensors_for_safetensors(tensors),
+            str(tmp / name),
+            metadata={"rank": str(rank), "world_size": str(world), "ranges": json.dumps(ranges)},
+        )
         set_file_mode(tmp / name)
         fsync_file(tmp / name)
         info = {"name": name, "sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
@@ -137,16 +150,27 @@ class ShardedCheckpointManager(CheckpointManager):
         if rank == 0:
             try:
                 save_file(_tensors_for_safetensors(backbone), str(tmp / MODEL_FILE))
-                meta = {"step": int(step), "config": state.pop("config", None), "extra": state.pop("extra", None),
-                        "sharded_tables": {
-                            "world_size": world,
-                            "files": [i["name"] for i in infos],
-                            "tables": {f"{n}.weight": {"num_rows": t.num_rows, "head_dim": t.head_dim,
-                                                       "bounds": t.bounds} for n, t in tables.items()}}}
+                meta = {
+                    "step": int(step),
+                    "config": state.pop("config", None),
+                    "extra": state.pop("extra", None),
+                    "sharded_tables": {
+                        "world_size": world,
+                        "files": [i["name"] for i in infos],
+                        "tables": {
+                            f"{n}.weight": {"num_rows": t.num_rows, "head_dim": t.head_dim, "bounds": t.bounds}
+                            for n, t in tables.items()
+                        },
+                    },
+                }
                 (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
                 torch.save({**state, "optimizers": opt_states}, tmp / STATE_FILE)
-                write_manifest(tmp, step, (MODEL_FILE, META_FILE, STATE_FILE),
-                               known={i["name"]: {"sha256": i["sha256"], "size": i["size"]} for i in infos})
+                write_manifest(
+                    tmp,
+                    step,
+                    (MODEL_FILE, META_FILE, STATE_FILE),
+                    known={i["name"]: {"sha256": i["sha256"], "size": i["size"]} for i in infos},
+                )
                 fsync_dir(tmp / TABLES_DIR)
                 self.publish(tmp, final)
             except BaseException:
@@ -159,12 +183,20 @@ class ShardedCheckpointManager(CheckpointManager):
     def _table_optimizer_groups(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> dict[str, Any]:
         """The table optimizer's hyper-parameters, with parameters named (their state is in the table files)."""
         names = {id(p): n for n, p in params.items()}
-        return {"param_groups": [{**{k: v for k, v in g.items() if k != "params"},
-                                  "params": [names[id(p)] for p in g["params"]]} for g in opt.param_groups]}
+        return {
+            "param_groups": [
+                {**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+                for g in opt.param_groups
+            ]
+        }
 
     # ------------------------------------------------------------------ load
-    def load(self, model: nn.Module, optimizers: list[torch.optim.Optimizer],  # type: ignore[override]
-             which: str | int | os.PathLike[str] = "latest") -> dict[str, Any]:
+    def load(
+        self,
+        model: nn.Module,
+        optimizers: list[torch.optim.Optimizer],  # type: ignore[override]
+        which: str | int | os.PathLike[str] = "latest",
+    ) -> dict[str, Any]:
         """Load a checkpoint saved on any number of ranks into ``model`` and ``optimizers`` (in place); returns
         the other state (``step``, ``config``, ``extra``, schedule, data generator, rng)."""
         folder = self.resolve(which)
@@ -173,8 +205,10 @@ class ShardedCheckpointManager(CheckpointManager):
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
         saved = meta.get("sharded_tables")
         if saved is None:
-            raise CheckpointError(f"{folder} was written by the single-process trainer (no sharded tables); resume "
-                                  f"it with a plain `engram train`, or start this run in a new train.out_dir")
+            raise CheckpointError(
+                f"{folder} was written by the single-process trainer (no sharded tables); resume "
+                f"it with a plain `engram train`, or start this run in a new train.out_dir"
+            )
         params = _table_params(model)
         tables = sharded_tables(model)
         if set(saved["tables"]) != set(params):
@@ -182,19 +216,24 @@ class ShardedCheckpointManager(CheckpointManager):
         for n, t in tables.items():
             s = saved["tables"][f"{n}.weight"]
             if (s["num_rows"], s["head_dim"]) != (t.num_rows, t.head_dim):
-                raise CheckpointError(f"{folder}: table {n} was saved as {s['num_rows']} x {s['head_dim']} rows, the "
-                                      f"model's is {t.num_rows} x {t.head_dim}")
+                raise CheckpointError(
+                    f"{folder}: table {n} was saved as {s['num_rows']} x {s['head_dim']} rows, the "
+                    f"model's is {t.num_rows} x {t.head_dim}"
+                )
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         if len(state["optimizers"]) != len(optimizers):
-            raise CheckpointError(f"{folder} holds {len(state['optimizers'])} optimizer states, "
-                                  f"the run has {len(optimizers)} optimizers")
+            raise CheckpointError(
+                f"{folder} holds {len(state['optimizers'])} optimizer states, the run has {len(optimizers)} optimizers"
+            )
 
         full = StateDictOptions(full_state_dict=True, strict=False)
         result = set_model_state_dict(model, load_file(str(folder / MODEL_FILE)), options=full)
         missing = sorted(set(result.missing_keys) - set(params))
         if missing or result.unexpected_keys:
-            raise CheckpointError(f"{folder}: backbone state does not fit the model (missing {missing}, "
-                                  f"unexpected {sorted(result.unexpected_keys)})")
+            raise CheckpointError(
+                f"{folder}: backbone state does not fit the model (missing {missing}, "
+                f"unexpected {sorted(result.unexpected_keys)})"
+            )
         is_table_opt = _split_optimizers(optimizers, params)
         table_state = self._load_table_rows(folder, files, saved, tables)
         for o, t, s in zip(optimizers, is_table_opt, state.pop("optimizers")):
@@ -205,8 +244,9 @@ class ShardedCheckpointManager(CheckpointManager):
         state.update({"config": meta.get("config"), "extra": meta.get("extra") or {}, "step": int(meta["step"])})
         return state
 
-    def _load_table_rows(self, folder: Path, files: dict[str, Any], saved: dict[str, Any],
-                         tables: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    def _load_table_rows(
+        self, folder: Path, files: dict[str, Any], saved: dict[str, Any], tables: dict[str, Any]
+    ) -> dict[str, dict[str, torch.Tensor]]:
         """Copy this rank's rows into each table; returns its rows of the table-optimizer state, by table."""
         needed = set()
         for n, t in tables.items():
@@ -215,13 +255,16 @@ class ShardedCheckpointManager(CheckpointManager):
             needed.update(r for r in range(len(bounds) - 1) if bounds[r] < t.end and bounds[r + 1] > t.start)
         verify_files(folder, files, [saved["files"][r] for r in sorted(needed)])
         with contextlib.ExitStack() as stack:
-            handles = {r: stack.enter_context(safe_open(str(folder / saved["files"][r]), framework="pt"))
-                       for r in sorted(needed)}
+            handles = {
+                r: stack.enter_context(safe_open(str(folder / saved["files"][r]), framework="pt"))
+                for r in sorted(needed)
+            }
             return self._read_rows(handles, saved, tables)
 
     @staticmethod
-    def _read_rows(handles: dict[int, Any], saved: dict[str, Any],
-                   tables: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    def _read_rows(
+        handles: dict[int, Any], saved: dict[str, Any], tables: dict[str, Any]
+    ) -> dict[str, dict[str, torch.Tensor]]:
         out: dict[str, dict[str, torch.Tensor]] = {}
         for n, t in tables.items():
             pname = f"{n}.weight"
@@ -238,17 +281,22 @@ class ShardedCheckpointManager(CheckpointManager):
                     continue
                 for k in keys:
                     if k not in scalars:
-                        pieces[k].append(handles[r].get_slice(k)[lo - bounds[r]:hi - bounds[r]])
-            rows = {k: (torch.cat(v) if v else handles[0].get_slice(k)[0:0]) for k, v in pieces.items()
-                    if k not in scalars}
+                        pieces[k].append(handles[r].get_slice(k)[lo - bounds[r] : hi - bounds[r]])
+            rows = {
+                k: (torch.cat(v) if v else handles[0].get_slice(k)[0:0]) for k, v in pieces.items() if k not in scalars
+            }
             with torch.no_grad():
                 t.weight.copy_(rows.pop(pname))
             out[pname] = {k.split(_STATE_SEP, 1)[1]: v for k, v in {**rows, **scalars}.items()}
         return out
 
     @staticmethod
-    def _load_table_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any], params: dict[str, nn.Parameter],
-                              table_state: dict[str, dict[str, torch.Tensor]]) -> None:
+    def _load_table_optimizer(
+        opt: torch.optim.Optimizer,
+        saved: dict[str, Any],
+        params: dict[str, nn.Parameter],
+        table_state: dict[str, dict[str, torch.Tensor]],
+    ) -> None:
         index = {}  # parameter name -> its position in the optimizer's state_dict numbering
         for g in opt.param_groups:
             for p in g["params"]:
@@ -258,8 +306,9 @@ class ShardedCheckpointManager(CheckpointManager):
             if any(n not in index for n in g["params"]):
                 raise CheckpointError(f"the saved table optimizer trains {g['params']}, this one {sorted(index)}")
             groups.append({**g, "params": [index[n] for n in g["params"]]})
-        opt.load_state_dict({"state": {index[n]: s for n, s in table_state.items() if s and n in index},
-                             "param_groups": groups})
+        opt.load_state_dict(
+            {"state": {index[n]: s for n, s in table_state.items() if s and n in index}, "param_groups": groups}
+        )
 
 
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -271,9 +320,9 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     for name, t in sharded_tables(model).items():
         longest = max(b - a for a, b in zip(t.bounds, t.bounds[1:]))
         padded = t.weight.detach().new_zeros(longest, t.head_dim)
-        padded[:t.end - t.start] = t.weight.detach()
+        padded[: t.end - t.start] = t.weight.detach()
         parts = [torch.empty_like(padded) for _ in range(t.world_size)] if t.rank == 0 else None
         dist.gather(padded, parts, group=t.group, group_dst=0)
         if t.rank == 0:
-            sd[f"{name}.weight"] = torch.cat([p[:b - a] for p, a, b in zip(parts, t.bounds, t.bounds[1:])]).cpu()
+            sd[f"{name}.weight"] = torch.cat([p[: b - a] for p, a, b in zip(parts, t.bounds, t.bounds[1:])]).cpu()
     return sd if rank == 0 else None

@@ -55,11 +55,11 @@ class RowExchange:
         send = torch.bincount(owners(self.unique, bounds), minlength=world)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=group)
-        self.send_counts: list[int] = send.tolist()   # rows this rank asks of each owner
-        self.recv_counts: list[int] = recv.tolist()   # rows each rank asks of this one
+        self.send_counts: list[int] = send.tolist()  # rows this rank asks of each owner
+        self.recv_counts: list[int] = recv.tolist()  # rows each rank asks of this one
         asked = self.unique.new_empty(sum(self.recv_counts))
         dist.all_to_all_single(asked, self.unique, self.recv_counts, self.send_counts, group=group)
-        self.served = asked - bounds[self.rank]       # local rows this rank serves, grouped by asking rank
+        self.served = asked - bounds[self.rank]  # local rows this rank serves, grouped by asking rank
 
     @property
     def num_unique(self) -> int:
@@ -72,8 +72,9 @@ class RowExchange:
         """
         replies = local_weight.detach().index_select(0, self.served)
         rows = local_weight.new_empty(self.num_unique, local_weight.shape[1])
-        work = dist.all_to_all_single(rows, replies, self.send_counts, self.recv_counts, group=self.group,
-                                      async_op=async_op)
+        work = dist.all_to_all_single(
+            rows, replies, self.send_counts, self.recv_counts, group=self.group, async_op=async_op
+        )
         return (rows, work) if async_op else rows
 
     def return_grads(self, grad_rows: torch.Tensor, num_local_rows: int) -> torch.Tensor:
@@ -89,5 +90,8 @@ class RowExchange:
         own = self.rank
         asked_remote = sum(c for r, c in enumerate(self.send_counts) if r != own)
         served_remote = sum(c for r, c in enumerate(self.recv_counts) if r != own)
-        return {"ids": asked_remote * id_bytes, "rows": served_remote * head_dim * value_bytes,
-                "grads": asked_remote * head_dim * value_bytes}
+        return {
+            "ids": asked_remote * id_bytes,
+            "rows": served_remote * head_dim * value_bytes,
+            "grads": asked_remote * head_dim * value_bytes,
+        }

@@ -34,8 +34,9 @@ def sharded_tables(model: nn.Module) -> dict[str, ShardedEmbedding]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ShardedEmbedding)}
 
 
-def shard_engram_tables(model: nn.Module, group: dist.ProcessGroup | None = None,
-                        average_grads: bool = True) -> nn.Module:
+def shard_engram_tables(
+    model: nn.Module, group: dist.ProcessGroup | None = None, average_grads: bool = True
+) -> nn.Module:
     """Replace each Engram layer's dense table by this rank's :class:`ShardedEmbedding` slice of it, in place.
 
     Every rank must pass an identical model (same seed): rank r keeps rows ``[start_r, end_r)`` of each table
@@ -46,14 +47,17 @@ def shard_engram_tables(model: nn.Module, group: dist.ProcessGroup | None = None
             continue
         table = module.table
         if not isinstance(table, MultiHeadEmbedding):
-            raise TypeError(f"{name}.table is a {type(table).__name__}; only dense MultiHeadEmbedding tables can be "
-                            f"sharded (an offloaded table already lives outside the device)")
+            raise TypeError(
+                f"{name}.table is a {type(table).__name__}; only dense MultiHeadEmbedding tables can be "
+                f"sharded (an offloaded table already lives outside the device)"
+            )
         module.table = ShardedEmbedding.from_dense(table, group=group, average_grads=average_grads)
     return model
 
 
-def apply_data_parallel(model: nn.Module, mode: str = "fsdp", group: dist.ProcessGroup | None = None,
-                        device: torch.device | None = None) -> nn.Module:
+def apply_data_parallel(
+    model: nn.Module, mode: str = "fsdp", group: dist.ProcessGroup | None = None, device: torch.device | None = None
+) -> nn.Module:
     """Make everything but the sharded tables data-parallel; returns the module to call for training.
 
     ``"fsdp"``: FSDP2 ``fully_shard`` on each block and on the root, in place (the model object itself is
@@ -70,8 +74,12 @@ def apply_data_parallel(model: nn.Module, mode: str = "fsdp", group: dist.Proces
 
         ddp_ignore(model, [f"{name}.{p}" for name, t in tables.items() for p, _ in t.named_parameters()])
         # no buffer broadcast: the only training-time buffers (MoE biases) stay equal via sync_expert_counts
-        return DDP(model, device_ids=[device] if device.type == "cuda" else None, process_group=group,
-                   forward_sync_buffers=False)
+        return DDP(
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            process_group=group,
+            forward_sync_buffers=False,
+        )
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
@@ -84,8 +92,12 @@ def apply_data_parallel(model: nn.Module, mode: str = "fsdp", group: dist.Proces
     return model
 
 
-def parallelize(model: nn.Module, data_parallel: str = "fsdp", group: dist.ProcessGroup | None = None,
-                table_group: dist.ProcessGroup | None = None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    data_parallel: str = "fsdp",
+    group: dist.ProcessGroup | None = None,
+    table_group: dist.ProcessGroup | None = None,
+) -> nn.Module:
     """Shard the Engram tables over ``table_group`` (default: a new group of all ranks), then make the rest
     data-parallel over ``group``. Returns the module to call in training (see :func:`apply_data_parallel`)."""
     if table_group is None:
@@ -113,7 +125,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
     table_params = {p for t in sharded_tables(model).values() for p in t.parameters()}
     params = [p for p in model.parameters() if p.grad is not None]
     device = params[0].grad.device if params else torch.device("cpu")
-    local = torch.zeros((), dtype=torch.float64, device=device)     # sum of squares of this rank's pieces
+    local = torch.zeros((), dtype=torch.float64, device=device)  # sum of squares of this rank's pieces
     replicated = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         g = p.grad

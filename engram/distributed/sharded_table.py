@@ -32,8 +32,9 @@ class _ExchangedRows(torch.autograd.Function):
     """rows [U, dim] = the unique ids' rows from their owners; backward returns their gradients the same way."""
 
     @staticmethod
-    def forward(ctx, local_weight: torch.Tensor, plan: RowExchange, grad_scale: float,
-                arrived: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(
+        ctx, local_weight: torch.Tensor, plan: RowExchange, grad_scale: float, arrived: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
         # ``arrived`` (rows a prefetch already moved) comes in a tuple so that autograd does not see it as an input
         ctx.plan, ctx.grad_scale, ctx.num_local_rows = plan, grad_scale, local_weight.shape[0]
         return arrived[0] if arrived else plan.fetch(local_weight)
@@ -49,7 +50,7 @@ class _Prefetch:
     """A plan built and a row transfer started ahead of the forward, for the ids it was started with."""
 
     def __init__(self, ids: torch.Tensor, plan: RowExchange, rows: torch.Tensor, work):
-        self.ids, self.version = ids, tensor_version(ids)   # None for inference tensors: they have no counter
+        self.ids, self.version = ids, tensor_version(ids)  # None for inference tensors: they have no counter
         self.plan, self.rows, self.work = plan, rows, work
 
     def matches(self, ids: torch.Tensor) -> bool:
@@ -75,12 +76,23 @@ class ShardedEmbedding(EngramTable):
         average_grads: scale table gradients by ``1 / world_size`` (data parallelism with per-rank mean losses).
     """
 
-    def __init__(self, head_sizes: list[int], head_dim: int, *, group: dist.ProcessGroup | None = None,
-                 init_std: float = 0.02, seed: int = 0, average_grads: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        head_sizes: list[int],
+        head_dim: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        init_std: float = 0.02,
+        seed: int = 0,
+        average_grads: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         if not dist.is_initialized():
-            raise RuntimeError("ShardedEmbedding needs an initialised process group: call "
-                               "torch.distributed.init_process_group (torchrun sets the environment for it)")
+            raise RuntimeError(
+                "ShardedEmbedding needs an initialised process group: call "
+                "torch.distributed.init_process_group (torchrun sets the environment for it)"
+            )
         super().__init__(head_sizes, head_dim, init_std)
         self.group = group
         self.world_size = dist.get_world_size(group)
@@ -96,16 +108,26 @@ class ShardedEmbedding(EngramTable):
         self._pending: list[_Prefetch] = []
 
     @classmethod
-    def from_dense(cls, table: MultiHeadEmbedding, *, group: dist.ProcessGroup | None = None,
-                   average_grads: bool = True) -> ShardedEmbedding:
+    def from_dense(
+        cls, table: MultiHeadEmbedding, *, group: dist.ProcessGroup | None = None, average_grads: bool = True
+    ) -> ShardedEmbedding:
         """This rank's slice of a dense table (a :class:`MultiHeadEmbedding`; every rank passes the same one)."""
         if not isinstance(table, MultiHeadEmbedding) or table.weight.device.type == "meta":
-            raise TypeError(f"from_dense needs a MultiHeadEmbedding holding its rows, got {type(table).__name__}; "
-                            f"offloaded tables are not sharded (convert with .to_multihead() first)")
+            raise TypeError(
+                f"from_dense needs a MultiHeadEmbedding holding its rows, got {type(table).__name__}; "
+                f"offloaded tables are not sharded (convert with .to_multihead() first)"
+            )
         weight = table.weight
-        shard = cls(table.head_sizes, table.head_dim, group=group, init_std=table.init_std,
-                    average_grads=average_grads, device="meta", dtype=weight.dtype)
-        shard.weight = nn.Parameter(weight.detach()[shard.start:shard.end].clone())
+        shard = cls(
+            table.head_sizes,
+            table.head_dim,
+            group=group,
+            init_std=table.init_std,
+            average_grads=average_grads,
+            device="meta",
+            dtype=weight.dtype,
+        )
+        shard.weight = nn.Parameter(weight.detach()[shard.start : shard.end].clone())
         shard.offsets, shard.sizes = shard.offsets.to(weight.device), shard.sizes.to(weight.device)
         return shard
 
@@ -125,7 +147,7 @@ class ShardedEmbedding(EngramTable):
 
     def _take_prefetch(self, ids: torch.Tensor) -> _Prefetch | None:
         pending, self._pending = self._pending, []
-        for p in pending:   # every started transfer is waited for, used or not: they are collectives
+        for p in pending:  # every started transfer is waited for, used or not: they are collectives
             p.work.wait()
         for p in pending:
             if p.matches(ids):
@@ -143,14 +165,16 @@ class ShardedEmbedding(EngramTable):
         return rows[plan.inverse].view(*ids.shape, self.head_dim)
 
 
-def sharded_table_factory(group: dist.ProcessGroup | None = None, seed: int = 0,
-                          average_grads: bool = True) -> Callable[[int, list[int], int, float], ShardedEmbedding]:
+def sharded_table_factory(
+    group: dist.ProcessGroup | None = None, seed: int = 0, average_grads: bool = True
+) -> Callable[[int, list[int], int, float], ShardedEmbedding]:
     """A ``table_factory`` for :class:`~engram.model.EngramLM` that builds every Engram table already sharded:
     rank r allocates and initialises only its rows, so no rank ever holds a whole table. Layer ``l``'s rows are
     drawn from seed ``seed + l``, as :func:`engram.storage.table_factory` draws them for offloaded tables."""
 
     def make(layer_id: int, head_sizes: list[int], head_dim: int, init_std: float) -> ShardedEmbedding:
-        return ShardedEmbedding(head_sizes, head_dim, group=group, init_std=init_std, seed=seed + layer_id,
-                                average_grads=average_grads)
+        return ShardedEmbedding(
+            head_sizes, head_dim, group=group, init_std=init_std, seed=seed + layer_id, average_grads=average_grads
+        )
 
     return make

@@ -64,11 +64,14 @@ def init_distributed(device_spec: str = "auto") -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if not launched_distributed():
-            raise RuntimeError("no process group: launch with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR, ...) "
-                               "or call torch.distributed.init_process_group first")
+            raise RuntimeError(
+                "no process group: launch with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR, ...) "
+                "or call torch.distributed.init_process_group first"
+            )
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend, timeout=timedelta(minutes=30), device_id=device if device.type == "cuda" else None
+        )
     return device
 
 
@@ -81,11 +84,15 @@ class DataParallel(SingleProcess):
         self.device = init_distributed(tcfg.device)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if tcfg.batch_size % self.world_size:
-            raise ValueError(f"train.batch_size ({tcfg.batch_size}) is the global batch and must divide evenly "
-                             f"over {self.world_size} ranks")
+            raise ValueError(
+                f"train.batch_size ({tcfg.batch_size}) is the global batch and must divide evenly "
+                f"over {self.world_size} ranks"
+            )
         if tcfg.table_tier != "device":
-            raise ValueError(f"train.table_tier={tcfg.table_tier!r}: a distributed run shards its tables over the "
-                             f"ranks (table_tier=device); offloaded tables are for single-process runs")
+            raise ValueError(
+                f"train.table_tier={tcfg.table_tier!r}: a distributed run shards its tables over the "
+                f"ranks (table_tier=device); offloaded tables are for single-process runs"
+            )
         self.data_parallel = tcfg.data_parallel
         self.table_group: dist.ProcessGroup | None = None
 
@@ -126,8 +133,9 @@ class DataParallel(SingleProcess):
         return apply_data_parallel(model, self.data_parallel, device=self.device)
 
     def batch(self, tokens, tcfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return random_batch(tokens, tcfg.batch_size // self.world_size, tcfg.seq_len, gen, rank=self.rank,
-                            world_size=self.world_size)
+        return random_batch(
+            tokens, tcfg.batch_size // self.world_size, tcfg.seq_len, gen, rank=self.rank, world_size=self.world_size
+        )
 
     def clip_grad_norm(self, model: EngramLM, params: list, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_(model, max_norm)
@@ -170,9 +178,14 @@ class DataParallel(SingleProcess):
             dist.destroy_process_group()
 
 
-def train_distributed(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None = None,
-                      stop_after: int | None = None, desc: str | None = None,
-                      on_eval: Callable[[dict], None] | None = None) -> TrainResult:
+def train_distributed(
+    run: RunConfig,
+    *,
+    data: tuple[TextTokenizer, TokenizedCorpus] | None = None,
+    stop_after: int | None = None,
+    desc: str | None = None,
+    on_eval: Callable[[dict], None] | None = None,
+) -> TrainResult:
     """One rank's part of a data-parallel run with row-sharded Engram tables (module docstring).
 
     Arguments and result as :func:`engram.train.trainer.train`. ``result.model`` is, on rank 0 after a finished

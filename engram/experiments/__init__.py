@@ -15,8 +15,24 @@ from .runner import SweepPoint, load_results, run_sweep, with_seeds
 from .sensitivity import BigramStats, engram_disabled, engram_off_eval, split_masks
 
 __all__ = [
-    "BigramStats", "MinibatchCKA", "SweepPoint", "ablation_points", "ablation_variants", "allocate_dense",
-    "allocation_points", "engram_disabled", "engram_off_eval", "fit_log_slope", "hsic_unbiased", "linear_cka",
-    "load_results", "logit_lens", "match_table_budget", "memory_points", "run_sweep", "soft_alignment_index",
-    "split_masks", "with_seeds",
+    "BigramStats",
+    "MinibatchCKA",
+    "SweepPoint",
+    "ablation_points",
+    "ablation_variants",
+    "allocate_dense",
+    "allocation_points",
+    "engram_disabled",
+    "engram_off_eval",
+    "fit_log_slope",
+    "hsic_unbiased",
+    "linear_cka",
+    "load_results",
+    "logit_lens",
+    "match_table_budget",
+    "memory_points",
+    "run_sweep",
+    "soft_alignment_index",
+    "split_masks",
+    "with_seeds",
 ]

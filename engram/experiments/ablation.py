@@ -72,14 +72,17 @@ def allocate_dense(dense: ModelConfig, ffn_share: float, engram: EngramConfig) -
     proj = engram_counts(probe, dense.hidden_size, hc).dense_params
     min_tables = engram_counts(probe, dense.hidden_size, hc).table_params
     if freed - proj < min_tables:
-        raise ValueError(f"ffn_share={ffn_share} frees {freed:,} parameters, fewer than Engram's {proj:,} "
-                         f"projection parameters plus tables; raise ffn_share or shrink n_embed_per_ngram")
+        raise ValueError(
+            f"ffn_share={ffn_share} frees {freed:,} parameters, fewer than Engram's {proj:,} "
+            f"projection parameters plus tables; raise ffn_share or shrink n_embed_per_ngram"
+        )
     eng = match_table_budget(engram, freed - proj)
     return narrow.replace(family="engram", first_k_dense=dense.num_layers, engram=eng.to_dict())
 
 
-def ablation_variants(backbone: ModelConfig, reference: EngramConfig, optim: OptimConfig,
-                      dense_ffn_share: float = 0.5) -> list[Variant]:
+def ablation_variants(
+    backbone: ModelConfig, reference: EngramConfig, optim: OptimConfig, dense_ffn_share: float = 0.5
+) -> list[Variant]:
     """The variants of the module docstring, ``reference`` first."""
     if backbone.family != "moe":
         raise ValueError(f"the ablation backbone must be a 'moe' config, got family {backbone.family!r}")
@@ -90,8 +93,12 @@ def ablation_variants(backbone: ModelConfig, reference: EngramConfig, optim: Opt
     ref = dataclasses.replace
     one_x = dataclasses.replace(optim, table_lr_mult=1.0)
     out = [Variant("reference", with_engram(backbone, reference), optim), Variant("moe", backbone, optim)]
-    for name, field in (("no-gating", "gating"), ("no-compress", "compress_tokens"), ("no-conv", "short_conv"),
-                        ("no-multi-branch", "multi_branch")):
+    for name, field in (
+        ("no-gating", "gating"),
+        ("no-compress", "compress_tokens"),
+        ("no-conv", "short_conv"),
+        ("no-multi-branch", "multi_branch"),
+    ):
         out.append(Variant(name, with_engram(backbone, ref(reference, **{field: False})), optim))
     budget = engram_counts(reference, backbone.hidden_size).table_params
     four = match_table_budget(ref(reference, max_ngram_size=4, engram_vocab_size=[2, 2, 2]), budget)
@@ -111,8 +118,14 @@ def ablation_variants(backbone: ModelConfig, reference: EngramConfig, optim: Opt
     return out
 
 
-def ablation_points(backbone: ModelConfig, reference: EngramConfig, train: TrainConfig, optim: OptimConfig,
-                    dense_ffn_share: float = 0.5, only: list[str] | None = None) -> list[SweepPoint]:
+def ablation_points(
+    backbone: ModelConfig,
+    reference: EngramConfig,
+    train: TrainConfig,
+    optim: OptimConfig,
+    dense_ffn_share: float = 0.5,
+    only: list[str] | None = None,
+) -> list[SweepPoint]:
     """One point per variant (``only`` picks a subset by name)."""
     variants = ablation_variants(backbone, reference, optim, dense_ffn_share)
     if only:
@@ -120,8 +133,10 @@ def ablation_points(backbone: ModelConfig, reference: EngramConfig, train: Train
         if unknown:
             raise ValueError(f"unknown ablation variants {unknown}; known: {[v.name for v in variants]}")
         variants = [v for v in variants if v.name in only]
-    return [SweepPoint(v.name, RunConfig(model=v.model, train=copy.deepcopy(train), optim=v.optim),
-                       {"variant": v.name}) for v in variants]
+    return [
+        SweepPoint(v.name, RunConfig(model=v.model, train=copy.deepcopy(train), optim=v.optim), {"variant": v.name})
+        for v in variants
+    ]
 
 
 def plot_ablation(rows: list[dict], path: str | Path) -> Path:
@@ -133,9 +148,17 @@ def plot_ablation(rows: list[dict], path: str | Path) -> Path:
     plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.4), gridspec_kw={"width_ratios": [1.6, 1]})
     ys = range(len(others))
-    ax.errorbar([stats[k]["mean"] for k in others], list(ys),
-                xerr=[[stats[k]["mean"] - stats[k]["min"] for k in others],
-                      [stats[k]["max"] - stats[k]["mean"] for k in others]], fmt="o", color="C0", capsize=3)
+    ax.errorbar(
+        [stats[k]["mean"] for k in others],
+        list(ys),
+        xerr=[
+            [stats[k]["mean"] - stats[k]["min"] for k in others],
+            [stats[k]["max"] - stats[k]["mean"] for k in others],
+        ],
+        fmt="o",
+        color="C0",
+        capsize=3,
+    )
     ax.set_yticks(list(ys), [k if stats[k]["n"] == 1 else f"{k} (n={stats[k]['n']})" for k in others], fontsize=8)
     ax.invert_yaxis()
     for key, color in (("reference", "C2"), ("moe", "gray"), ("dense", "C4")):
@@ -146,9 +169,15 @@ def plot_ablation(rows: list[dict], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if blocks:
-        bx.errorbar([b for b, _ in blocks], [s["mean"] for _, s in blocks],
-                    yerr=[[s["mean"] - s["min"] for _, s in blocks], [s["max"] - s["mean"] for _, s in blocks]],
-                    fmt="o-", color="C1", capsize=3, label="one module at block (min-max over seeds)")
+        bx.errorbar(
+            [b for b, _ in blocks],
+            [s["mean"] for _, s in blocks],
+            yerr=[[s["mean"] - s["min"] for _, s in blocks], [s["max"] - s["mean"] for _, s in blocks]],
+            fmt="o-",
+            color="C1",
+            capsize=3,
+            label="one module at block (min-max over seeds)",
+        )
         for key, color in (("reference", "C2"), ("moe", "gray")):
             if key in stats:
                 bx.axhline(stats[key]["mean"], color=color, ls="--", lw=1, label=key)

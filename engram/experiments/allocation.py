@@ -22,16 +22,20 @@ from .runner import SweepPoint, summarize
 DEFAULT_RHOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 
 
-def allocation_points(base: ModelConfig, rhos: list[float], engram: EngramConfig, train: TrainConfig,
-                      optim: OptimConfig) -> list[SweepPoint]:
+def allocation_points(
+    base: ModelConfig, rhos: list[float], engram: EngramConfig, train: TrainConfig, optim: OptimConfig
+) -> list[SweepPoint]:
     """One point per rho: ``allocate(base, rho, engram)``, same data, steps and recipe."""
     if len(set(rhos)) != len(rhos):
         raise ValueError(f"rhos must be distinct, got {rhos}")
     points = []
     for rho in rhos:
         cfg = allocate(base, float(rho), engram)
-        points.append(SweepPoint(f"rho-{rho:.2f}", RunConfig(model=cfg, train=copy.deepcopy(train), optim=optim),
-                                 {"rho": float(rho)}))
+        points.append(
+            SweepPoint(
+                f"rho-{rho:.2f}", RunConfig(model=cfg, train=copy.deepcopy(train), optim=optim), {"rho": float(rho)}
+            )
+        )
     return points
 
 
@@ -54,13 +58,24 @@ def plot_u_curve(rows: list[dict], path: str | Path, title: str = "") -> Path:
     multi = [s for s in stats if s["n"] > 1]
     single = [s for s in stats if s["n"] == 1]
     if multi:
-        ax.errorbar([s["rho"] for s in multi], [s["mean"] for s in multi],
-                    yerr=[[s["mean"] - s["min"] for s in multi], [s["max"] - s["mean"] for s in multi]],
-                    fmt="o", color="C0", capsize=3,
-                    label=f"MoE + Engram: mean, min-max over {max(s['n'] for s in multi)} seeds")
+        ax.errorbar(
+            [s["rho"] for s in multi],
+            [s["mean"] for s in multi],
+            yerr=[[s["mean"] - s["min"] for s in multi], [s["max"] - s["mean"] for s in multi]],
+            fmt="o",
+            color="C0",
+            capsize=3,
+            label=f"MoE + Engram: mean, min-max over {max(s['n'] for s in multi)} seeds",
+        )
     if single:
-        ax.plot([s["rho"] for s in single], [s["mean"] for s in single], "o", mfc="white", color="C0",
-                label="MoE + Engram: one seed")
+        ax.plot(
+            [s["rho"] for s in single],
+            [s["mean"] for s in single],
+            "o",
+            mfc="white",
+            color="C0",
+            label="MoE + Engram: one seed",
+        )
     moe = [s for s in stats if s["rho"] == 1.0]
     if moe:
         ax.axhline(moe[0]["mean"], color="gray", ls="--", lw=1, label="pure MoE (rho = 1)")
@@ -69,8 +84,10 @@ def plot_u_curve(rows: list[dict], path: str | Path, title: str = "") -> Path:
     ax.set_xlabel("rho: share of the sparse budget kept in routed experts")
     ax.set_ylabel("validation loss (nats/token)")
     first = rows[0]
-    ax.set_title(title or f"Allocation at P_tot {format_count(first['total'])}, "
-                          f"{format_count(first['tokens'])} tokens", fontsize=10)
+    ax.set_title(
+        title or f"Allocation at P_tot {format_count(first['total'])}, {format_count(first['tokens'])} tokens",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -15,9 +15,16 @@ import torch
 
 from ..model.io import load_model
 from ..model.model import EngramLM
+from ..train.data import (
+    TextTokenizer,
+    TokenizedCorpus,
+    build_token_files,
+    default_cache_dir,
+    eval_batches,
+    load_corpus,
+    load_tokenizer,
+)
 from ..train.metrics import read_metrics
-from ..train.data import (TextTokenizer, TokenizedCorpus, build_token_files, default_cache_dir, eval_batches,
-                          load_corpus, load_tokenizer)
 from .cka import MinibatchCKA, layer_features, plot_cka, soft_alignment_index
 from .logit_lens import logit_lens, plot_logit_lens
 from .plotting import pyplot
@@ -41,8 +48,9 @@ def load_trained(path: str | Path) -> tuple[EngramLM, TextTokenizer, TokenizedCo
     model.eval()
     run_cfg = model_dir.parent / "config.json"
     train = json.loads(run_cfg.read_text()).get("train", {}) if run_cfg.is_file() else {}
-    corpus = load_corpus(train.get("data"), max_bytes=train.get("max_bytes", 4_000_000),
-                         val_fraction=train.get("val_fraction", 0.05))
+    corpus = load_corpus(
+        train.get("data"), max_bytes=train.get("max_bytes", 4_000_000), val_fraction=train.get("val_fraction", 0.05)
+    )
     key = f"{corpus.fingerprint('train')[:12]}-{corpus.fingerprint('val')[:8]}-{tok.fingerprint[:12]}"
     cache = Path(train["cache_dir"]) if train.get("cache_dir") else default_cache_dir()
     return model, tok, build_token_files(corpus, tok, cache / "tokens" / key, progress=False)
@@ -50,8 +58,10 @@ def load_trained(path: str | Path) -> tuple[EngramLM, TextTokenizer, TokenizedCo
 
 def _same_tokenizer(toks: list[TextTokenizer]) -> None:
     if len({t.fingerprint for t in toks}) != 1:
-        raise ValueError("the models were trained with different tokenizers; layer-wise comparisons need the same "
-                         "token positions, so pick models from the same corpus and tokenizer")
+        raise ValueError(
+            "the models were trained with different tokenizers; layer-wise comparisons need the same "
+            "token positions, so pick models from the same corpus and tokenizer"
+        )
 
 
 def _write(out_png: str | Path, data: dict) -> Path:
@@ -71,8 +81,16 @@ def analyze_logit_lens(models: list[str], labels: list[str], out_png: str | Path
     return curves
 
 
-def analyze_cka(model_a: str, model_b: str, labels: tuple[str, str], out_png: str | Path, *, n_tokens: int = 4096,
-                batch_tokens: int = 256, k: int = 5) -> dict:
+def analyze_cka(
+    model_a: str,
+    model_b: str,
+    labels: tuple[str, str],
+    out_png: str | Path,
+    *,
+    n_tokens: int = 4096,
+    batch_tokens: int = 256,
+    k: int = 5,
+) -> dict:
     """Minibatch linear CKA between every layer of A (rows) and B (columns) at identifier-final tokens, a_j."""
     (ma, tok, corpus), (mb, tok_b, _) = load_trained(model_a), load_trained(model_b)
     _same_tokenizer([tok, tok_b])
@@ -102,9 +120,17 @@ def analyze_cka(model_a: str, model_b: str, labels: tuple[str, str], out_png: st
             break
     s = acc.result()
     a = soft_alignment_index(s, k)
-    data = {"models": {labels[0]: model_a, labels[1]: model_b}, "rows": labels[0], "columns": labels[1],
-            "tokens": used, "batch_tokens": batch_tokens, "k": k, "cka": s.tolist(), "alignment_index": a.tolist(),
-            "positions": "last piece of each multi-token identifier in the validation split"}
+    data = {
+        "models": {labels[0]: model_a, labels[1]: model_b},
+        "rows": labels[0],
+        "columns": labels[1],
+        "tokens": used,
+        "batch_tokens": batch_tokens,
+        "k": k,
+        "cka": s.tolist(),
+        "alignment_index": a.tolist(),
+        "positions": "last piece of each multi-token identifier in the validation split",
+    }
     plot_cka(s, _write(out_png, data), labels[0], labels[1], k)
     return data
 
@@ -137,16 +163,27 @@ def analyze_curves(models: list[str], labels: list[str], out_png: str | Path) ->
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.tight_layout()
-    out = _write(out_png, {"models": dict(zip(labels, models)),
-                           "val_loss": {lab: {r["step"]: r["val_loss"] for r in ev} for lab, ev in hist.items()},
-                           "gap_to_first": gaps})
+    out = _write(
+        out_png,
+        {
+            "models": dict(zip(labels, models)),
+            "val_loss": {lab: {r["step"]: r["val_loss"] for r in ev} for lab, ev in hist.items()},
+            "gap_to_first": gaps,
+        },
+    )
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return {"gap_to_first": gaps}
 
 
-def analyze_engram_off(model: str, out_png: str | Path, *, baseline: str | None = None,
-                       rule: SplitRule = SplitRule(), max_batches: int = 40) -> dict:
+def analyze_engram_off(
+    model: str,
+    out_png: str | Path,
+    *,
+    baseline: str | None = None,
+    rule: SplitRule = SplitRule(),
+    max_batches: int = 40,
+) -> dict:
     """Accuracy with Engram on and zeroed on fact-heavy / context-heavy validation tokens (see sensitivity.py);
     ``baseline``, a model trained without Engram on the same data, is scored on the same tokens."""
     m, tok, corpus = load_trained(model)

@@ -119,8 +119,15 @@ def plot_cka(s: torch.Tensor | np.ndarray, path: str | Path, name_a: str, name_b
     la, lb = s.shape
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
-    im = ax.imshow(s, origin="lower", cmap="viridis", vmin=float(s.min()), vmax=float(s.max()),
-                   extent=(0.5, lb + 0.5, 0.5, la + 0.5), aspect="auto")
+    im = ax.imshow(
+        s,
+        origin="lower",
+        cmap="viridis",
+        vmin=float(s.min()),
+        vmax=float(s.max()),
+        extent=(0.5, lb + 0.5, 0.5, la + 0.5),
+        aspect="auto",
+    )
     cols = np.arange(1, lb + 1)
     ax.plot(cols, cols, "w--", lw=1, label="a_j = j")
     ax.plot(cols, a, "o-", color="C3", label=f"soft alignment a_j (k = {min(k, la)})")

@@ -33,8 +33,9 @@ def layer_kl(model: EngramLM, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logit_lens(model: EngramLM, tokens, *, batch_size: int = 8, seq_len: int = 128,
-               max_batches: int = 8) -> list[float]:
+def logit_lens(
+    model: EngramLM, tokens, *, batch_size: int = 8, seq_len: int = 128, max_batches: int = 8
+) -> list[float]:
     """Mean per-token ``KL(p_final || p_l)`` for each block l over validation windows of ``tokens`` (a token array)."""
     was_training = model.training
     model.eval()

@@ -53,12 +53,14 @@ def overencoding_for(backbone: ModelConfig, params: int, max_ngram_size: int) ->
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if _oe_table_params(d, mid, max_ngram_size) <= params else (lo, mid)
     size = min((lo, hi), key=lambda s: abs(_oe_table_params(d, s, max_ngram_size) - params))
-    return backbone.replace(family="overencoding",
-                            overencoding=dataclasses.asdict(OverEncodingConfig(size, max_ngram_size)))
+    return backbone.replace(
+        family="overencoding", overencoding=dataclasses.asdict(OverEncodingConfig(size, max_ngram_size))
+    )
 
 
-def memory_points(backbone: ModelConfig, engram: EngramConfig, rows_per_head: list[int], train: TrainConfig,
-                  optim: OptimConfig) -> list[SweepPoint]:
+def memory_points(
+    backbone: ModelConfig, engram: EngramConfig, rows_per_head: list[int], train: TrainConfig, optim: OptimConfig
+) -> list[SweepPoint]:
     """The backbone alone, then for each size an Engram point and an OverEncoding point with equal table params."""
     if backbone.family != "moe":
         raise ValueError(f"the memory sweep adds tables to a fixed 'moe' backbone, got family {backbone.family!r}")
@@ -69,11 +71,18 @@ def memory_points(backbone: ModelConfig, engram: EngramConfig, rows_per_head: li
         e_cfg = backbone.replace(family="engram", engram=eng.to_dict())
         p = table_params(e_cfg)
         o_cfg = overencoding_for(backbone, p, engram.max_ngram_size)
-        points.append(SweepPoint(f"engram-{rows}", run(e_cfg),
-                                 {"method": "engram", "rows_per_head": int(rows), "table_params": p}))
-        points.append(SweepPoint(f"overencoding-{rows}", run(o_cfg),
-                                 {"method": "overencoding", "rows_per_head": int(rows),
-                                  "table_params": table_params(o_cfg)}))
+        points.append(
+            SweepPoint(
+                f"engram-{rows}", run(e_cfg), {"method": "engram", "rows_per_head": int(rows), "table_params": p}
+            )
+        )
+        points.append(
+            SweepPoint(
+                f"overencoding-{rows}",
+                run(o_cfg),
+                {"method": "overencoding", "rows_per_head": int(rows), "table_params": table_params(o_cfg)},
+            )
+        )
     return points
 
 
@@ -90,8 +99,9 @@ def memory_fits(rows: list[dict]) -> dict[str, dict]:
     """Per method: the seed-averaged points and the fitted log-linear slope."""
     out = {}
     for method in ("engram", "overencoding"):
-        stats = sorted(summarize([r for r in rows if r["method"] == method], "table_params"),
-                       key=lambda s: s["table_params"])
+        stats = sorted(
+            summarize([r for r in rows if r["method"] == method], "table_params"), key=lambda s: s["table_params"]
+        )
         if len(stats) >= 2:
             a, b = fit_log_slope([s["table_params"] for s in stats], [s["mean"] for s in stats])
             out[method] = {"points": stats, "intercept": a, "slope_per_decade": b}
@@ -109,8 +119,13 @@ def plot_memory(rows: list[dict], path: str | Path) -> Path:
         ys = [s["mean"] for s in f["points"]]
         ax.plot(xs, ys, "o", color=f"C{i}")
         grid = np.logspace(math.log10(min(xs)), math.log10(max(xs)), 50)
-        ax.plot(grid, f["intercept"] + f["slope_per_decade"] * np.log10(grid), "-", color=f"C{i}",
-                label=f"{labels[method]}: {f['slope_per_decade']:+.4f} / decade")
+        ax.plot(
+            grid,
+            f["intercept"] + f["slope_per_decade"] * np.log10(grid),
+            "-",
+            color=f"C{i}",
+            label=f"{labels[method]}: {f['slope_per_decade']:+.4f} / decade",
+        )
     base = [r["val_loss"] for r in rows if r["method"] == "none"]
     if base:
         ax.axhline(float(np.mean(base)), color="gray", ls="--", lw=1, label="MoE backbone alone")

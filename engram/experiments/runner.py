@@ -41,8 +41,23 @@ from ..train.trainer import RunConfig, prepare_data, train
 
 # Columns every results table has, in this order; a sweep's own coordinates (``SweepPoint.params``) follow.
 COMMON_COLUMNS = (
-    "sweep", "name", "seed", "family", "total", "activated", "engram", "table_rows", "routed_experts",
-    "flops_per_token", "tokens", "val_loss", "val_ppl", "val_bpb", "tokens_per_s", "wall_s", "git_revision",
+    "sweep",
+    "name",
+    "seed",
+    "family",
+    "total",
+    "activated",
+    "engram",
+    "table_rows",
+    "routed_experts",
+    "flops_per_token",
+    "tokens",
+    "val_loss",
+    "val_ppl",
+    "val_bpb",
+    "tokens_per_s",
+    "wall_s",
+    "git_revision",
     "git_dirty",
 )
 
@@ -90,8 +105,9 @@ def git_revision(repo: Path | None = None) -> dict[str, Any]:
     repo = repo or Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--", "engram"], cwd=repo, capture_output=True,
-                                text=True, check=True)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "engram"], cwd=repo, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return {"revision": None, "dirty": None}
     return {"revision": rev.stdout.strip(), "dirty": bool(status.stdout.strip())}
@@ -117,8 +133,9 @@ def _check_same(folder: Path, file: str, config: dict) -> dict | None:
     return rec
 
 
-def _run_point(sweep: str, name: str, params: dict, config: dict, folder: str, threads: int | None,
-               keep_checkpoints: bool) -> dict:
+def _run_point(
+    sweep: str, name: str, params: dict, config: dict, folder: str, threads: int | None, keep_checkpoints: bool
+) -> dict:
     """Train one point (in this process or a worker) and write its ``result.json``; returns the result record."""
     if threads:
         torch.set_num_threads(threads)
@@ -130,14 +147,31 @@ def _run_point(sweep: str, name: str, params: dict, config: dict, folder: str, t
     c = count_params(r.model.cfg)
     tcfg = run.train
     metrics = {
-        "family": r.model.cfg.family, "total": c.total, "activated": c.activated, "engram": c.engram,
-        "table_rows": c.engram_table_rows, "routed_experts": c.routed_experts, "flops_per_token": c.flops_per_token,
-        "tokens": r.steps_done * tcfg.batch_size * tcfg.seq_len, "val_loss": r.final["val_loss"],
-        "val_ppl": r.final["val_ppl"], "val_bpb": r.final["val_bpb"], "tokens_per_s": r.tokens_per_s,
-        "wall_s": time.perf_counter() - t0, "gates": r.final.get("gates"), "evals": r.evals,
+        "family": r.model.cfg.family,
+        "total": c.total,
+        "activated": c.activated,
+        "engram": c.engram,
+        "table_rows": c.engram_table_rows,
+        "routed_experts": c.routed_experts,
+        "flops_per_token": c.flops_per_token,
+        "tokens": r.steps_done * tcfg.batch_size * tcfg.seq_len,
+        "val_loss": r.final["val_loss"],
+        "val_ppl": r.final["val_ppl"],
+        "val_bpb": r.final["val_bpb"],
+        "tokens_per_s": r.tokens_per_s,
+        "wall_s": time.perf_counter() - t0,
+        "gates": r.final.get("gates"),
+        "evals": r.evals,
     }
-    result = {"sweep": sweep, "name": name, "params": params, "config": config, "git": git_revision(),
-              "metrics": metrics, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    result = {
+        "sweep": sweep,
+        "name": name,
+        "params": params,
+        "config": config,
+        "git": git_revision(),
+        "metrics": metrics,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     write_json(Path(folder) / "result.json", result)
     if not keep_checkpoints:
         shutil.rmtree(Path(folder) / "run" / "checkpoints", ignore_errors=True)
@@ -176,8 +210,16 @@ def load_results(out: str | Path) -> list[dict]:
     return json.loads(path.read_text())["rows"]
 
 
-def run_sweep(sweep: str, points: list[SweepPoint], out_dir: str | Path, *, jobs: int = 1,
-              threads: int | None = None, progress: bool = True, keep_checkpoints: bool = False) -> list[dict]:
+def run_sweep(
+    sweep: str,
+    points: list[SweepPoint],
+    out_dir: str | Path,
+    *,
+    jobs: int = 1,
+    threads: int | None = None,
+    progress: bool = True,
+    keep_checkpoints: bool = False,
+) -> list[dict]:
     """Train every unfinished point; return the rows of every finished point in the folder.
 
     Rows keep the order of the folder's existing ``results.json``, new points following in ``points`` order, so
@@ -208,11 +250,22 @@ def run_sweep(sweep: str, points: list[SweepPoint], out_dir: str | Path, *, jobs
             continue
         _check_same(folder, "point.json", config)
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "point.json", {
-            "sweep": sweep, "name": p.name, "params": p.params, "config": config, "git": git,
-            "env": {"torch": torch.__version__, "python": platform.python_version(), "jobs": jobs,
-                    "threads": threads or torch.get_num_threads()},
-        })
+        write_json(
+            folder / "point.json",
+            {
+                "sweep": sweep,
+                "name": p.name,
+                "params": p.params,
+                "config": config,
+                "git": git,
+                "env": {
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                    "jobs": jobs,
+                    "threads": threads or torch.get_num_threads(),
+                },
+            },
+        )
         todo.append((p, config, folder))
 
     # The folder is the sweep: points finished by earlier invocations (other seeds, other variants) stay in the
@@ -232,8 +285,14 @@ def run_sweep(sweep: str, points: list[SweepPoint], out_dir: str | Path, *, jobs
     flush()
     for tcfg in {json.dumps(dataclasses.asdict(p.run.train), sort_keys=True): p.run.train for p, _, _ in todo}.values():
         prepare_data(dataclasses.replace(tcfg, progress=False))  # build tokenizer/token caches once, not per worker
-    bar = tqdm(total=len(points), initial=sum(n in done for n in names), desc=f"sweep {sweep}", unit="point",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(points),
+        initial=sum(n in done for n in names),
+        desc=f"sweep {sweep}",
+        unit="point",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     failures: list[str] = []
 
     def finished(res: dict) -> None:
@@ -262,8 +321,9 @@ def run_sweep(sweep: str, points: list[SweepPoint], out_dir: str | Path, *, jobs
     bar.close()
     rows = flush()
     if failures:
-        raise RuntimeError(f"{len(failures)} point(s) failed (the others are recorded in {out}): "
-                           + "; ".join(failures))
+        raise RuntimeError(
+            f"{len(failures)} point(s) failed (the others are recorded in {out}): " + "; ".join(failures)
+        )
     return rows
 
 
@@ -275,6 +335,14 @@ def summarize(rows: list[dict], key: str, value: str = "val_loss") -> list[dict]
     out = []
     for k, vals in groups.items():
         t = torch.tensor(vals, dtype=torch.float64)
-        out.append({key: k, "mean": float(t.mean()), "std": float(t.std()) if len(vals) > 1 else 0.0,
-                    "n": len(vals), "min": float(t.min()), "max": float(t.max())})
+        out.append(
+            {
+                key: k,
+                "mean": float(t.mean()),
+                "std": float(t.std()) if len(vals) > 1 else 0.0,
+                "n": len(vals),
+                "min": float(t.min()),
+                "max": float(t.max()),
+            }
+        )
     return out

@@ -70,7 +70,7 @@ class BigramStats:
         if len(t) < 3:
             raise ValueError(f"need at least 3 training tokens, got {len(t)}")
         v = int(vocab_size)
-        if v ** 3 >= 2 ** 63:
+        if v**3 >= 2**63:
             raise ValueError(f"vocab size {v} is too large for int64 trigram keys")
         tri = (t[:-2] * v + t[1:-1]) * v + t[2:]
         tri_keys, tri_counts = np.unique(tri, return_counts=True)
@@ -86,8 +86,11 @@ class BigramStats:
         key = prev.astype(np.int64) * self.vocab_size + cur.astype(np.int64)
         idx = np.clip(np.searchsorted(self.keys, key), 0, len(self.keys) - 1)
         hit = self.keys[idx] == key
-        return (np.where(hit, self.counts[idx], 0), np.where(hit, self.top_next[idx], -1),
-                np.where(hit, self.top_count[idx], 0))
+        return (
+            np.where(hit, self.counts[idx], 0),
+            np.where(hit, self.top_next[idx], -1),
+            np.where(hit, self.top_count[idx], 0),
+        )
 
     def trigram_count(self, prev: np.ndarray, cur: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         key = (prev.astype(np.int64) * self.vocab_size + cur.astype(np.int64)) * self.vocab_size + nxt.astype(np.int64)
@@ -103,8 +106,9 @@ class SplitRule:
     max_local_prob: float = 0.05
 
 
-def split_masks(x: np.ndarray, y: np.ndarray, stats: BigramStats, is_word: np.ndarray,
-                rule: SplitRule = SplitRule()) -> tuple[np.ndarray, np.ndarray]:
+def split_masks(
+    x: np.ndarray, y: np.ndarray, stats: BigramStats, is_word: np.ndarray, rule: SplitRule = SplitRule()
+) -> tuple[np.ndarray, np.ndarray]:
     """(fact [B, T], context [B, T]) boolean masks over the targets ``y`` of windows ``x`` (see the module doc).
 
     Position 0 of each window has no previous token in the window and is in neither set.
@@ -131,9 +135,17 @@ def split_masks(x: np.ndarray, y: np.ndarray, stats: BigramStats, is_word: np.nd
 
 
 @torch.no_grad()
-def split_eval(model: EngramLM, val_tokens: np.ndarray, stats: BigramStats, is_word: np.ndarray, *,
-               rule: SplitRule = SplitRule(), batch_size: int = 8, seq_len: int = 128,
-               max_batches: int | None = 40) -> dict:
+def split_eval(
+    model: EngramLM,
+    val_tokens: np.ndarray,
+    stats: BigramStats,
+    is_word: np.ndarray,
+    *,
+    rule: SplitRule = SplitRule(),
+    batch_size: int = 8,
+    seq_len: int = 128,
+    max_batches: int | None = 40,
+) -> dict:
     """Top-1 accuracy and mean loss of ``model`` on the fact-heavy, context-heavy and all target tokens.
 
     Returns ``{split: {"n", "acc", "loss"}}`` for ``split`` in fact / context / all.
@@ -147,19 +159,31 @@ def split_eval(model: EngramLM, val_tokens: np.ndarray, stats: BigramStats, is_w
         logits = model(x.to(device)).logits.float().cpu()
         correct = logits.argmax(-1) == y
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        for split, m in (("fact", torch.from_numpy(fact)), ("context", torch.from_numpy(context)),
-                         ("all", torch.ones_like(y, dtype=torch.bool))):
+        for split, m in (
+            ("fact", torch.from_numpy(fact)),
+            ("context", torch.from_numpy(context)),
+            ("all", torch.ones_like(y, dtype=torch.bool)),
+        ):
             sums[split]["n"] += int(m.sum())
             sums[split]["acc"] += float(correct[m].sum())
             sums[split]["loss"] += float(loss[m].sum())
     model.train(was_training)
-    return {k: {"n": v["n"], "acc": v["acc"] / max(v["n"], 1), "loss": v["loss"] / max(v["n"], 1)}
-            for k, v in sums.items()}
+    return {
+        k: {"n": v["n"], "acc": v["acc"] / max(v["n"], 1), "loss": v["loss"] / max(v["n"], 1)} for k, v in sums.items()
+    }
 
 
-def engram_off_eval(model: EngramLM, val_tokens: np.ndarray, stats: BigramStats, is_word: np.ndarray, *,
-                    rule: SplitRule = SplitRule(), batch_size: int = 8, seq_len: int = 128,
-                    max_batches: int | None = 40) -> dict:
+def engram_off_eval(
+    model: EngramLM,
+    val_tokens: np.ndarray,
+    stats: BigramStats,
+    is_word: np.ndarray,
+    *,
+    rule: SplitRule = SplitRule(),
+    batch_size: int = 8,
+    seq_len: int = 128,
+    max_batches: int | None = 40,
+) -> dict:
     """Accuracy and loss on the fact-heavy, context-heavy and all tokens, with Engram on and zeroed.
 
     Returns ``{split: {"n", "acc_on", "acc_off", "loss_on", "loss_off", "retained"}}``.
@@ -170,15 +194,25 @@ def engram_off_eval(model: EngramLM, val_tokens: np.ndarray, stats: BigramStats,
         off = split_eval(model, val_tokens, stats, is_word, **kw)
     out = {}
     for split in on:
-        r = {"n": on[split]["n"], "acc_on": on[split]["acc"], "acc_off": off[split]["acc"],
-             "loss_on": on[split]["loss"], "loss_off": off[split]["loss"]}
+        r = {
+            "n": on[split]["n"],
+            "acc_on": on[split]["acc"],
+            "acc_off": off[split]["acc"],
+            "loss_on": on[split]["loss"],
+            "loss_off": off[split]["loss"],
+        }
         r["retained"] = r["acc_off"] / r["acc_on"] if r["acc_on"] > 0 else float("nan")
         out[split] = r
     return out
 
 
-def plot_engram_off(result: dict, path: str | Path, title: str = "", baseline: dict | None = None,
-                    baseline_label: str = "baseline without Engram") -> Path:
+def plot_engram_off(
+    result: dict,
+    path: str | Path,
+    title: str = "",
+    baseline: dict | None = None,
+    baseline_label: str = "baseline without Engram",
+) -> Path:
     """Bars: accuracy with Engram on and zeroed for each split, labelled with the retained fraction; with
     ``baseline`` (a :func:`split_eval` result) a third bar per split for a model trained without Engram."""
     splits = [s for s in ("fact", "context", "all") if s in result]
@@ -194,8 +228,7 @@ def plot_engram_off(result: dict, path: str | Path, title: str = "", baseline: d
         ax.bar(xs + shift + 2 * w, [baseline[s]["acc"] for s in splits], w, label=baseline_label, color="gray")
     for x, s in zip(xs, splits):
         top = max(result[s]["acc_on"], result[s]["acc_off"], baseline[s]["acc"] if baseline else 0.0)
-        ax.text(x, top + 0.02, f"retained {result[s]['retained']:.0%}\n(n={result[s]['n']:,})", ha="center",
-                fontsize=8)
+        ax.text(x, top + 0.02, f"retained {result[s]['retained']:.0%}\n(n={result[s]['n']:,})", ha="center", fontsize=8)
     ax.set_xticks(xs, [labels[s] for s in splits])
     ax.set_ylabel("top-1 next-token accuracy")
     ax.set_ylim(0, 1.15)

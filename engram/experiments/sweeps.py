@@ -29,10 +29,21 @@ def default_spec(sweep: str) -> dict:
     raise ValueError(f"unknown sweep {sweep!r}; choose one of {SWEEPS}")
 
 
-def run(sweep: str, out_dir: str | Path, *, overrides: dict | None = None, seeds: list[int] | None = None,
-        jobs: int = 1, threads: int | None = None, figure: str | Path | None = None, rhos: list[float] | None = None,
-        rows: list[int] | None = None, variants: list[str] | None = None, dense_ffn_share: float = 0.5,
-        progress: bool = True) -> dict:
+def run(
+    sweep: str,
+    out_dir: str | Path,
+    *,
+    overrides: dict | None = None,
+    seeds: list[int] | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
+    figure: str | Path | None = None,
+    rhos: list[float] | None = None,
+    rows: list[int] | None = None,
+    variants: list[str] | None = None,
+    dense_ffn_share: float = 0.5,
+    progress: bool = True,
+) -> dict:
     """Run one sweep; returns its summary (also written to ``OUT/summary.json``)."""
     d = merge(default_spec(sweep), overrides or {})
     model, engram, train, optim = parse_spec(d)

@@ -70,8 +70,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for part in FAMILIES[model_type].split("."):
         node = getattr(node, part, None)
         if node is None:
-            raise ConfigError(f"{type(model).__name__} has no {FAMILIES[model_type]!r}: pass the *ForCausalLM model "
-                             f"(e.g. AutoModelForCausalLM), not its bare backbone")
+            raise ConfigError(
+                f"{type(model).__name__} has no {FAMILIES[model_type]!r}: pass the *ForCausalLM model "
+                f"(e.g. AutoModelForCausalLM), not its bare backbone"
+            )
     return node
 
 
@@ -137,9 +139,17 @@ class EngramAdapter(nn.Module):
     parameters); :func:`add_engram` builds it, :func:`remove_engram` takes it out again.
     """
 
-    def __init__(self, config: EngramConfig, compressed: CompressedTokenizer, hidden_size: int, *,
-                 family: str, base_fingerprint: str, table_factory: TableFactory | None = None,
-                 init_std: float = 0.02):
+    def __init__(
+        self,
+        config: EngramConfig,
+        compressed: CompressedTokenizer,
+        hidden_size: int,
+        *,
+        family: str,
+        base_fingerprint: str,
+        table_factory: TableFactory | None = None,
+        init_std: float = 0.02,
+    ):
         super().__init__()
         self.config, self.compressed, self.family = config, compressed, family
         self.base_fingerprint = base_fingerprint
@@ -150,8 +160,9 @@ class EngramAdapter(nn.Module):
             if table_factory is not None:
                 head_sizes = [p for heads in self.hasher.table_sizes[layer_id] for p in heads]
                 table = table_factory(layer_id, head_sizes, config.head_dim, init_std)
-            engram = Engram(config, layer_id, hidden_size, hc_mult=1, hasher=self.hasher, init_std=init_std,
-                            table=table)
+            engram = Engram(
+                config, layer_id, hidden_size, hc_mult=1, hasher=self.hasher, init_std=init_std, table=table
+            )
             nn.init.zeros_(engram.value_proj.weight)  # Y = 0 at init: logits equal the base model's exactly
             nn.init.zeros_(engram.value_proj.bias)
             modules[str(layer_id)] = engram
@@ -165,8 +176,9 @@ class EngramAdapter(nn.Module):
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model, with_kwargs=True, always_call=True))
         for layer_id in self.config.layer_ids:
-            self._handles.append(layers[layer_id].register_forward_pre_hook(self._layer_hook(layer_id),
-                                                                             with_kwargs=True))
+            self._handles.append(
+                layers[layer_id].register_forward_pre_hook(self._layer_hook(layer_id), with_kwargs=True)
+            )
 
     def detach(self) -> None:
         for h in self._handles:
@@ -176,14 +188,17 @@ class EngramAdapter(nn.Module):
     def _before_model(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
-            raise ValueError("a model with an Engram adapter needs input_ids (Engram looks up n-grams of token "
-                             "ids); inputs_embeds alone cannot be hashed")
+            raise ValueError(
+                "a model with an Engram adapter needs input_ids (Engram looks up n-grams of token "
+                "ids); inputs_embeds alone cannot be hashed"
+            )
         b, t = input_ids.shape
         mask = kwargs.get("attention_mask")
         mask = None if mask is None or mask.dim() != 2 else mask[:, -t:].to(torch.bool)
         # padding hashes like the sequence start (the config's pad id), so left padding changes nothing
-        raw = input_ids if mask is None else torch.where(mask, input_ids, torch.full_like(input_ids,
-                                                                                           self.config.pad_id))
+        raw = (
+            input_ids if mask is None else torch.where(mask, input_ids, torch.full_like(input_ids, self.config.pad_id))
+        )
         compressed = self.hasher.compress(raw)
         cache = _cache_of(kwargs)
         seen = 0 if cache is None else int(cache.get_seq_length())
@@ -191,18 +206,22 @@ class EngramAdapter(nn.Module):
         if seen and state is None:
             raise RuntimeError(
                 f"the cache already holds {seen} tokens that the Engram adapter did not see (it was filled before "
-                f"add_engram/load_adapter, or by another model); start generation from an empty cache")
+                f"add_engram/load_adapter, or by another model); start generation from an empty cache"
+            )
         if state is not None and state.seen != seen:
             raise RuntimeError(
                 f"the cache holds {seen} tokens but the Engram state was built over {state.seen} (the cache was "
                 f"cropped or edited outside the model); Engram's n-gram history no longer matches, start again "
-                f"from an empty cache")
+                f"from an empty cache"
+            )
         history = state.history if state is not None else self.hasher.initial_history(b, compressed.device)
         self._step = {
             "hash_ids": self.hasher.hash_incremental(history, compressed),
             "mask": mask,
-            "conv": {l: ({"conv": state.conv[l]} if state is not None and l in state.conv else {})
-                     for l in self.config.layer_ids},
+            "conv": {
+                l: ({"conv": state.conv[l]} if state is not None and l in state.conv else {})
+                for l in self.config.layer_ids
+            },
             "history": self.hasher.advance_history(history, compressed),
             "seen": seen + t,
         }
@@ -225,12 +244,18 @@ class EngramAdapter(nn.Module):
         def hook(layer: nn.Module, args: tuple, kwargs: dict):
             step = self._step
             if step is None:
-                raise RuntimeError("an Engram-adapted decoder layer was called outside the model's forward; call "
-                                   "the *ForCausalLM model so the adapter sees the token ids")
+                raise RuntimeError(
+                    "an Engram-adapted decoder layer was called outside the model's forward; call "
+                    "the *ForCausalLM model so the adapter sees the token ids"
+                )
             hidden = args[0] if args else kwargs["hidden_states"]
             dtype = engram.value_proj.weight.dtype
-            y = engram(hidden.to(dtype), hash_ids=step["hash_ids"][layer_id].to(hidden.device), mask=step["mask"],
-                       state=step["conv"][layer_id])
+            y = engram(
+                hidden.to(dtype),
+                hash_ids=step["hash_ids"][layer_id].to(hidden.device),
+                mask=step["mask"],
+                state=step["conv"][layer_id],
+            )
             hidden = hidden + y.to(hidden.dtype)
             if args:
                 return (hidden, *args[1:]), kwargs
@@ -243,8 +268,11 @@ class EngramAdapter(nn.Module):
         """Adapter values that training changes: its parameters plus the rows of offloaded tables (which hold no
         ``nn.Parameter``; the row-wise optimizer updates them in their tier)."""
         dense = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        offloaded = sum(e.table.num_rows * e.table.head_dim for e in self.engrams.values()
-                        if not any(True for _ in e.table.parameters()))
+        offloaded = sum(
+            e.table.num_rows * e.table.head_dim
+            for e in self.engrams.values()
+            if not any(True for _ in e.table.parameters())
+        )
         return dense + offloaded
 
     def activated_parameters_per_token(self) -> int:
@@ -266,26 +294,44 @@ def _hidden_size(model: nn.Module) -> int:
 
 def _check_fresh(model: nn.Module) -> None:
     if getattr(model, "engram_adapter", None) is not None:
-        raise ValueError("this model already has an Engram adapter; call engram.hf.remove_engram(model) first or "
-                         "start from a fresh base model")
+        raise ValueError(
+            "this model already has an Engram adapter; call engram.hf.remove_engram(model) first or "
+            "start from a fresh base model"
+        )
 
 
-def _install(model: nn.Module, config: EngramConfig, compressed: CompressedTokenizer, *,
-             table_factory: TableFactory | None, init_std: float, fingerprint: str | None = None,
-             freeze: bool = True) -> EngramAdapter:
+def _install(
+    model: nn.Module,
+    config: EngramConfig,
+    compressed: CompressedTokenizer,
+    *,
+    table_factory: TableFactory | None,
+    init_std: float,
+    fingerprint: str | None = None,
+    freeze: bool = True,
+) -> EngramAdapter:
     _check_fresh(model)
     layers = decoder_layers(model)
     config.validate(num_layers=len(layers))
     vocab = model.get_input_embeddings().weight.shape[0]
     if compressed.vocab_size > vocab:
-        raise ModelLoadError(f"the tokenizer has {compressed.vocab_size} ids but the model's embedding only "
-                             f"{vocab}: this tokenizer does not belong to this model")
+        raise ModelLoadError(
+            f"the tokenizer has {compressed.vocab_size} ids but the model's embedding only "
+            f"{vocab}: this tokenizer does not belong to this model"
+        )
     if freeze:
         model.requires_grad_(False)
     fingerprint = fingerprint or base_fingerprint(model)
     device = next(model.parameters()).device
-    adapter = EngramAdapter(config, compressed, _hidden_size(model), family=model.config.model_type,
-                            base_fingerprint=fingerprint, table_factory=table_factory, init_std=init_std)
+    adapter = EngramAdapter(
+        config,
+        compressed,
+        _hidden_size(model),
+        family=model.config.model_type,
+        base_fingerprint=fingerprint,
+        table_factory=table_factory,
+        init_std=init_std,
+    )
     adapter.to(device)  # an offloaded table keeps its rows in its tier; only its compute device follows
     adapter.requires_grad_(True)
     model.engram_adapter = adapter
@@ -293,9 +339,16 @@ def _install(model: nn.Module, config: EngramConfig, compressed: CompressedToken
     return adapter
 
 
-def add_engram(model: nn.Module, tokenizer: Any, config: EngramConfig, layers: list[int] | None = None, *,
-               table_factory: TableFactory | None = None, init_std: float = 0.02,
-               freeze: bool = True) -> EngramAdapter:
+def add_engram(
+    model: nn.Module,
+    tokenizer: Any,
+    config: EngramConfig,
+    layers: list[int] | None = None,
+    *,
+    table_factory: TableFactory | None = None,
+    init_std: float = 0.02,
+    freeze: bool = True,
+) -> EngramAdapter:
     """Insert Engram before ``layers`` (0-based decoder-layer indices; default ``config.layer_ids``) of ``model``.
 
     Args:
@@ -347,11 +400,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors = {f"engrams.{k}": v.detach().cpu().contiguous() for k, v in adapter.engrams.state_dict().items()}
     tensors["compression.lookup"] = torch.from_numpy(adapter.compressed.lookup.copy())
     meta = {
-        "format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "family": adapter.family,
+        "format": ADAPTER_FORMAT,
+        "version": ADAPTER_VERSION,
+        "family": adapter.family,
         "base_model": str(getattr(model.config, "_name_or_path", "") or ""),
         "base_fingerprint": adapter.base_fingerprint,
         "tokenizer_fingerprint": adapter.compressed.fingerprint,
-        "layers": list(adapter.config.layer_ids), "hidden_size": _hidden_size(model),
+        "layers": list(adapter.config.layer_ids),
+        "hidden_size": _hidden_size(model),
         "engram_config": adapter.config.to_dict(),
     }
     atomic_write(out / WEIGHTS_FILE, save(tensors, metadata={"format": ADAPTER_FORMAT}))
@@ -363,17 +419,22 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     """The adapter's JSON, checked to be an Engram adapter of a version this library reads."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not an Engram adapter folder (no {CONFIG_FILE}); write one with "
-                                f"engram.hf.save_adapter or engram finetune --out")
+        raise FileNotFoundError(
+            f"{directory} is not an Engram adapter folder (no {CONFIG_FILE}); write one with "
+            f"engram.hf.save_adapter or engram finetune --out"
+        )
     meta = json.loads(path.read_text())
     if meta.get("format") != ADAPTER_FORMAT or meta.get("version") != ADAPTER_VERSION:
-        raise ModelLoadError(f"{path} is format {meta.get('format')!r} version {meta.get('version')!r}; this library "
-                             f"reads {ADAPTER_FORMAT!r} version {ADAPTER_VERSION}")
+        raise ModelLoadError(
+            f"{path} is format {meta.get('format')!r} version {meta.get('version')!r}; this library "
+            f"reads {ADAPTER_FORMAT!r} version {ADAPTER_VERSION}"
+        )
     return meta
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None, *,
-                 table_factory: TableFactory | None = None) -> EngramAdapter:
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None, *, table_factory: TableFactory | None = None
+) -> EngramAdapter:
     """Put the adapter saved in ``directory`` onto ``model`` (a fresh base model), frozen base, ready to run.
 
     Refused, with the reason, when ``model`` is not the base the adapter was trained on (family, width, depth
@@ -386,32 +447,40 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, tokenizer: Any 
     _check_fresh(model)
     family = getattr(model.config, "model_type", None)
     if family != meta["family"]:
-        raise ModelLoadError(f"wrong base model: the adapter in {directory} was trained on a {meta['family']!r} "
-                             f"model ({meta['base_model'] or 'unnamed'}), this one is {family!r}")
+        raise ModelLoadError(
+            f"wrong base model: the adapter in {directory} was trained on a {meta['family']!r} "
+            f"model ({meta['base_model'] or 'unnamed'}), this one is {family!r}"
+        )
     if _hidden_size(model) != meta["hidden_size"] or len(decoder_layers(model)) <= max(meta["layers"]):
-        raise ModelLoadError(f"wrong base model: the adapter needs hidden size {meta['hidden_size']} and layers "
-                             f"{meta['layers']}, this model has hidden size {_hidden_size(model)} and "
-                             f"{len(decoder_layers(model))} layers")
+        raise ModelLoadError(
+            f"wrong base model: the adapter needs hidden size {meta['hidden_size']} and layers "
+            f"{meta['layers']}, this model has hidden size {_hidden_size(model)} and "
+            f"{len(decoder_layers(model))} layers"
+        )
     fingerprint = base_fingerprint(model)
     if fingerprint != meta["base_fingerprint"]:
-        raise ModelLoadError(f"wrong base model: the adapter in {directory} was trained on "
-                             f"{meta['base_model'] or 'another checkpoint'} (weights fingerprint "
-                             f"{meta['base_fingerprint'][:12]}), this model's weights differ "
-                             f"({fingerprint[:12]}); load the base checkpoint the adapter was trained on")
+        raise ModelLoadError(
+            f"wrong base model: the adapter in {directory} was trained on "
+            f"{meta['base_model'] or 'another checkpoint'} (weights fingerprint "
+            f"{meta['base_fingerprint'][:12]}), this model's weights differ "
+            f"({fingerprint[:12]}); load the base checkpoint the adapter was trained on"
+        )
     tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
-    compressed = CompressedTokenizer.from_lookup(tensors.pop("compression.lookup").numpy(),
-                                                 meta["tokenizer_fingerprint"])
+    compressed = CompressedTokenizer.from_lookup(
+        tensors.pop("compression.lookup").numpy(), meta["tokenizer_fingerprint"]
+    )
     if tokenizer is not None:
         given = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer(tokenizer)
         if given.fingerprint != compressed.fingerprint:
-            raise ModelLoadError(f"wrong tokenizer: the adapter in {directory} was trained with a tokenizer "
-                                 f"whose vocabulary fingerprint is {compressed.fingerprint[:12]}, the given one has "
-                                 f"{given.fingerprint[:12]}; pass the base model's own tokenizer")
+            raise ModelLoadError(
+                f"wrong tokenizer: the adapter in {directory} was trained with a tokenizer "
+                f"whose vocabulary fingerprint is {compressed.fingerprint[:12]}, the given one has "
+                f"{given.fingerprint[:12]}; pass the base model's own tokenizer"
+            )
         compressed.check_matches(given)
     config = EngramConfig.from_dict(meta["engram_config"])
-    adapter = _install(model, config, compressed, table_factory=table_factory, init_std=0.02,
-                       fingerprint=fingerprint)
+    adapter = _install(model, config, compressed, table_factory=table_factory, init_std=0.02, fingerprint=fingerprint)
     prefix = "engrams."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     adapter.engrams.load_state_dict(state, strict=True)
     return adapter

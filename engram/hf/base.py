@@ -49,8 +49,10 @@ def load_base(source: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except OSError as e:  # transformers reports a missing local folder / uncached hub name as OSError
-        raise FileNotFoundError(f"cannot load a base model from {source!r} ({e}); pass a transformers folder with "
-                                f"config.json and tokenizer files, a .gguf file, or 'smollm2'") from e
+        raise FileNotFoundError(
+            f"cannot load a base model from {source!r} ({e}); pass a transformers folder with "
+            f"config.json and tokenizer files, a .gguf file, or 'smollm2'"
+        ) from e
     return model.eval(), tokenizer
 
 

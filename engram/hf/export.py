@@ -31,27 +31,33 @@ from ..tokenizer import vocab_fingerprint
 from ..train.data import TextTokenizer, load_tokenizer
 
 REMOTE_CODE = ("configuration_engram.py", "modeling_engram.py")
-AUTO_MAP = {"AutoConfig": "configuration_engram.EngramHFConfig",
-            "AutoModelForCausalLM": "modeling_engram.EngramForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_engram.EngramHFConfig",
+    "AutoModelForCausalLM": "modeling_engram.EngramForCausalLM",
+}
 
 
 def _check_tokenizer(model: EngramLM, tok: TextTokenizer) -> None:
     if tok.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} ids, the model's embedding {model.cfg.vocab_size}: "
-                         f"pass the tokenizer the model was trained with")
+        raise ValueError(
+            f"the tokenizer has {tok.vocab_size} ids, the model's embedding {model.cfg.vocab_size}: "
+            f"pass the tokenizer the model was trained with"
+        )
     if model.tokenizer is None:
         return
     vocab = tok.hf.get_vocab(with_added_tokens=True) if hasattr(tok.hf, "token_to_id") else tok.hf.get_vocab()
     if vocab_fingerprint(vocab) != model.tokenizer.fingerprint:
-        raise ValueError("the tokenizer's vocabulary fingerprint differs from the one the model's compression table "
-                         "was built from: pass the tokenizer the model was trained with")
+        raise ValueError(
+            "the tokenizer's vocabulary fingerprint differs from the one the model's compression table "
+            "was built from: pass the tokenizer the model was trained with"
+        )
 
 
 def _write_tokenizer(tok: TextTokenizer, out: Path, max_len: int) -> None:
-    if hasattr(tok.hf, "token_to_id"):   # a tokenizers.Tokenizer
+    if hasattr(tok.hf, "token_to_id"):  # a tokenizers.Tokenizer
         tok.hf.save(str(out / "tokenizer.json"))
         tokens = {"eos_token": tok.hf.id_to_token(tok.eos_id), "pad_token": tok.hf.id_to_token(tok.pad_id)}
-    else:                                # a transformers tokenizer
+    else:  # a transformers tokenizer
         tok.hf.save_pretrained(str(out))
         tokens = {"eos_token": tok.hf.eos_token, "pad_token": tok.hf.pad_token or tok.hf.eos_token}
     config_path = out / "tokenizer_config.json"
@@ -66,11 +72,17 @@ def hf_config(model: EngramLM, tok: TextTokenizer):
 
     cfg, ctok = model.cfg, model.tokenizer
     config = EngramHFConfig(
-        engram_model=cfg.to_dict(), vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers, max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=cfg.tie_embeddings, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+        engram_model=cfg.to_dict(),
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
         tokenizer_fingerprint=None if ctok is None else ctok.fingerprint,
-        compressed_vocab_size=None if ctok is None else ctok.compressed_vocab_size)
+        compressed_vocab_size=None if ctok is None else ctok.compressed_vocab_size,
+    )
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["EngramForCausalLM"]
     config.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -93,8 +105,9 @@ def export(model: EngramLM, out_dir: str | os.PathLike, tokenizer: TextTokenizer
     if model.tokenizer is not None:
         save_tokenizer_table(model.tokenizer, out)
     hf_config(model, tok).save_pretrained(str(out))
-    (out / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, indent=1))
+    (out / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, indent=1)
+    )
     for name in REMOTE_CODE:
         shutil.copyfile(Path(__file__).with_name(name), out / name)
     _write_tokenizer(tok, out, cfg.max_seq_len)

@@ -45,7 +45,7 @@ class FinetuneConfig:
     seq_len: int = 128
     lr: float = 1e-3
     table_lr_mult: float = 5.0
-    table_optimizer: str = "adam"   # or "rowwise" (one scalar of state per row); host/disk tables are always row-wise
+    table_optimizer: str = "adam"  # or "rowwise" (one scalar of state per row); host/disk tables are always row-wise
     warmup_steps: int = 20
     grad_clip: float = 1.0
     eval_every: int = 50
@@ -56,9 +56,16 @@ class FinetuneConfig:
     def optim(self) -> OptimConfig:
         """The optimizer recipe: AdamW without weight decay (the base stays put; the adapter starts at zero),
         Engram tables at ``table_lr_mult`` x, a constant rate after warmup."""
-        return OptimConfig(lr=self.lr, weight_decay=0.0, muon=False, table_lr_mult=self.table_lr_mult,
-                           table_optimizer=self.table_optimizer, warmup_steps=self.warmup_steps,
-                           schedule="constant", grad_clip=self.grad_clip)
+        return OptimConfig(
+            lr=self.lr,
+            weight_decay=0.0,
+            muon=False,
+            table_lr_mult=self.table_lr_mult,
+            table_optimizer=self.table_optimizer,
+            warmup_steps=self.warmup_steps,
+            schedule="constant",
+            grad_clip=self.grad_clip,
+        )
 
 
 def text_tokenizer(tokenizer: Any, name: str = "hf") -> TextTokenizer:
@@ -67,8 +74,9 @@ def text_tokenizer(tokenizer: Any, name: str = "hf") -> TextTokenizer:
     if eos is None:
         raise ValueError(f"tokenizer {name!r} has no eos_token_id; documents are joined with it")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return TextTokenizer(tokenizer, name=name, eos_id=eos, pad_id=pad,
-                         fingerprint=vocab_fingerprint(dict(tokenizer.get_vocab())))
+    return TextTokenizer(
+        tokenizer, name=name, eos_id=eos, pad_id=pad, fingerprint=vocab_fingerprint(dict(tokenizer.get_vocab()))
+    )
 
 
 def tokenize(corpus: Corpus, tokenizer: TextTokenizer, progress: bool = True) -> TokenizedCorpus:
@@ -84,8 +92,15 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokens: np.ndarray, *, batch_size: int, seq_len: int, max_batches: int | None,
-             device: torch.device) -> dict:
+def evaluate(
+    model: nn.Module,
+    tokens: np.ndarray,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None,
+    device: torch.device,
+) -> dict:
     """Loss, perplexity and forward tokens/s over consecutive ``seq_len`` windows (each token predicted once)."""
     was_training = model.training
     model.eval()
@@ -103,11 +118,11 @@ def evaluate(model: nn.Module, tokens: np.ndarray, *, batch_size: int, seq_len: 
 
 @dataclass
 class FinetuneResult:
-    history: list[dict]       # {"step", "loss"} per logged training step
-    evals: list[dict]         # {"step", "val_loss", <name>_loss for every evaluation split}
-    before: dict[str, dict]   # evaluate() of each split before training
-    after: dict[str, dict]    # and after
-    tokens_per_s: float       # training throughput (forward + backward + step)
+    history: list[dict]  # {"step", "loss"} per logged training step
+    evals: list[dict]  # {"step", "val_loss", <name>_loss for every evaluation split}
+    before: dict[str, dict]  # evaluate() of each split before training
+    after: dict[str, dict]  # and after
+    tokens_per_s: float  # training throughput (forward + backward + step)
     trainable_parameters: int
 
 
@@ -116,12 +131,24 @@ def _table_optimizer(model: nn.Module, optim: OptimConfig):
 
     if not any(isinstance(m, OffloadedEmbedding) for m in model.modules()):
         return None
-    return SparseRowOptimizer(model, lr=optim.lr * optim.table_lr_mult, beta2=optim.betas[1], eps=optim.eps,
-                              weight_decay=optim.table_weight_decay)
+    return SparseRowOptimizer(
+        model,
+        lr=optim.lr * optim.table_lr_mult,
+        beta2=optim.betas[1],
+        eps=optim.eps,
+        weight_decay=optim.table_weight_decay,
+    )
 
 
-def finetune(model: nn.Module, train_tokens: np.ndarray, eval_sets: dict[str, np.ndarray], cfg: FinetuneConfig,
-             *, device: torch.device | str = "cpu", desc: str = "finetune") -> FinetuneResult:
+def finetune(
+    model: nn.Module,
+    train_tokens: np.ndarray,
+    eval_sets: dict[str, np.ndarray],
+    cfg: FinetuneConfig,
+    *,
+    device: torch.device | str = "cpu",
+    desc: str = "finetune",
+) -> FinetuneResult:
     """Train the parameters of ``model`` that require grad for ``cfg.steps`` steps on random windows of
     ``train_tokens``; evaluate every split of ``eval_sets`` before, every ``eval_every`` steps and after.
 
@@ -144,10 +171,19 @@ def finetune(model: nn.Module, train_tokens: np.ndarray, eval_sets: dict[str, np
         raise ValueError("the model has nothing trainable: add an adapter (engram.hf.add_engram, peft) or use steps=0")
 
     def run_eval(step: int) -> dict[str, dict]:
-        results = {name: evaluate(model, toks, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                                  max_batches=cfg.eval_batches, device=device) for name, toks in eval_sets.items()}
-        evals.append({"step": step, "val_loss": results[first]["loss"],
-                      **{f"{name}_loss": r["loss"] for name, r in results.items()}})
+        results = {
+            name: evaluate(
+                model, toks, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches, device=device
+            )
+            for name, toks in eval_sets.items()
+        }
+        evals.append(
+            {
+                "step": step,
+                "val_loss": results[first]["loss"],
+                **{f"{name}_loss": r["loss"] for name, r in results.items()},
+            }
+        )
         return results
 
     history: list[dict] = []
@@ -193,8 +229,9 @@ def write_report(results: dict[str, FinetuneResult], out_dir: str | Path, title:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plot_loss_curves({name: {"history": r.history, "evals": r.evals} for name, r in results.items()},
-                     out / "loss_curves.png")
+    plot_loss_curves(
+        {name: {"history": r.history, "evals": r.evals} for name, r in results.items()}, out / "loss_curves.png"
+    )
     splits = list(next(iter(results.values())).before)
     cells = " | ".join(f"{s} loss before -> after" for s in splits)
     head = f"| run | trainable params | {cells} | train tokens/s |"
@@ -207,22 +244,43 @@ def write_report(results: dict[str, FinetuneResult], out_dir: str | Path, title:
     return out / "report.md"
 
 
-
-def adapter_config(tokenizer: Any, layers: list[int], *, rows_per_head: int = 32768, max_ngram_size: int = 3,
-                   n_embed_per_ngram: int = 256, n_head_per_ngram: int = 4) -> EngramConfig:
+def adapter_config(
+    tokenizer: Any,
+    layers: list[int],
+    *,
+    rows_per_head: int = 32768,
+    max_ngram_size: int = 3,
+    n_embed_per_ngram: int = 256,
+    n_head_per_ngram: int = 4,
+) -> EngramConfig:
     """An EngramConfig for an adapter on ``tokenizer``'s model: the pad id is the tokenizer's pad (or EOS) id."""
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token id; Engram needs one for the sequence start")
-    return EngramConfig(engram_vocab_size=[rows_per_head] * (max_ngram_size - 1), max_ngram_size=max_ngram_size,
-                        n_embed_per_ngram=n_embed_per_ngram, n_head_per_ngram=n_head_per_ngram,
-                        layer_ids=list(layers), pad_id=int(pad))
+    return EngramConfig(
+        engram_vocab_size=[rows_per_head] * (max_ngram_size - 1),
+        max_ngram_size=max_ngram_size,
+        n_embed_per_ngram=n_embed_per_ngram,
+        n_head_per_ngram=n_head_per_ngram,
+        layer_ids=list(layers),
+        pad_id=int(pad),
+    )
 
 
-def finetune_adapter(base: str, out_dir: str | Path, layers: list[int], cfg: FinetuneConfig, *,
-                     data: str | None = None, max_bytes: int | None = 8_000_000, forget_data: str | None = None,
-                     table_tier: str = "device", device: str = "cpu", **config_kwargs: Any) -> dict:
+def finetune_adapter(
+    base: str,
+    out_dir: str | Path,
+    layers: list[int],
+    cfg: FinetuneConfig,
+    *,
+    data: str | None = None,
+    max_bytes: int | None = 8_000_000,
+    forget_data: str | None = None,
+    table_tier: str = "device",
+    device: str = "cpu",
+    **config_kwargs: Any,
+) -> dict:
     """``engram finetune``: load ``base``, add Engram at ``layers``, train on ``data``, write the adapter and a report.
 
     ``out_dir`` receives the adapter (``adapter.safetensors`` + ``adapter_config.json``), ``report.md``,
@@ -245,14 +303,16 @@ def finetune_adapter(base: str, out_dir: str | Path, layers: list[int], cfg: Fin
     if table_tier != "device":
         from ..storage import table_factory
 
-        factory = table_factory(table_tier, path_dir=out / "tables" if table_tier == "disk" else None,
-                                overwrite=True)
+        factory = table_factory(table_tier, path_dir=out / "tables" if table_tier == "disk" else None, overwrite=True)
     adapter = add_engram(model, tok, adapter_config(tok, layers, **config_kwargs), table_factory=factory)
     result = finetune(model, domain.train.tokens, eval_sets, cfg, device=device, desc="engram adapter")
     save_adapter(model, out)
     write_report({"engram adapter": result}, out, f"Engram adapter on {base}")
     summary = {
-        "base": base, "layers": list(layers), "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "base": base,
+        "layers": list(layers),
+        "steps": cfg.steps,
+        "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
         "trainable_parameters": adapter.trainable_parameters(),
         "activated_parameters_per_token": adapter.activated_parameters_per_token(),
         "train_tokens_per_s": result.tokens_per_s,

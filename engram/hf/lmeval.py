@@ -52,14 +52,25 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` from lm-eval's results (filter suffixes and stderr entries dropped)."""
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
-        out[task] = {key.split(",")[0]: float(value) for key, value in metrics.items()
-                     if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
+        out[task] = {
+            key.split(",")[0]: float(value)
+            for key, value in metrics.items()
+            if "," in key and "_stderr" not in key and isinstance(value, (int, float))
+        }
     return out
 
 
-def evaluate_hf(model: Any, tokenizer: Any, tasks: list[str], *, batch_size: int = 8, limit: int | None = None,
-                num_fewshot: int | None = None, include_path: list[str | os.PathLike] | None = None,
-                max_length: int | None = None) -> dict[str, dict[str, float]]:
+def evaluate_hf(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    *,
+    batch_size: int = 8,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    include_path: list[str | os.PathLike] | None = None,
+    max_length: int | None = None,
+) -> dict[str, dict[str, float]]:
     """Run lm-eval ``tasks`` on a ready ``transformers`` causal LM and its tokenizer; ``{task: {metric: value}}``.
 
     ``limit`` caps the documents per task; ``max_length`` is the context lm-eval packs rolling windows into
@@ -76,10 +87,18 @@ def evaluate_hf(model: Any, tokenizer: Any, tasks: list[str], *, batch_size: int
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     # lm-eval's own task index (thousands of YAML files) is only read when a task is not one of ours
     shipped = shipped_tasks()
-    manager = TaskManager(include_path=[str(p) for p in include_path] if include_path else None,
-                          include_defaults=any(t not in shipped for t in tasks))
-    results = simple_evaluate(model=lm, tasks=_task_specs(list(tasks)), task_manager=manager, limit=limit,
-                              num_fewshot=num_fewshot, log_samples=False)
+    manager = TaskManager(
+        include_path=[str(p) for p in include_path] if include_path else None,
+        include_defaults=any(t not in shipped for t in tasks),
+    )
+    results = simple_evaluate(
+        model=lm,
+        tasks=_task_specs(list(tasks)),
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=False,
+    )
     return summarize(results)
 
 
@@ -103,11 +122,15 @@ def load_for_eval(model_dir: str | os.PathLike, device: str | None = None) -> tu
         from .modeling_engram import EngramForCausalLM
 
         tok = load_tokenizer(d)
-        engram_model = load_model(d)    # tables saved as their own files open in their tier
+        engram_model = load_model(d)  # tables saved as their own files open in their tier
         model = EngramForCausalLM(hf_config(engram_model, tok), model=engram_model)
         if hasattr(tok.hf, "token_to_id"):
-            tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token=tok.hf.id_to_token(tok.eos_id),
-                                                pad_token=tok.hf.id_to_token(tok.pad_id), padding_side="left")
+            tokenizer = PreTrainedTokenizerFast(
+                tokenizer_object=tok.hf,
+                eos_token=tok.hf.id_to_token(tok.eos_id),
+                pad_token=tok.hf.id_to_token(tok.pad_id),
+                padding_side="left",
+            )
         else:
             tokenizer = tok.hf
     if device is not None:
@@ -115,8 +138,9 @@ def load_for_eval(model_dir: str | os.PathLike, device: str | None = None) -> tu
     return model.eval(), tokenizer
 
 
-def evaluate_folder(model_dir: str | os.PathLike, tasks: list[str], *, device: str | None = None,
-                    **kwargs: Any) -> dict[str, dict[str, float]]:
+def evaluate_folder(
+    model_dir: str | os.PathLike, tasks: list[str], *, device: str | None = None, **kwargs: Any
+) -> dict[str, dict[str, float]]:
     """:func:`evaluate_hf` on the model in ``model_dir`` (exported or an engram model folder)."""
     model, tokenizer = load_for_eval(model_dir, device)
     return evaluate_hf(model, tokenizer, tasks, **kwargs)

@@ -44,8 +44,10 @@ from .configuration_engram import EngramHFConfig
 def _exported_folder(name_or_path: str | None) -> Path:
     """The local folder of an exported model: the path itself, or its snapshot in the Hugging Face cache."""
     if not name_or_path:
-        raise ValueError("EngramForCausalLM reads its compressed tokenizer and table files from the exported folder: "
-                         "load it with from_pretrained(FOLDER, trust_remote_code=True), not from a bare config")
+        raise ValueError(
+            "EngramForCausalLM reads its compressed tokenizer and table files from the exported folder: "
+            "load it with from_pretrained(FOLDER, trust_remote_code=True), not from a bare config"
+        )
     if os.path.isdir(name_or_path):
         return Path(name_or_path)
     from huggingface_hub import snapshot_download
@@ -97,10 +99,14 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             tokenizer = load_tokenizer_table(folder)
             if tokenizer is None:
                 raise ValueError(f"{folder} has no tokenizer.safetensors (the compression table); re-export the model")
-            if (tokenizer.fingerprint != config.tokenizer_fingerprint
-                    or tokenizer.compressed_vocab_size != config.compressed_vocab_size):
-                raise ValueError(f"{folder}/tokenizer.safetensors is not the compressed tokenizer config.json was "
-                                 f"exported with (fingerprint or V' differ); re-export the model")
+            if (
+                tokenizer.fingerprint != config.tokenizer_fingerprint
+                or tokenizer.compressed_vocab_size != config.compressed_vocab_size
+            ):
+                raise ValueError(
+                    f"{folder}/tokenizer.safetensors is not the compressed tokenizer config.json was "
+                    f"exported with (fingerprint or V' differ); re-export the model"
+                )
             tables = TableFiles.open(folder)
             table_factory = None if tables is None else _cpu_tables(tables)
         self.model = EngramLM(cfg, tokenizer, table_factory=table_factory)
@@ -147,10 +153,16 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             return input_ids
         return input_ids.masked_fill(~mask, self.model.cfg.engram.pad_id)
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                cache: EngramCache | None = None, past_key_values: EngramCache | None = None,
-                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: EngramCache | None = None,
+        past_key_values: EngramCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         """Logits [B, T, V]; ``labels`` (-100 = ignore) give the mean next-token loss (shifted inside).
 
         ``cache`` (``past_key_values`` is the older name) continues a cached sequence; then ``attention_mask`` may
@@ -172,16 +184,20 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         out = self.model(input_ids, attention_mask=mask, state=None if cache is None else cache.state)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
+            loss = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=out.logits, cache=cache)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, cache: EngramCache | None = None,
-                                      past_key_values: EngramCache | None = None,
-                                      attention_mask: torch.Tensor | None = None, use_cache: bool | None = None,
-                                      **kwargs) -> dict:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: EngramCache | None = None,
+        past_key_values: EngramCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> dict:
         """Only the tokens the cache has not seen yet (the whole prompt at the first step)."""
         cache = cache if cache is not None else past_key_values
         if cache is not None:
-            input_ids = input_ids[:, cache.get_seq_length():]
+            input_ids = input_ids[:, cache.get_seq_length() :]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}

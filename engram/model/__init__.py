@@ -9,7 +9,21 @@ from .params import ParamCounts, allocate, allocation_table, count_params
 from .tables import TableFiles, build_offloaded
 
 __all__ = [
-    "DecodeState", "EngramLM", "ModelConfig", "ModelLoadError", "ModelOutput", "OverEncodingConfig",
-    "ParamCounts", "SamplingConfig", "TableFiles", "allocate", "allocation_table", "build_offloaded", "count_params",
-    "generate", "load_model", "load_offloaded", "save_model",
+    "DecodeState",
+    "EngramLM",
+    "ModelConfig",
+    "ModelLoadError",
+    "ModelOutput",
+    "OverEncodingConfig",
+    "ParamCounts",
+    "SamplingConfig",
+    "TableFiles",
+    "allocate",
+    "allocation_table",
+    "build_offloaded",
+    "count_params",
+    "generate",
+    "load_model",
+    "load_offloaded",
+    "save_model",
 ]

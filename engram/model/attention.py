@@ -42,8 +42,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         exponent = torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32) / self.dim
-        inv_freq = self.base ** -exponent                                    # [dim/2]
-        angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq        # [B, T, dim/2]
+        inv_freq = self.base**-exponent  # [dim/2]
+        angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B, T, dim/2]
         return angles.cos(), angles.sin()
 
 
@@ -96,8 +96,9 @@ class LayerKVCache:
 
 
 # ---------------------------------------------------------------------------------------------------- masks
-def _check_inputs(x: torch.Tensor, positions: torch.Tensor, past: int, key_mask: torch.Tensor | None,
-                  hidden_size: int) -> None:
+def _check_inputs(
+    x: torch.Tensor, positions: torch.Tensor, past: int, key_mask: torch.Tensor | None, hidden_size: int
+) -> None:
     if x.dim() != 3 or x.shape[-1] != hidden_size:
         raise ValueError(f"attention input must be [B, T, {hidden_size}], got {tuple(x.shape)}")
     if positions.shape != x.shape[:2]:
@@ -113,8 +114,9 @@ def _check_inputs(x: torch.Tensor, positions: torch.Tensor, past: int, key_mask:
             )
 
 
-def attention_mask(q_len: int, past: int, key_mask: torch.Tensor | None,
-                   device: torch.device) -> tuple[torch.Tensor | None, bool]:
+def attention_mask(
+    q_len: int, past: int, key_mask: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor | None, bool]:
     """The SDPA ``(attn_mask, is_causal)`` pair for q_len new queries after ``past`` cached slots.
 
     Returns ``(None, True)`` for the plain causal case, ``(None, False)`` for one query with no padding (it may
@@ -125,8 +127,8 @@ def attention_mask(q_len: int, past: int, key_mask: torch.Tensor | None,
     if key_mask is None and q_len == 1:
         return None, False
     slots = torch.arange(past + q_len, device=device)
-    query_slot = (past + torch.arange(q_len, device=device)).unsqueeze(1)   # [T, 1]
-    allowed = slots <= query_slot                                           # [T, S] causal
+    query_slot = (past + torch.arange(q_len, device=device)).unsqueeze(1)  # [T, 1]
+    allowed = slots <= query_slot  # [T, S] causal
     if key_mask is not None:
         # keep the query's own slot so that a row with no valid key (leading padding) is not all -inf (NaN)
         allowed = (allowed & key_mask.unsqueeze(1)) | (slots == query_slot)  # [B, T, S]
@@ -154,8 +156,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.num_heads * d, cfg.hidden_size, bias=False)
         self.rope = RotaryEmbedding(d, cfg.rope_theta)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: LayerKVCache | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         past = cache.length if cache is not None else 0
         _check_inputs(x, positions, past, key_mask, self.hidden_size)
         b, t, _ = x.shape
@@ -165,13 +172,14 @@ class Attention(nn.Module):
         cos, sin = self.rope(positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v)                                        # [B, T_past + T, H_kv, d]
+            k, v = cache.update(k, v)  # [B, T_past + T, H_kv, d]
         group = self.num_heads // self.num_kv_heads
         if group > 1:  # explicit repeat (portable: SDPA's enable_gqa is limited to some kernels)
             k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
         mask, is_causal = attention_mask(t, past, key_mask, x.device)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, is_causal=is_causal)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal
+        )
         return self.wo(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -205,10 +213,10 @@ class MLAttention(nn.Module):
                 f">= 0, got {self.kv_lora_rank}, {self.nope_dim}+{self.rope_dim}, {self.v_dim}, {self.q_lora_rank}"
             )
         qk_dim = self.nope_dim + self.rope_dim
-        self.scale = qk_dim ** -0.5
+        self.scale = qk_dim**-0.5
         h, d_model = self.num_heads, cfg.hidden_size
         if self.q_lora_rank > 0:
-            self.wq_a = nn.Linear(d_model, self.q_lora_rank, bias=False)     # W_DQ
+            self.wq_a = nn.Linear(d_model, self.q_lora_rank, bias=False)  # W_DQ
             self.q_norm = nn.RMSNorm(self.q_lora_rank, eps=cfg.norm_eps)
             self.wq_b = nn.Linear(self.q_lora_rank, h * qk_dim, bias=False)  # W_UQ (nope and rope parts)
         else:
@@ -219,8 +227,13 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(h * self.v_dim, d_model, bias=False)
         self.rope = RotaryEmbedding(self.rope_dim, cfg.rope_theta) if self.rope_dim else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: LayerKVCache | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         past = cache.length if cache is not None else 0
         _check_inputs(x, positions, past, key_mask, self.hidden_size)
         b, t, _ = x.shape
@@ -228,20 +241,26 @@ class MLAttention(nn.Module):
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank > 0 else self.wq(x)
         q_nope, q_rope = q.view(b, t, h, self.nope_dim + self.rope_dim).split([self.nope_dim, self.rope_dim], -1)
         c_kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_norm(c_kv)                                            # [B, T, r_kv]
-        k_rope = k_rope.unsqueeze(2)                                         # [B, T, 1, d_rope]
+        c_kv = self.kv_norm(c_kv)  # [B, T, r_kv]
+        k_rope = k_rope.unsqueeze(2)  # [B, T, 1, d_rope]
         if self.rope is not None:
             cos, sin = self.rope(positions)
             q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
         if cache is not None:
-            c_kv, k_rope = cache.update(c_kv, k_rope)                        # [B, S, r_kv], [B, S, 1, d_rope]
+            c_kv, k_rope = cache.update(c_kv, k_rope)  # [B, S, r_kv], [B, S, 1, d_rope]
         s = c_kv.shape[1]
         k_nope, v = self.wkv_b(c_kv).view(b, s, h, self.nope_dim + self.v_dim).split([self.nope_dim, self.v_dim], -1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(b, s, h, self.rope_dim)), dim=-1)
         mask, is_causal = attention_mask(t, past, key_mask, x.device)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, is_causal=is_causal, scale=self.scale)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=self.scale,
+        )
         return self.wo(o.transpose(1, 2).reshape(b, t, h * self.v_dim))
 
 

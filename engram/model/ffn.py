@@ -29,8 +29,12 @@ def _grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
     if x.device.type == "cuda":
-        return (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-                and x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0)
+        return (
+            x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (8, 0)
+            and x.shape[-1] % 8 == 0
+            and w.shape[-1] % 8 == 0
+        )
     return False
 
 
@@ -158,15 +162,15 @@ class MoE(nn.Module):
         n, k = expert_ids.shape
         if n == 0:
             return torch.zeros_like(x)
-        flat_ids = expert_ids.reshape(-1)                          # [N*K], pair p = (token p // K, slot p % K)
-        order = flat_ids.argsort(stable=True)                      # pairs grouped by expert
-        offs = self.count_tokens(flat_ids).cumsum(0).to(torch.int32)   # group ends, on the device
+        flat_ids = expert_ids.reshape(-1)  # [N*K], pair p = (token p // K, slot p % K)
+        order = flat_ids.argsort(stable=True)  # pairs grouped by expert
+        offs = self.count_tokens(flat_ids).cumsum(0).to(torch.int32)  # group ends, on the device
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
-        x_sorted = x[order // k].to(dtype)                         # [N*K, D]
+        x_sorted = x[order // k].to(dtype)  # [N*K, D]
         h = F.silu(expert_mm(x_sorted, w1, offs)) * expert_mm(x_sorted, w3, offs)
         y_sorted = expert_mm(h, w2, offs)
-        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)   # back to (token, slot) order
+        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to (token, slot) order
         return (y.view(n, k, -1) * gates.unsqueeze(-1).to(y.dtype)).sum(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,9 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device | str | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pad_prompts(
+    prompts: list[list[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Left-pad token lists into ids [B, T] and a mask [B, T] (True = real token); the mask is None when every
     prompt has the same length (nothing to mask, so the model keeps its unmasked fast path)."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -66,8 +67,8 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, device: torch.device | st
     ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), t, dtype=torch.bool)
     for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, t - len(p):] = True
+        ids[i, t - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, t - len(p) :] = True
     if all(len(p) == t for p in prompts):
         return ids.to(device), None
     return ids.to(device), mask.to(device)
@@ -88,8 +89,9 @@ def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
 
 
 @torch.no_grad()
-def generate(model: EngramLM, prompts: list[list[int]], cfg: SamplingConfig | None = None, pad_id: int = 0
-             ) -> list[list[int]]:
+def generate(
+    model: EngramLM, prompts: list[list[int]], cfg: SamplingConfig | None = None, pad_id: int = 0
+) -> list[list[int]]:
     """Continue each prompt; returns the generated tokens per prompt (up to and including EOS).
 
     The prompts are checked once, on the host; the sampled ids are fed back unchecked (they come from the

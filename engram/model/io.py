@@ -42,7 +42,7 @@ def save_model(model: EngramLM, directory: str | os.PathLike) -> Path:
     """Write the model to ``directory`` (created if needed); each file is replaced atomically."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    table_keys = save_table_files(model, d)   # offloaded tables: their own files (a disk table stays in place)
+    table_keys = save_table_files(model, d)  # offloaded tables: their own files (a disk table stays in place)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in table_keys}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -57,8 +57,12 @@ def save_model(model: EngramLM, directory: str | os.PathLike) -> Path:
 def save_tokenizer_table(tok: CompressedTokenizer, directory: str | os.PathLike) -> Path:
     """Write ``tokenizer.safetensors``: the compression lookup with the vocabulary fingerprint as metadata."""
     path = Path(directory) / TOKENIZER
-    atomic_write(path, lambda p: save_file(
-        {"lookup": torch.from_numpy(tok.lookup.copy())}, p, metadata={"fingerprint": tok.fingerprint}))
+    atomic_write(
+        path,
+        lambda p: save_file(
+            {"lookup": torch.from_numpy(tok.lookup.copy())}, p, metadata={"fingerprint": tok.fingerprint}
+        ),
+    )
     return path
 
 
@@ -79,8 +83,12 @@ def load_tokenizer_table(directory: str | os.PathLike) -> CompressedTokenizer | 
     return CompressedTokenizer.from_lookup(lookup.numpy(), fingerprint)
 
 
-def load_model(directory: str | os.PathLike, tokenizer: CompressedTokenizer | None = None,
-               map_location: str | torch.device = "cpu", table_files=None) -> EngramLM:
+def load_model(
+    directory: str | os.PathLike,
+    tokenizer: CompressedTokenizer | None = None,
+    map_location: str | torch.device = "cpu",
+    table_files=None,
+) -> EngramLM:
     """Load a model saved by :func:`save_model`.
 
     ``tokenizer``, when given, must be the one the model was trained with (same vocabulary fingerprint and
@@ -126,8 +134,12 @@ def load_model(directory: str | os.PathLike, tokenizer: CompressedTokenizer | No
         if unexpected:
             detail.append(f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         if wrong:
-            detail.append("shape mismatch " + ", ".join(
-                f"{k}: config {tuple(expected[k].shape)} vs file {tuple(state[k].shape)}" for k in wrong[:5]))
+            detail.append(
+                "shape mismatch "
+                + ", ".join(
+                    f"{k}: config {tuple(expected[k].shape)} vs file {tuple(state[k].shape)}" for k in wrong[:5]
+                )
+            )
         raise ModelLoadError(f"{d / CONFIG} does not match the weights in {d / WEIGHTS}: " + "; ".join(detail))
     model.load_state_dict(state, strict=not cfg.tie_embeddings and table_files is None)
     return model.to(map_location)
@@ -143,8 +155,10 @@ def check_model_folder(directory: str | os.PathLike) -> None:
     if not (d / WEIGHTS).is_file() and (d / "model" / WEIGHTS).is_file():
         raise ModelLoadError(f"{d} is a run folder; its saved model is {d / 'model'}: load that folder instead")
     if not (d / WEIGHTS).is_file() and (d / "checkpoints").is_dir():
-        raise ModelLoadError(f"{d} is a run folder without a saved model yet (training did not finish); rerun "
-                             f"`engram train` with the same config to finish it, which writes {d / 'model'}")
+        raise ModelLoadError(
+            f"{d} is a run folder without a saved model yet (training did not finish); rerun "
+            f"`engram train` with the same config to finish it, which writes {d / 'model'}"
+        )
     for name in (WEIGHTS, CONFIG):
         if not (d / name).is_file():
             raise ModelLoadError(f"{d} holds no {name}: not a saved engram model (save_model writes it)")
@@ -155,8 +169,15 @@ def check_model_folder(directory: str | os.PathLike) -> None:
 # decide every address. Weights are only meaningful under the addresses they were trained with, so save_model
 # records them (addresses.json) and load_model refuses a folder whose config or tokenizer would move them.
 
-_ENGRAM_ADDRESS_FIELDS = ("engram_vocab_size", "max_ngram_size", "n_head_per_ngram", "layer_ids", "pad_id", "seed",
-                          "compress_tokens")
+_ENGRAM_ADDRESS_FIELDS = (
+    "engram_vocab_size",
+    "max_ngram_size",
+    "n_head_per_ngram",
+    "layer_ids",
+    "pad_id",
+    "seed",
+    "compress_tokens",
+)
 _ADDRESS_FORMAT = 1
 _warned_unrecorded: set[str] = set()
 
@@ -170,9 +191,13 @@ def address_record(cfg: ModelConfig, tokenizer: CompressedTokenizer | None) -> d
         rec.update({f"overencoding.{k}": v for k, v in dataclasses.asdict(cfg.overencoding).items()})
     if tokenizer is not None:
         lookup = tokenizer.lookup.astype("<i8", copy=False)
-        rec.update({"tokenizer.fingerprint": tokenizer.fingerprint,
-                    "tokenizer.compressed_vocab_size": tokenizer.compressed_vocab_size,
-                    "tokenizer.lookup_sha256": hashlib.sha256(lookup.tobytes()).hexdigest()})
+        rec.update(
+            {
+                "tokenizer.fingerprint": tokenizer.fingerprint,
+                "tokenizer.compressed_vocab_size": tokenizer.compressed_vocab_size,
+                "tokenizer.lookup_sha256": hashlib.sha256(lookup.tobytes()).hexdigest(),
+            }
+        )
     return rec
 
 
@@ -194,8 +219,12 @@ def _check_addresses(d: Path, cfg: ModelConfig, tokenizer: CompressedTokenizer |
     if not path.is_file():
         if str(d.resolve()) not in _warned_unrecorded:
             _warned_unrecorded.add(str(d.resolve()))
-            logger.warning("%s has no %s (saved by an older engram): its hashing config and tokenizer cannot be "
-                           "checked; re-save it with engram.model.save_model to record them", d, ADDRESSES)
+            logger.warning(
+                "%s has no %s (saved by an older engram): its hashing config and tokenizer cannot be "
+                "checked; re-save it with engram.model.save_model to record them",
+                d,
+                ADDRESSES,
+            )
         return
     try:
         saved = json.loads(path.read_text())
@@ -204,8 +233,9 @@ def _check_addresses(d: Path, cfg: ModelConfig, tokenizer: CompressedTokenizer |
     except (ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path} is corrupt ({e}); re-save the model") from e
     if not intact:
-        raise ModelLoadError(f"{path} was edited after saving (its checksum does not match); restore it from the "
-                             f"saved model")
+        raise ModelLoadError(
+            f"{path} was edited after saving (its checksum does not match); restore it from the saved model"
+        )
     now = address_record(cfg, tokenizer)
     changed = [k for k in sorted(set(rec) | set(now)) if rec.get(k) != now.get(k)]
     if not changed:
@@ -213,13 +243,19 @@ def _check_addresses(d: Path, cfg: ModelConfig, tokenizer: CompressedTokenizer |
     config_fields = [k for k in changed if not k.startswith("tokenizer.")]
     parts = []
     if config_fields:
-        parts.append(f"{d / CONFIG} changes " + ", ".join(
-            f"{k} (saved {rec.get(k)!r}, now {now.get(k)!r})" for k in config_fields))
+        parts.append(
+            f"{d / CONFIG} changes "
+            + ", ".join(f"{k} (saved {rec.get(k)!r}, now {now.get(k)!r})" for k in config_fields)
+        )
     if len(config_fields) < len(changed):
-        parts.append(f"{d / TOKENIZER} holds a different compression table than the model was saved with "
-                     f"({', '.join(k for k in changed if k.startswith('tokenizer.'))})")
-    raise ModelLoadError(f"refusing to load {d}: " + "; ".join(parts) + ". Every Engram table row would be read at "
-                         "another address; restore the saved values (or retrain with the new ones)")
+        parts.append(
+            f"{d / TOKENIZER} holds a different compression table than the model was saved with "
+            f"({', '.join(k for k in changed if k.startswith('tokenizer.'))})"
+        )
+    raise ModelLoadError(
+        f"refusing to load {d}: " + "; ".join(parts) + ". Every Engram table row would be read at "
+        "another address; restore the saved values (or retrain with the new ones)"
+    )
 
 
 def _check_text_tokenizer(d: Path, tokenizer: CompressedTokenizer) -> None:
@@ -237,17 +273,26 @@ def _check_text_tokenizer(d: Path, tokenizer: CompressedTokenizer) -> None:
         raise ModelLoadError(
             f"refusing to load {d}: {path} is not the tokenizer the model was trained with (its vocabulary "
             f"fingerprint differs from the one in {TOKENIZER}, so every token id and hash address would be wrong); "
-            f"restore the original tokenizer.json")
+            f"restore the original tokenizer.json"
+        )
 
 
-def load_offloaded(directory: str | os.PathLike, tier: str | None = None, *, cache_bytes: int = 0,
-                   table_dir: str | os.PathLike | None = None, readonly: bool = False,
-                   tokenizer: CompressedTokenizer | None = None,
-                   map_location: str | torch.device = "cpu") -> EngramLM:
+def load_offloaded(
+    directory: str | os.PathLike,
+    tier: str | None = None,
+    *,
+    cache_bytes: int = 0,
+    table_dir: str | os.PathLike | None = None,
+    readonly: bool = False,
+    tokenizer: CompressedTokenizer | None = None,
+    map_location: str | torch.device = "cpu",
+) -> EngramLM:
     """Load a model saved with offloaded tables, opening them in ``tier`` (default: as saved) with a hot-row
     cache of ``cache_bytes`` per table; ``map_location`` is the compute device (the tables stay in their tier)."""
     tables = TableFiles.open(directory, tier, cache_bytes=cache_bytes, table_dir=table_dir, readonly=readonly)
     if tables is None:
-        raise ModelLoadError(f"{directory} has no {TABLES_MANIFEST}: its tables are in model.safetensors; load it "
-                             f"with engram.model.load_model (and engram.storage.offload_tables to move them)")
+        raise ModelLoadError(
+            f"{directory} has no {TABLES_MANIFEST}: its tables are in model.safetensors; load it "
+            f"with engram.model.load_model (and engram.storage.offload_tables to move them)"
+        )
     return load_model(directory, tokenizer, map_location, table_files=tables)

@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import ModelConfig
 
-ALPHA_INIT = 0.01     # initial scale of the token-dependent parts: start near the static mixing
+ALPHA_INIT = 0.01  # initial scale of the token-dependent parts: start near the static mixing
 # Initial diagonal of H_res (off-diagonal (1 - d) / (M - 1)): identity-leaning but not extreme. Sinkhorn converges
 # at a rate set by how far from identity the matrix is: with 20 iterations rows sum to 1 within ~1e-6 from d = 0.8,
 # but only within ~1e-4 from d = 0.95.
@@ -114,8 +114,8 @@ class HyperConnection(nn.Module):
                 nn.init.normal_(phi, std=1.0 / math.sqrt(m * self.hidden))
             for alpha in (self.alpha_pre, self.alpha_post, self.alpha_res):
                 alpha.fill_(ALPHA_INIT)
-            self.b_pre.fill_(-math.log(m - 1))   # sigmoid(-log(M-1)) = 1/M: read-in is the mean of the streams
-            self.b_post.zero_()                  # 2 sigmoid(0) = 1: the output is added to every stream
+            self.b_pre.fill_(-math.log(m - 1))  # sigmoid(-log(M-1)) = 1/M: read-in is the mean of the streams
+            self.b_post.zero_()  # 2 sigmoid(0) = 1: the output is added to every stream
             # exp(b_res) with diagonal c and off-diagonal 0 is already doubly stochastic after scaling, with
             # diagonal e^c / (e^c + M - 1) = RES_INIT_DIAG.
             c = math.log(RES_INIT_DIAG * (m - 1) / (1.0 - RES_INIT_DIAG))
@@ -125,8 +125,8 @@ class HyperConnection(nn.Module):
         """x [B, T, M, D] -> (H_pre [B, T, M], H_post [B, T, M], H_res [B, T, M, M]), all float32."""
         _check_state(x, self.m, self.hidden)
         m = self.m
-        x_tilde = F.rms_norm(x.float().flatten(-2), (m * self.hidden,), eps=self.eps)        # [B, T, MD]
-        phi = torch.cat((self.phi_pre, self.phi_post, self.phi_res), dim=1).float()          # one GEMM
+        x_tilde = F.rms_norm(x.float().flatten(-2), (m * self.hidden,), eps=self.eps)  # [B, T, MD]
+        phi = torch.cat((self.phi_pre, self.phi_post, self.phi_res), dim=1).float()  # one GEMM
         d_pre, d_post, d_res = (x_tilde @ phi).split([m, m, m * m], dim=-1)
         h_pre = torch.sigmoid(self.alpha_pre.float() * d_pre + self.b_pre.float())
         h_post = 2.0 * torch.sigmoid(self.alpha_post.float() * d_post + self.b_post.float())

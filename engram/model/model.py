@@ -57,8 +57,9 @@ def engram_hasher(cfg: ModelConfig, tokenizer: CompressedTokenizer) -> NgramHash
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, idx: int, hasher: NgramHasher | None,
-                 table_factory: TableFactory | None = None):
+    def __init__(
+        self, cfg: ModelConfig, idx: int, hasher: NgramHasher | None, table_factory: TableFactory | None = None
+    ):
         super().__init__()
         self.idx = idx
         self.engram: Engram | None = None
@@ -70,8 +71,15 @@ class Block(nn.Module):
             if table_factory is not None:
                 head_sizes = [p for heads in hasher.table_sizes[idx] for p in heads]
                 table = table_factory(idx, head_sizes, cfg.engram.head_dim, cfg.init_std)
-            self.engram = Engram(cfg.engram, idx, cfg.hidden_size, cfg.hc_mult if per_branch else 1, hasher,
-                                 init_std=cfg.init_std, table=table)
+            self.engram = Engram(
+                cfg.engram,
+                idx,
+                cfg.hidden_size,
+                cfg.hc_mult if per_branch else 1,
+                hasher,
+                init_std=cfg.init_std,
+                table=table,
+            )
             if not per_branch:
                 self.engram_res = build_residual(cfg)
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -81,9 +89,16 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg, idx)
         self.ffn_res = build_residual(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, hash_ids: torch.Tensor | None,
-                token_mask: torch.Tensor | None, key_mask: torch.Tensor | None,
-                cache: LayerKVCache | None, engram_state: dict | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        hash_ids: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
+        key_mask: torch.Tensor | None,
+        cache: LayerKVCache | None,
+        engram_state: dict | None,
+    ) -> torch.Tensor:
         """x: [B, T, M, D] residual branches."""
         if self.engram is not None:
             if self.engram_res is None:
@@ -110,8 +125,9 @@ class EngramLM(nn.Module):
     :func:`engram.storage.table_factory`, so that it is created directly in its tier.
     """
 
-    def __init__(self, cfg: ModelConfig, tokenizer: CompressedTokenizer | None = None,
-                 table_factory: TableFactory | None = None):
+    def __init__(
+        self, cfg: ModelConfig, tokenizer: CompressedTokenizer | None = None, table_factory: TableFactory | None = None
+    ):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -124,7 +140,9 @@ class EngramLM(nn.Module):
             )
         if cfg.family == "engram":
             if tokenizer is None:
-                raise ValueError("the engram family needs a CompressedTokenizer: EngramLM(cfg, CompressedTokenizer(tok))")
+                raise ValueError(
+                    "the engram family needs a CompressedTokenizer: EngramLM(cfg, CompressedTokenizer(tok))"
+                )
             self.hasher = engram_hasher(cfg, tokenizer)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.overencoding = None
@@ -173,9 +191,13 @@ class EngramLM(nn.Module):
             return self.hasher.hash(compressed)
         return self.hasher.hash_incremental(history, compressed)
 
-    def check_inputs(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                     attention_mask: torch.Tensor | None = None,
-                     hash_ids: dict[int, torch.Tensor] | None = None) -> None:
+    def check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        hash_ids: dict[int, torch.Tensor] | None = None,
+    ) -> None:
         """Refuse arguments of :meth:`forward` that would give a wrong result without an error.
 
         Shapes and dtypes are checked always (free). Values (token ids in range, targets not all ignored) need a
@@ -183,24 +205,31 @@ class EngramLM(nn.Module):
         ``engram.set_validation(False)`` or ``ENGRAM_VALIDATE=0`` for tuned runs): one read for all of them.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a [batch, seq] tensor, "
-                             f"got {getattr(input_ids, 'shape', type(input_ids))}")
+            raise ValueError(
+                f"input_ids must be a [batch, seq] tensor, got {getattr(input_ids, 'shape', type(input_ids))}"
+            )
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         shape = tuple(input_ids.shape)
         if targets is not None:
             if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != shape:
-                raise ValueError(f"targets must have the shape of input_ids {shape} (one next-token id per position, "
-                                 f"-100 = ignore), got {tuple(getattr(targets, 'shape', ()))}")
+                raise ValueError(
+                    f"targets must have the shape of input_ids {shape} (one next-token id per position, "
+                    f"-100 = ignore), got {tuple(getattr(targets, 'shape', ()))}"
+                )
             if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
                 raise TypeError(f"targets must be integer token ids (-100 = ignore), got {targets.dtype}")
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != shape:
-                raise ValueError(f"attention_mask must have the shape of input_ids {shape} (True = real token), got "
-                                 f"{tuple(getattr(attention_mask, 'shape', ()))}")
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {shape} (True = real token), got "
+                    f"{tuple(getattr(attention_mask, 'shape', ()))}"
+                )
             if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-                raise TypeError(f"attention_mask must be bool or 0/1 integers (True = real token), got "
-                                f"{attention_mask.dtype}; an additive float mask (0 / -inf) is not accepted")
+                raise TypeError(
+                    f"attention_mask must be bool or 0/1 integers (True = real token), got "
+                    f"{attention_mask.dtype}; an additive float mask (0 / -inf) is not accepted"
+                )
         if hash_ids is not None:
             for idx, eng in self.engram_layers.items():
                 ids = hash_ids.get(idx) if isinstance(hash_ids, dict) else None
@@ -224,19 +253,29 @@ class EngramLM(nn.Module):
             stats += [kept.sum(), ((targets < 0) & kept).sum() + (targets >= v).sum()]
         lo, hi, *tgt = torch.stack([x.to(torch.int64) for x in stats]).tolist()  # the one host read
         if lo < 0 or hi >= v:
-            raise ValueError(f"input_ids must lie in [0, {v}); got range [{lo}, {hi}] — was the data tokenised "
-                             f"with a different tokenizer?")
+            raise ValueError(
+                f"input_ids must lie in [0, {v}); got range [{lo}, {hi}] — was the data tokenised "
+                f"with a different tokenizer?"
+            )
         if tgt and tgt[1]:
             raise ValueError(f"{tgt[1]} targets lie outside [0, {v}) and are not the ignore index -100")
         if tgt and tgt[0] == 0:
-            raise ValueError("every target is -100 (ignored): the mean loss would be NaN; pass at least one real "
-                             "next-token id, or no targets for logits only")
+            raise ValueError(
+                "every target is -100 (ignored): the mean loss would be NaN; pass at least one real "
+                "next-token id, or no targets for logits only"
+            )
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None, state: DecodeState | None = None,
-                hash_ids: dict[int, torch.Tensor] | None = None,
-                output_hidden_states: bool = False) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        state: DecodeState | None = None,
+        hash_ids: dict[int, torch.Tensor] | None = None,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
         """Logits for ``input_ids`` [B, T] (and the mean cross-entropy against ``targets``, -100 = ignore).
 
         ``attention_mask`` [B, T] marks real tokens (False = left padding). With ``state`` the call continues a
@@ -244,21 +283,35 @@ class EngramLM(nn.Module):
         Arguments are checked once here (:meth:`check_inputs`); nothing below reads a device value back.
         """
         self.check_inputs(input_ids, targets, attention_mask, hash_ids)
-        return self.forward_checked(input_ids, targets, attention_mask=attention_mask, state=state,
-                                    hash_ids=hash_ids, output_hidden_states=output_hidden_states)
+        return self.forward_checked(
+            input_ids,
+            targets,
+            attention_mask=attention_mask,
+            state=state,
+            hash_ids=hash_ids,
+            output_hidden_states=output_hidden_states,
+        )
 
-    def forward_checked(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                        attention_mask: torch.Tensor | None = None, state: DecodeState | None = None,
-                        hash_ids: dict[int, torch.Tensor] | None = None,
-                        output_hidden_states: bool = False) -> ModelOutput:
+    def forward_checked(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        state: DecodeState | None = None,
+        hash_ids: dict[int, torch.Tensor] | None = None,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
         """:meth:`forward` for arguments the caller has already checked (``generate`` feeds back sampled ids)."""
         b, t = input_ids.shape
         dev = input_ids.device
         token_mask = attention_mask.to(torch.bool) if attention_mask is not None else None
         if state is not None:
             if state.next_pos is not None and state.next_pos.shape[0] != b:
-                raise ValueError(f"this DecodeState continues a batch of {state.next_pos.shape[0]} sequences, got "
-                                 f"{b}; start a new one with model.new_state()")
+                raise ValueError(
+                    f"this DecodeState continues a batch of {state.next_pos.shape[0]} sequences, got "
+                    f"{b}; start a new one with model.new_state()"
+                )
             if state.length + t > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {state.length + t} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
             start = state.next_pos if state.next_pos is not None else torch.zeros(b, dtype=torch.long, device=dev)
@@ -270,8 +323,11 @@ class EngramLM(nn.Module):
                 positions = start[:, None] + real.cumsum(1) - real
                 state.next_pos = positions[:, -1] + real[:, -1]
             if token_mask is not None or state.key_mask is not None:  # padding seen: keep masking the keys
-                old = state.key_mask if state.key_mask is not None else torch.ones(b, state.length, dtype=torch.bool,
-                                                                                    device=dev)
+                old = (
+                    state.key_mask
+                    if state.key_mask is not None
+                    else torch.ones(b, state.length, dtype=torch.bool, device=dev)
+                )
                 new = token_mask if token_mask is not None else torch.ones(b, t, dtype=torch.bool, device=dev)
                 state.key_mask = torch.cat([old, new], dim=1)
             key_mask_arg = state.key_mask
@@ -290,11 +346,15 @@ class EngramLM(nn.Module):
             compressed = self.hasher.compress(input_ids)
             history = None if state is None else state.history
             if hash_ids is None:
-                hash_ids = (self.hasher.hash(compressed) if history is None
-                            else self.hasher.hash_incremental(history, compressed))
+                hash_ids = (
+                    self.hasher.hash(compressed)
+                    if history is None
+                    else self.hasher.hash_incremental(history, compressed)
+                )
             if state is not None:
                 state.history = self.hasher.advance_history(
-                    history if history is not None else self.hasher.initial_history(b, dev), compressed)
+                    history if history is not None else self.hasher.initial_history(b, dev), compressed
+                )
         for blk in self.blocks:  # addresses are known now: start fetching offloaded rows
             if blk.engram is not None:
                 blk.engram.table.prefetch(hash_ids[blk.idx])
@@ -302,8 +362,11 @@ class EngramLM(nn.Module):
         x = self.tok_emb(input_ids)
         if self.overencoding is not None:
             oe = self.overencoding
-            hist = None if state is None else (state.oe_history if state.oe_history is not None
-                                              else oe.hasher.initial_history(b, dev))
+            hist = (
+                None
+                if state is None
+                else (state.oe_history if state.oe_history is not None else oe.hasher.initial_history(b, dev))
+            )
             x = oe(x, oe.hash(input_ids, hist))
             if state is not None:
                 state.oe_history = oe.hasher.advance_history(hist, input_ids)
@@ -313,8 +376,15 @@ class EngramLM(nn.Module):
             eng_state = None
             if state is not None and blk.engram is not None:
                 eng_state = state.engram.setdefault(blk.idx, {})
-            x = blk(x, positions, None if hash_ids is None else hash_ids.get(blk.idx), token_mask, key_mask_arg,
-                    None if state is None else state.kv[blk.idx], eng_state)
+            x = blk(
+                x,
+                positions,
+                None if hash_ids is None else hash_ids.get(blk.idx),
+                token_mask,
+                key_mask_arg,
+                None if state is None else state.kv[blk.idx],
+                eng_state,
+            )
             if hidden is not None:
                 hidden.append(reduce_streams(x))
         logits = self.lm_head(self.norm(reduce_streams(x)))

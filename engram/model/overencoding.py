@@ -38,8 +38,15 @@ def overencoding_hasher(cfg: OverEncodingConfig, vocab_size: int, hidden_size: i
 class OverEncoding(nn.Module):
     """Adds averaged hashed n-gram embeddings to the token embedding."""
 
-    def __init__(self, cfg: OverEncodingConfig, vocab_size: int, hidden_size: int, pad_id: int = 0,
-                 init_std: float = 0.02, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        cfg: OverEncodingConfig,
+        vocab_size: int,
+        hidden_size: int,
+        pad_id: int = 0,
+        init_std: float = 0.02,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.hasher = overencoding_hasher(cfg, vocab_size, hidden_size, pad_id)
@@ -59,7 +66,9 @@ class OverEncoding(nn.Module):
         """tok_emb [B, T, D] and hash_ids [B, T, N-1] (from :meth:`hash`) -> the averaged input embedding."""
         want = (*tok_emb.shape[:2], len(self.table.head_sizes))
         if tok_emb.dim() != 3 or tuple(hash_ids.shape) != want:
-            raise ValueError(f"OverEncoding needs tok_emb [B, T, D] and hash_ids [B, T, N-1] = {list(want)}, got "
-                             f"{tuple(tok_emb.shape)} and {tuple(hash_ids.shape)}")
-        rows = self.table(hash_ids)                                  # [B, T, N-1, D]
+            raise ValueError(
+                f"OverEncoding needs tok_emb [B, T, D] and hash_ids [B, T, N-1] = {list(want)}, got "
+                f"{tuple(tok_emb.shape)} and {tuple(hash_ids.shape)}"
+            )
+        rows = self.table(hash_ids)  # [B, T, N-1, D]
         return (tok_emb + rows.sum(dim=2)) / (rows.shape[2] + 1)

@@ -93,9 +93,14 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
         qk = v = cfg.attn_head_dim
     attn = 2 * cfg.num_layers * (cfg.max_seq_len // 2) * cfg.num_heads * (qk + v)
     return ParamCounts(
-        total=total, activated=activated, engram=engram_params, engram_table_rows=rows,
-        routed_experts=cfg.n_routed_experts if cfg.is_moe else 0, routed_expert_params=routed_params,
-        embeddings=embeddings, flops_per_token=2 * matmul + attn,
+        total=total,
+        activated=activated,
+        engram=engram_params,
+        engram_table_rows=rows,
+        routed_experts=cfg.n_routed_experts if cfg.is_moe else 0,
+        routed_expert_params=routed_params,
+        embeddings=embeddings,
+        flops_per_token=2 * matmul + attn,
     )
 
 
@@ -105,6 +110,7 @@ def match_table_budget(engram: EngramConfig, target: int) -> EngramConfig:
     Table sizes are distinct primes climbing from the configured size (one per head, layer and order), so the
     parameters are not simply rows x heads x width; this searches the configured size instead of estimating it.
     """
+
     def params(rows: int) -> int:
         return engram_counts(dataclasses.replace(engram, engram_vocab_size=[rows] * engram.num_orders), 1).table_params
 
@@ -121,8 +127,14 @@ def match_table_budget(engram: EngramConfig, target: int) -> EngramConfig:
 def default_engram_template(base: ModelConfig) -> EngramConfig:
     """A small-model Engram template: 2/3-grams, 4 heads, memory width = hidden, blocks 1 and L/2."""
     layers = sorted({min(1, base.num_layers - 1), base.num_layers // 2})
-    return EngramConfig(engram_vocab_size=[1000, 1000], max_ngram_size=3, n_embed_per_ngram=base.hidden_size // 2,
-                        n_head_per_ngram=4, layer_ids=layers, pad_id=0)
+    return EngramConfig(
+        engram_vocab_size=[1000, 1000],
+        max_ngram_size=3,
+        n_embed_per_ngram=base.hidden_size // 2,
+        n_head_per_ngram=4,
+        layer_ids=layers,
+        pad_id=0,
+    )
 
 
 def allocate(base: ModelConfig, rho: float, engram: EngramConfig | None = None) -> ModelConfig:
@@ -176,11 +188,19 @@ def allocation_table(base: ModelConfig, rhos: list[float], engram: EngramConfig 
     for rho in rhos:
         cfg = allocate(base, rho, engram)
         c = count_params(cfg)
-        rows.append({
-            "rho": rho, "family": cfg.family, "total": c.total, "activated": c.activated, "sparse": c.sparse,
-            "engram": c.engram, "routed_experts": c.routed_experts, "table_rows": c.engram_table_rows,
-            "flops_per_token": c.flops_per_token,
-        })
+        rows.append(
+            {
+                "rho": rho,
+                "family": cfg.family,
+                "total": c.total,
+                "activated": c.activated,
+                "sparse": c.sparse,
+                "engram": c.engram,
+                "routed_experts": c.routed_experts,
+                "table_rows": c.engram_table_rows,
+                "flops_per_token": c.flops_per_token,
+            }
+        )
     return rows
 
 
@@ -193,7 +213,17 @@ def format_count(n: float) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of :func:`allocation_table` rows."""
-    cols = ["rho", "family", "total", "activated", "sparse", "engram", "routed_experts", "table_rows", "flops_per_token"]
+    cols = [
+        "rho",
+        "family",
+        "total",
+        "activated",
+        "sparse",
+        "engram",
+        "routed_experts",
+        "table_rows",
+        "flops_per_token",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []

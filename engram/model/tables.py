@@ -44,15 +44,33 @@ TABLES_DIR = "tables"
 TABLES_FORMAT = 1
 
 
-def build_offloaded(cfg: ModelConfig, tokenizer: CompressedTokenizer, tier: str = "host", *,
-                    path_dir: str | os.PathLike | None = None, cache_bytes: int = 0,
-                    dtype: torch.dtype = torch.float32, seed: int = 0, overwrite: bool = False,
-                    progress: bool | None = None) -> EngramLM:
+def build_offloaded(
+    cfg: ModelConfig,
+    tokenizer: CompressedTokenizer,
+    tier: str = "host",
+    *,
+    path_dir: str | os.PathLike | None = None,
+    cache_bytes: int = 0,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> EngramLM:
     """``EngramLM(cfg, tokenizer)`` with every Engram table created directly in ``tier``
     (:func:`engram.storage.table_factory`)."""
-    return EngramLM(cfg, tokenizer, table_factory=table_factory(
-        tier, path_dir=path_dir, cache_bytes=cache_bytes, dtype=dtype, seed=seed, overwrite=overwrite,
-        progress=progress))
+    return EngramLM(
+        cfg,
+        tokenizer,
+        table_factory=table_factory(
+            tier,
+            path_dir=path_dir,
+            cache_bytes=cache_bytes,
+            dtype=dtype,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- saving
@@ -73,15 +91,22 @@ def save_table_files(model: nn.Module, directory: str | os.PathLike) -> set[str]
     entries = {}
     for key, (layer_id, table) in tables.items():
         store = table.store
-        table.wait_for_prefetches()   # no gather may be reading while the file is copied
+        table.wait_for_prefetches()  # no gather may be reading while the file is copied
         rel = f"{TABLES_DIR}/{table_file_name(layer_id, store.kind)}"
         target = d / rel
         if isinstance(store, DiskRowStore) and target.exists() and target.resolve() == store.path.resolve():
-            store.flush()    # the table already lives in the model folder: keep it in place
+            store.flush()  # the table already lives in the model folder: keep it in place
         else:
             atomic_write(target, store.save)
-        entries[str(layer_id)] = {"file": rel, "tier": store.kind, "state_key": key, "num_rows": store.num_rows,
-                                  "dim": store.dim, "dtype": dtype_name(store.dtype), "head_sizes": table.head_sizes}
+        entries[str(layer_id)] = {
+            "file": rel,
+            "tier": store.kind,
+            "state_key": key,
+            "num_rows": store.num_rows,
+            "dim": store.dim,
+            "dtype": dtype_name(store.dtype),
+            "head_sizes": table.head_sizes,
+        }
     text = json.dumps({"format": TABLES_FORMAT, "tables": entries}, indent=1)
     atomic_write(manifest_path, text)
     return set(tables)
@@ -101,8 +126,16 @@ class TableFiles:
         readonly: map disk tables read-only (serving); training needs them writable.
     """
 
-    def __init__(self, directory: str | os.PathLike, tier: str | None = None, *, cache_bytes: int = 0,
-                 table_dir: str | os.PathLike | None = None, readonly: bool = False, pin: bool | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        tier: str | None = None,
+        *,
+        cache_bytes: int = 0,
+        table_dir: str | os.PathLike | None = None,
+        readonly: bool = False,
+        pin: bool | None = None,
+    ):
         self.directory = Path(directory)
         if tier is not None and tier not in TIERS:
             raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
@@ -132,27 +165,36 @@ class TableFiles:
     def __call__(self, layer_id: int, head_sizes: list[int], head_dim: int, init_std: float) -> OffloadedEmbedding:
         entry = self.entries.get(layer_id)
         if entry is None:
-            raise ModelLoadError(f"{self.directory / TABLES_MANIFEST} has no table for Engram layer {layer_id} "
-                                 f"(it holds layers {sorted(self.entries)}); the config and the tables disagree")
+            raise ModelLoadError(
+                f"{self.directory / TABLES_MANIFEST} has no table for Engram layer {layer_id} "
+                f"(it holds layers {sorted(self.entries)}); the config and the tables disagree"
+            )
         path = self.directory / entry["file"]
         tier = self.tier or entry["tier"]
         want = (sum(head_sizes), head_dim)
         if list(entry["head_sizes"]) != list(head_sizes) or (entry["num_rows"], entry["dim"]) != want:
-            raise ModelLoadError(f"{path} holds a table for heads {entry['head_sizes']} x {entry['dim']}, layer "
-                                 f"{layer_id} of this config needs {list(head_sizes)} x {head_dim}")
+            raise ModelLoadError(
+                f"{path} holds a table for heads {entry['head_sizes']} x {entry['dim']}, layer "
+                f"{layer_id} of this config needs {list(head_sizes)} x {head_dim}"
+            )
         disk_path = None
         if tier == "disk" and entry["tier"] != "disk":
             if self.table_dir is None:
-                raise ValueError(f"opening the {entry['tier']} table {path} as a disk table copies it to a new row "
-                                 f"file: pass table_dir=")
+                raise ValueError(
+                    f"opening the {entry['tier']} table {path} as a disk table copies it to a new row "
+                    f"file: pass table_dir="
+                )
             self.table_dir.mkdir(parents=True, exist_ok=True)
             disk_path = self.table_dir / table_file_name(layer_id, "disk")
         try:
-            store = load_row_store(path, tier, pin=self.pin if tier == "host" else None, disk_path=disk_path,
-                                   readonly=self.readonly)
+            store = load_row_store(
+                path, tier, pin=self.pin if tier == "host" else None, disk_path=disk_path, readonly=self.readonly
+            )
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot open the table of Engram layer {layer_id}: {e}") from e
         if (store.num_rows, store.dim) != want or dtype_name(store.dtype) != entry["dtype"]:
-            raise ModelLoadError(f"{path} holds a [{store.num_rows}, {store.dim}] {dtype_name(store.dtype)} table, "
-                                 f"the manifest and layer {layer_id} need [{want[0]}, {want[1]}] {entry['dtype']}")
+            raise ModelLoadError(
+                f"{path} holds a [{store.num_rows}, {store.dim}] {dtype_name(store.dtype)} table, "
+                f"the manifest and layer {layer_id} need [{want[0]}, {want[1]}] {entry['dtype']}"
+            )
         return OffloadedEmbedding(head_sizes, head_dim, store, init_std=init_std, cache_bytes=self.cache_bytes)

@@ -70,20 +70,30 @@ class HotRowCache:
     that missed, with their values).
     """
 
-    def __init__(self, capacity_bytes: int, dim: int, dtype: torch.dtype, device: torch.device | str,
-                 *, aging_period: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        capacity_bytes: int,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        *,
+        aging_period: int | None = None,
+        seed: int = 0,
+    ):
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
         self.dim, self.dtype, self.device = int(dim), dtype, torch.device(device)
         self.row_bytes = self.dim * torch.empty((), dtype=dtype).element_size()
         if capacity_bytes < self.row_bytes:
-            raise ValueError(f"cache of {capacity_bytes} bytes holds no row: one row is {self.row_bytes} bytes "
-                             f"({dim} x {dtype}); give at least that, or no cache")
+            raise ValueError(
+                f"cache of {capacity_bytes} bytes holds no row: one row is {self.row_bytes} bytes "
+                f"({dim} x {dtype}); give at least that, or no cache"
+            )
         self.capacity_rows = int(capacity_bytes) // self.row_bytes
         self.capacity_bytes = self.capacity_rows * self.row_bytes
         self.values = torch.empty(self.capacity_rows, self.dim, dtype=dtype, device=self.device)
         self.slot_rows = torch.full((self.capacity_rows,), -1, dtype=torch.int64)  # row held by each slot, -1 free
-        self._sorted_rows = torch.empty(0, dtype=torch.int64)   # cached rows, ascending, for searchsorted
+        self._sorted_rows = torch.empty(0, dtype=torch.int64)  # cached rows, ascending, for searchsorted
         self._sorted_slots = torch.empty(0, dtype=torch.int64)
         self._slot_est = torch.zeros(self.capacity_rows, dtype=torch.int32)  # frequency of each slot's row
         width = 1 << max(10, (2 * self.capacity_rows - 1).bit_length())
@@ -91,8 +101,9 @@ class HotRowCache:
         self._shift = 64 - (width.bit_length() - 1)
         rng = np.random.default_rng(seed)
         # odd multipliers for multiply-shift hashing (the top bits of row * a mod 2^64)
-        self._multipliers = [int(m) | 1 for m in rng.integers(-(1 << 63), (1 << 63) - 1, size=_SKETCH_DEPTH,
-                                                            dtype=np.int64)]
+        self._multipliers = [
+            int(m) | 1 for m in rng.integers(-(1 << 63), (1 << 63) - 1, size=_SKETCH_DEPTH, dtype=np.int64)
+        ]
         self.aging_period = int(aging_period) if aging_period is not None else 10 * self.capacity_rows
         if self.aging_period <= 0:
             raise ValueError(f"aging_period must be positive, got {aging_period}")
@@ -112,8 +123,9 @@ class HotRowCache:
     @property
     def stats(self) -> CacheStats:
         s = self._stats
-        return CacheStats(s.hits, s.misses, s.admissions, s.evictions, s.invalidations, self.bytes_used,
-                          self.capacity_bytes)
+        return CacheStats(
+            s.hits, s.misses, s.admissions, s.evictions, s.invalidations, self.bytes_used, self.capacity_bytes
+        )
 
     def reset_stats(self) -> None:
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
@@ -143,7 +155,7 @@ class HotRowCache:
         self._since_aging += int(counts.sum())
         while self._since_aging >= self.aging_period:
             self._sketch.bitwise_right_shift_(1)
-            self._slot_est.bitwise_right_shift_(1)   # min(c_i >> 1) == min(c_i) >> 1: still the estimate
+            self._slot_est.bitwise_right_shift_(1)  # min(c_i >> 1) == min(c_i) >> 1: still the estimate
             self._since_aging -= self.aging_period
         if self.size and rows.numel():
             pos = torch.searchsorted(self._sorted_rows, rows).clamp_(max=self.size - 1)
@@ -187,21 +199,21 @@ class HotRowCache:
             rows, values = rows[keep], values[to_device(keep, values.device)]
         est = self.estimate(rows)
         order = torch.argsort(est, descending=True, stable=True)
-        ranked, est = rows[order], est[order]                       # candidates, most frequent first
+        ranked, est = rows[order], est[order]  # candidates, most frequent first
         if self.size < self.capacity_rows:
             free = (self.slot_rows < 0).nonzero().squeeze(1)
         else:
             free = torch.empty(0, dtype=torch.int64)
         n_free = min(free.numel(), ranked.numel())
         slots, n_take = [free[:n_free]], n_free
-        evicted = torch.empty(0, dtype=torch.int64)                  # positions in the sorted index
+        evicted = torch.empty(0, dtype=torch.int64)  # positions in the sorted index
         rest = ranked.numel() - n_free
         if rest and self.size:
             occupied = self._sorted_slots
             k = min(rest, occupied.numel())
             victim_est, victim_idx = torch.topk(self._slot_est[occupied], k, largest=False, sorted=True)
             # candidates descend, victims ascend: the candidates that beat their victim form a prefix
-            wins = int((est[n_free:n_free + k] > victim_est).sum())
+            wins = int((est[n_free : n_free + k] > victim_est).sum())
             evicted = victim_idx[:wins]
             slots.append(occupied[evicted])
             n_take += wins
@@ -275,5 +287,7 @@ class HotRowCache:
 
     def __repr__(self) -> str:
         s = self.stats
-        return (f"HotRowCache({self.size}/{self.capacity_rows} rows, {s.bytes_used}/{s.capacity_bytes} bytes on "
-                f"{self.device}, hit_rate={s.hit_rate:.3f})")
+        return (
+            f"HotRowCache({self.size}/{self.capacity_rows} rows, {s.bytes_used}/{s.capacity_bytes} bytes on "
+            f"{self.device}, hit_rate={s.hit_rate:.3f})"
+        )

@@ -60,8 +60,14 @@ from .tiers import (
 )
 
 
-def fetch_seconds(tokens: int, rows_per_token: int, head_dim: int, bytes_per_value: int,
-                  bandwidth_bytes_per_s: float, gather_latency_s: float = 0.0) -> float:
+def fetch_seconds(
+    tokens: int,
+    rows_per_token: int,
+    head_dim: int,
+    bytes_per_value: int,
+    bandwidth_bytes_per_s: float,
+    gather_latency_s: float = 0.0,
+) -> float:
     """Left side of the prefetch placement rule (module docstring): the time to bring one batch's rows to the
     device. The first Engram layer should come after at least this much compute."""
     if bandwidth_bytes_per_s <= 0:
@@ -73,21 +79,22 @@ class _Fetch:
     """The rows of one batch of ids, possibly still on their way (hits copied from the cache, misses from the
     store by a worker thread and/or a side stream)."""
 
-    def __init__(self, ids: torch.Tensor, unique: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor,
-                 device: torch.device):
+    def __init__(
+        self, ids: torch.Tensor, unique: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor, device: torch.device
+    ):
         # Match the forward's ids by identity while the tensor's version counter says it is unchanged; inference
         # tensors have no version counter, so keep a copy of them and match by value.
         self.ids_version = tensor_version(ids)
         self.ids = ids.clone() if self.ids_version is None else ids
         self.unique, self.inverse, self.counts, self.device = unique, inverse, counts, device
-        self.hit_pos = self.hit_values = None      # positions in ``unique`` served by the cache, and their values
+        self.hit_pos = self.hit_values = None  # positions in ``unique`` served by the cache, and their values
         self.miss_pos: torch.Tensor | None = None  # positions read from the store (None: all of them)
         self._miss: concurrent.futures.Future | tuple | None = None
-        self.values: torch.Tensor | None = None    # [U, dim] on device once assembled
+        self.values: torch.Tensor | None = None  # [U, dim] on device once assembled
 
     def matches(self, ids: torch.Tensor) -> bool:
         if self.ids_version is not None:
-            if tensor_version(self.ids) != self.ids_version:   # the prefetched ids were modified in place since
+            if tensor_version(self.ids) != self.ids_version:  # the prefetched ids were modified in place since
                 return False
             if ids is self.ids:
                 return True
@@ -107,8 +114,9 @@ class _Fetch:
             if self.hit_pos is None:
                 self.values = miss_values
             else:
-                values = torch.empty(self.unique.numel(), miss_values.shape[1], dtype=miss_values.dtype,
-                                     device=self.device)
+                values = torch.empty(
+                    self.unique.numel(), miss_values.shape[1], dtype=miss_values.dtype, device=self.device
+                )
                 values[to_device(self.hit_pos, self.device)] = self.hit_values
                 values[to_device(self.miss_pos, self.device)] = miss_values
                 self.values = values
@@ -146,23 +154,34 @@ class OffloadedEmbedding(EngramTable):
         max_pending: prefetches kept waiting for their forward; the oldest is dropped beyond this.
     """
 
-    def __init__(self, head_sizes: list[int], head_dim: int, store: RowStore, *, init_std: float = 0.02,
-                 device: torch.device | str | None = None, cache_bytes: int = 0, max_pending: int = 2):
+    def __init__(
+        self,
+        head_sizes: list[int],
+        head_dim: int,
+        store: RowStore,
+        *,
+        init_std: float = 0.02,
+        device: torch.device | str | None = None,
+        cache_bytes: int = 0,
+        max_pending: int = 2,
+    ):
         super().__init__(head_sizes, head_dim, init_std)
         if not isinstance(store, RowStore):
             raise TypeError(f"store must be a RowStore (device, host or disk table), got {type(store).__name__}")
         if (store.num_rows, store.dim) != (self.num_rows, self.head_dim):
-            raise ValueError(f"the store holds a [{store.num_rows}, {store.dim}] table, these heads need "
-                             f"[{self.num_rows}, {self.head_dim}] (sum of head sizes, head_dim)")
+            raise ValueError(
+                f"the store holds a [{store.num_rows}, {store.dim}] table, these heads need "
+                f"[{self.num_rows}, {self.head_dim}] (sum of head sizes, head_dim)"
+            )
         if cache_bytes < 0 or max_pending < 0:
             raise ValueError(f"cache_bytes and max_pending must be >= 0, got {cache_bytes}, {max_pending}")
         self.store = store
-        self.trainable = True      # capture row gradients when autograd is on
+        self.trainable = True  # capture row gradients when autograd is on
         self.prefetch_enabled = True  # False: prefetch() does nothing and every forward gathers synchronously
         self.cache_bytes, self.max_pending = int(cache_bytes), int(max_pending)
         if device is None:
             device = store.device if store.kind == "device" else torch.device("cpu")
-        self.offsets, self.sizes = self.offsets.to(device), self.sizes.to(device)   # the compute device
+        self.offsets, self.sizes = self.offsets.to(device), self.sizes.to(device)  # the compute device
         self.cache: HotRowCache | None = None
         self._pending: collections.deque[_Fetch] = collections.deque()
         self._captures: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -175,40 +194,90 @@ class OffloadedEmbedding(EngramTable):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, head_sizes: list[int], head_dim: int, *, tier: str = "host", dtype: torch.dtype = torch.float32,
-               init_std: float = 0.02, seed: int = 0, device: torch.device | str | None = None,
-               path: str | os.PathLike | None = None, pin: bool | None = None, cache_bytes: int = 0,
-               overwrite: bool = False, progress: bool | None = None) -> OffloadedEmbedding:
+    def create(
+        cls,
+        head_sizes: list[int],
+        head_dim: int,
+        *,
+        tier: str = "host",
+        dtype: torch.dtype = torch.float32,
+        init_std: float = 0.02,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        path: str | os.PathLike | None = None,
+        pin: bool | None = None,
+        cache_bytes: int = 0,
+        overwrite: bool = False,
+        progress: bool | None = None,
+    ) -> OffloadedEmbedding:
         """A new table created directly in ``tier`` (a host or disk table never touches the accelerator).
         ``device`` is the compute device, and also where a device-tier table is allocated."""
-        store = create_row_store(tier, sum(int(s) for s in head_sizes), head_dim, dtype=dtype, init_std=init_std,
-                                 seed=seed, device=device if tier == "device" else None, path=path, pin=pin,
-                                 overwrite=overwrite, progress=progress)
+        store = create_row_store(
+            tier,
+            sum(int(s) for s in head_sizes),
+            head_dim,
+            dtype=dtype,
+            init_std=init_std,
+            seed=seed,
+            device=device if tier == "device" else None,
+            path=path,
+            pin=pin,
+            overwrite=overwrite,
+            progress=progress,
+        )
         return cls(head_sizes, head_dim, store, init_std=init_std, device=device, cache_bytes=cache_bytes)
 
     @classmethod
-    def from_multihead(cls, table: MultiHeadEmbedding, tier: str = "host", *, path: str | os.PathLike | None = None,
-                       pin: bool | None = None, cache_bytes: int = 0, overwrite: bool = False,
-                       progress: bool | None = None) -> OffloadedEmbedding:
+    def from_multihead(
+        cls,
+        table: MultiHeadEmbedding,
+        tier: str = "host",
+        *,
+        path: str | os.PathLike | None = None,
+        pin: bool | None = None,
+        cache_bytes: int = 0,
+        overwrite: bool = False,
+        progress: bool | None = None,
+    ) -> OffloadedEmbedding:
         """The same rows, copied (chunk by chunk) into ``tier``; the compute device is the table's device."""
         weight = table.weight.detach()
         if weight.device.type == "meta":
-            raise ValueError("the MultiHeadEmbedding has no data (meta device); create the table in its tier with "
-                             "OffloadedEmbedding.create instead")
-        store = to_tier(DeviceRowStore(weight), tier, device=weight.device if tier == "device" else None, path=path,
-                        pin=pin, overwrite=overwrite, progress=progress)
-        return cls(table.head_sizes, table.head_dim, store, init_std=table.init_std, device=weight.device,
-                   cache_bytes=cache_bytes)
+            raise ValueError(
+                "the MultiHeadEmbedding has no data (meta device); create the table in its tier with "
+                "OffloadedEmbedding.create instead"
+            )
+        store = to_tier(
+            DeviceRowStore(weight),
+            tier,
+            device=weight.device if tier == "device" else None,
+            path=path,
+            pin=pin,
+            overwrite=overwrite,
+            progress=progress,
+        )
+        return cls(
+            table.head_sizes,
+            table.head_dim,
+            store,
+            init_std=table.init_std,
+            device=weight.device,
+            cache_bytes=cache_bytes,
+        )
 
     def to_multihead(self) -> MultiHeadEmbedding:
         """A MultiHeadEmbedding on the compute device holding exactly these rows (materialises the table)."""
         device = self.offsets.device
-        table = MultiHeadEmbedding(self.head_sizes, self.head_dim, init_std=self.init_std, device="meta",
-                                   dtype=self.store.dtype)
+        table = MultiHeadEmbedding(
+            self.head_sizes, self.head_dim, init_std=self.init_std, device="meta", dtype=self.store.dtype
+        )
         table.weight = nn.Parameter(torch.empty(self.num_rows, self.head_dim, dtype=self.store.dtype, device=device))
         with torch.no_grad():
-            copy_in_chunks(self.store.read_range, lambda start, rows: table.weight[start:start + len(rows)].copy_(rows),
-                           self.num_rows, chunk_rows_for(self.store.row_bytes))
+            copy_in_chunks(
+                self.store.read_range,
+                lambda start, rows: table.weight[start : start + len(rows)].copy_(rows),
+                self.num_rows,
+                chunk_rows_for(self.store.row_bytes),
+            )
         return table.to(device)
 
     # ------------------------------------------------------------------ reading rows
@@ -258,7 +327,7 @@ class OffloadedEmbedding(EngramTable):
             hit, slots = cache.lookup(unique, counts)
             if bool(hit.any()):
                 fetch.hit_pos, fetch.miss_pos = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
-                fetch.hit_values = cache.read(slots)   # a copy, taken now on the current stream
+                fetch.hit_values = cache.read(slots)  # a copy, taken now on the current stream
                 rows = unique[fetch.miss_pos]
         if asynchronous and self.store.device.type == "cpu" and rows.numel():
             if self._executor is None:
@@ -358,10 +427,11 @@ class OffloadedEmbedding(EngramTable):
         """Check a write and make it safe; returns ``(rows sorted, the order that sorts them)``."""
         check_rows(rows, self.num_rows, unique=True)
         if values.shape != (rows.numel(), self.head_dim):
-            raise ValueError(f"expected [{rows.numel()}, {self.head_dim}] values for {rows.numel()} rows, "
-                             f"got {tuple(values.shape)}")
+            raise ValueError(
+                f"expected [{rows.numel()}, {self.head_dim}] values for {rows.numel()} rows, got {tuple(values.shape)}"
+            )
         self._check_store_version()
-        self.wait_for_prefetches()   # no gather may still be reading the rows we are about to write
+        self.wait_for_prefetches()  # no gather may still be reading the rows we are about to write
         return torch.sort(rows.cpu())
 
     def _refresh_copies(self, rows: torch.Tensor, new: torch.Tensor) -> None:
@@ -386,8 +456,16 @@ def _rows_into_state_dict(table: OffloadedEmbedding, state_dict: dict, prefix: s
     state_dict[prefix + "weight"] = table.store.read_range(0, table.num_rows).detach()
 
 
-def _rows_from_state_dict(table: OffloadedEmbedding, state_dict: dict, prefix: str, local_metadata: dict,
-                          strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+def _rows_from_state_dict(
+    table: OffloadedEmbedding,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
     """Write ``prefix + "weight"`` into the store chunk by chunk, and take the key out of what the module's own
     loading sees (it is no parameter of the module)."""
     key = prefix + "weight"
@@ -397,19 +475,32 @@ def _rows_from_state_dict(table: OffloadedEmbedding, state_dict: dict, prefix: s
         return
     weight = state_dict.pop(key)
     if tuple(weight.shape) != (table.num_rows, table.head_dim):
-        error_msgs.append(f"size mismatch for {key}: checkpoint has {tuple(weight.shape)}, this table is "
-                          f"{(table.num_rows, table.head_dim)}")
+        error_msgs.append(
+            f"size mismatch for {key}: checkpoint has {tuple(weight.shape)}, this table is "
+            f"{(table.num_rows, table.head_dim)}"
+        )
         return
     store = table.store
     table.wait_for_prefetches()
-    copy_in_chunks(lambda start, stop: weight[start:stop].to(store.device, store.dtype), store.write_range,
-                   table.num_rows, chunk_rows_for(store.row_bytes))
+    copy_in_chunks(
+        lambda start, stop: weight[start:stop].to(store.device, store.dtype),
+        store.write_range,
+        table.num_rows,
+        chunk_rows_for(store.row_bytes),
+    )
     store.flush()
 
 
-def offload_tables(model: nn.Module, tier: str = "host", *, path_dir: str | os.PathLike | None = None,
-                   cache_bytes: int = 0, seed: int = 0, overwrite: bool = False,
-                   progress: bool | None = None) -> dict[str, OffloadedEmbedding]:
+def offload_tables(
+    model: nn.Module,
+    tier: str = "host",
+    *,
+    path_dir: str | os.PathLike | None = None,
+    cache_bytes: int = 0,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> dict[str, OffloadedEmbedding]:
     """Replace every :class:`MultiHeadEmbedding` in ``model`` by an :class:`OffloadedEmbedding` in ``tier``.
 
     A table with data is copied exactly (its device stays the compute device). A table on the meta device (a
@@ -426,17 +517,29 @@ def offload_tables(model: nn.Module, tier: str = "host", *, path_dir: str | os.P
     for i, (name, table) in enumerate(targets):
         path = None if path_dir is None else os.path.join(path_dir, f"{name or 'table'}.rows")
         if table.weight.device.type == "meta":
-            new = OffloadedEmbedding.create(table.head_sizes, table.head_dim, tier=tier, dtype=table.weight.dtype,
-                                            init_std=table.init_std, seed=seed + i, path=path,
-                                            cache_bytes=cache_bytes, overwrite=overwrite, progress=progress)
+            new = OffloadedEmbedding.create(
+                table.head_sizes,
+                table.head_dim,
+                tier=tier,
+                dtype=table.weight.dtype,
+                init_std=table.init_std,
+                seed=seed + i,
+                path=path,
+                cache_bytes=cache_bytes,
+                overwrite=overwrite,
+                progress=progress,
+            )
         else:
-            new = OffloadedEmbedding.from_multihead(table, tier, path=path, cache_bytes=cache_bytes,
-                                                    overwrite=overwrite, progress=progress)
+            new = OffloadedEmbedding.from_multihead(
+                table, tier, path=path, cache_bytes=cache_bytes, overwrite=overwrite, progress=progress
+            )
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if name else None
         if parent is None:
-            raise ValueError("offload_tables replaces tables inside a model; convert a lone table with "
-                             "OffloadedEmbedding.from_multihead")
+            raise ValueError(
+                "offload_tables replaces tables inside a model; convert a lone table with "
+                "OffloadedEmbedding.from_multihead"
+            )
         setattr(parent, attr, new)
         replaced[name] = new
     return replaced

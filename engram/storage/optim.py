@@ -48,11 +48,19 @@ from .tiers import (
     to_device,
 )
 
-STATE_FORMAT = 2   # [num_rows, 2] per table: second moment v_r, step count n_r
+STATE_FORMAT = 2  # [num_rows, 2] per table: second moment v_r, step count n_r
 
 
-def rowwise_adam(grad: torch.Tensor, sq_avg: torch.Tensor, steps: torch.Tensor, *, lr: float, beta2: float,
-                 eps: float, weight_decay: float) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+def rowwise_adam(
+    grad: torch.Tensor,
+    sq_avg: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    lr: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One row-wise Adam step (module docstring) for ``n`` rows, without reading the rows themselves.
 
     Args: ``grad [n, D]`` (float32), the rows' state ``sq_avg [n]`` and ``steps [n]`` (float32, on grad's device).
@@ -65,7 +73,7 @@ def rowwise_adam(grad: torch.Tensor, sq_avg: torch.Tensor, steps: torch.Tensor, 
     sq_avg = torch.where(touched, beta2 * sq_avg + (1 - beta2) * grad.square().mean(dim=1), sq_avg)
     correction = 1 - torch.pow(beta2, steps.clamp_min(1))
     denom = (sq_avg / correction).sqrt_().add_(eps)
-    delta = grad / denom[:, None] * -lr   # zero where the gradient is zero
+    delta = grad / denom[:, None] * -lr  # zero where the gradient is zero
     scale = None
     if weight_decay:
         scale = torch.where(touched, 1 - lr * weight_decay, 1.0).to(grad.dtype)[:, None]
@@ -74,8 +82,10 @@ def rowwise_adam(grad: torch.Tensor, sq_avg: torch.Tensor, steps: torch.Tensor, 
 
 def check_rowwise_hyperparameters(lr: float, beta2: float, eps: float, weight_decay: float) -> None:
     if lr < 0 or eps <= 0 or weight_decay < 0 or not 0.0 <= beta2 < 1.0:
-        raise ValueError(f"row-wise Adam needs lr >= 0, eps > 0, weight_decay >= 0, 0 <= beta2 < 1; got lr={lr}, "
-                         f"eps={eps}, weight_decay={weight_decay}, beta2={beta2}")
+        raise ValueError(
+            f"row-wise Adam needs lr >= 0, eps > 0, weight_decay >= 0, 0 <= beta2 < 1; got lr={lr}, "
+            f"eps={eps}, weight_decay={weight_decay}, beta2={beta2}"
+        )
 
 
 class SparseRowOptimizer:
@@ -88,9 +98,16 @@ class SparseRowOptimizer:
             ``<table file>.rowstate``). State files are created fresh (zeros); resume with :meth:`load_state_dict`.
     """
 
-    def __init__(self, tables: OffloadedEmbedding | list[OffloadedEmbedding] | nn.Module, lr: float, *,
-                 beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-                 state_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        tables: OffloadedEmbedding | list[OffloadedEmbedding] | nn.Module,
+        lr: float,
+        *,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        state_dir: str | os.PathLike | None = None,
+    ):
         if isinstance(tables, OffloadedEmbedding):
             tables = [tables]
         elif isinstance(tables, nn.Module):
@@ -127,8 +144,14 @@ class SparseRowOptimizer:
                 path = Path(state_dir) / f"{store.path.name}.{index}.rowstate"
             return create_row_store("disk", store.num_rows, 2, init_std=0.0, path=path, overwrite=True)
         device = store.device if store.kind == "device" else None
-        return create_row_store(store.kind, store.num_rows, 2, init_std=0.0, device=device,
-                                **({"pin": False} if store.kind == "host" else {}))
+        return create_row_store(
+            store.kind,
+            store.num_rows,
+            2,
+            init_std=0.0,
+            device=device,
+            **({"pin": False} if store.kind == "host" else {}),
+        )
 
     @torch.no_grad()
     def step(self) -> None:
@@ -139,8 +162,9 @@ class SparseRowOptimizer:
                 continue
             rows, grad = captured
             old = to_device(state.gather(rows, check=False), grad.device)
-            scale, delta, sq_avg, steps = rowwise_adam(grad, old[:, 0], old[:, 1], lr=self.lr, beta2=self.beta2,
-                                                       eps=self.eps, weight_decay=self.weight_decay)
+            scale, delta, sq_avg, steps = rowwise_adam(
+                grad, old[:, 0], old[:, 1], lr=self.lr, beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay
+            )
             state.scatter(rows, torch.stack([sq_avg, steps], dim=1), check=False)
             table.update_rows(rows, delta, scale)
 
@@ -162,30 +186,42 @@ class SparseRowOptimizer:
         for state in self.row_state:
             state.flush()
         return {
-            "format": STATE_FORMAT, "lr": self.lr, "beta2": self.beta2, "eps": self.eps,
+            "format": STATE_FORMAT,
+            "lr": self.lr,
+            "beta2": self.beta2,
+            "eps": self.eps,
             "weight_decay": self.weight_decay,
             "row_state": [state.read_range(0, state.num_rows) for state in self.row_state],
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("format") != STATE_FORMAT:
-            raise ValueError(f"row optimizer state of format {state_dict.get('format')!r}, this engram reads format "
-                             f"{STATE_FORMAT} (per-row second moment and step count); it was written by an older "
-                             f"engram whose row rule differed: restart the run")
+            raise ValueError(
+                f"row optimizer state of format {state_dict.get('format')!r}, this engram reads format "
+                f"{STATE_FORMAT} (per-row second moment and step count); it was written by an older "
+                f"engram whose row rule differed: restart the run"
+            )
         row_state = state_dict["row_state"]
         if len(row_state) != len(self.row_state):
             raise ValueError(f"state has {len(row_state)} tables, this optimizer has {len(self.row_state)}")
         for i, (saved, state) in enumerate(zip(row_state, self.row_state)):
             if tuple(saved.shape) != (state.num_rows, 2):
-                raise ValueError(f"table {i}: saved state is {tuple(saved.shape)}, the table needs "
-                                 f"{(state.num_rows, 2)}")
+                raise ValueError(
+                    f"table {i}: saved state is {tuple(saved.shape)}, the table needs {(state.num_rows, 2)}"
+                )
         for saved, state in zip(row_state, self.row_state):
-            copy_in_chunks(lambda start, stop: saved[start:stop].to(state.device, torch.float32), state.write_range,
-                           state.num_rows, chunk_rows_for(state.row_bytes))
+            copy_in_chunks(
+                lambda start, stop: saved[start:stop].to(state.device, torch.float32),
+                state.write_range,
+                state.num_rows,
+                chunk_rows_for(state.row_bytes),
+            )
             state.flush()
         self.lr, self.beta2, self.eps = state_dict["lr"], state_dict["beta2"], state_dict["eps"]
         self.weight_decay = state_dict["weight_decay"]
 
     def __repr__(self) -> str:
-        return (f"SparseRowOptimizer(lr={self.lr}, beta2={self.beta2}, eps={self.eps}, "
-                f"weight_decay={self.weight_decay}, tables={len(self.tables)})")
+        return (
+            f"SparseRowOptimizer(lr={self.lr}, beta2={self.beta2}, eps={self.eps}, "
+            f"weight_decay={self.weight_decay}, tables={len(self.tables)})"
+        )

@@ -29,7 +29,7 @@ import torch
 
 from .cache import CacheStats, HotRowCache
 
-_COALESCE_AT = 1 << 22   # merge partial (row, count) lists when they reach this many entries
+_COALESCE_AT = 1 << 22  # merge partial (row, count) lists when they reach this many entries
 
 
 @dataclass
@@ -70,16 +70,19 @@ class ZipfProfile:
         total = self.accesses
         return float(self.counts[:k].sum()) / total if total else 0.0
 
-    def summary(self, top_fractions: Iterable[float] = (0.001, 0.01, 0.1),
-                cache_bytes: Iterable[int] = ()) -> str:
+    def summary(self, top_fractions: Iterable[float] = (0.001, 0.01, 0.1), cache_bytes: Iterable[int] = ()) -> str:
         """A markdown table of the profile."""
-        lines = ["| metric | value |", "|---|---|",
-                 f"| accesses | {self.accesses:,} |",
-                 f"| distinct rows | {self.distinct_rows:,} |"]
+        lines = [
+            "| metric | value |",
+            "|---|---|",
+            f"| accesses | {self.accesses:,} |",
+            f"| distinct rows | {self.distinct_rows:,} |",
+        ]
         if self.num_rows is not None:
             lines.append(f"| table rows | {self.num_rows:,} ({self.distinct_rows / self.num_rows:.2%} touched) |")
-        lines.append(f"| Zipf exponent s | {self.exponent:.3f} "
-                     f"(R^2 {self.fit_r2:.3f}, ranks 1..{self.fit_max_rank:,}) |")
+        lines.append(
+            f"| Zipf exponent s | {self.exponent:.3f} (R^2 {self.fit_r2:.3f}, ranks 1..{self.fit_max_rank:,}) |"
+        )
         of = "table rows" if self.num_rows is not None else "distinct rows"
         for x in top_fractions:
             lines.append(f"| accesses to the top {x:.1%} of {of} | {self.coverage(x):.2%} |")
@@ -134,8 +137,10 @@ def fit_zipf(counts: torch.Tensor, min_count: int = 5, points: int = 64) -> tupl
     counts = counts.to(torch.float64)
     usable = int((counts >= min_count).sum())
     if usable < 3:
-        raise ValueError(f"only {usable} rows were accessed >= {min_count} times; too few to fit a Zipf exponent "
-                         f"(profile more batches or lower min_count)")
+        raise ValueError(
+            f"only {usable} rows were accessed >= {min_count} times; too few to fit a Zipf exponent "
+            f"(profile more batches or lower min_count)"
+        )
     ranks = np.unique(np.round(np.logspace(0, math.log10(usable), points)).astype(np.int64))
     x = np.log(ranks.astype(np.float64))
     y = np.log(counts[torch.from_numpy(ranks - 1)].numpy())
@@ -146,8 +151,14 @@ def fit_zipf(counts: torch.Tensor, min_count: int = 5, points: int = 64) -> tupl
     return float(-slope), float(intercept), r2, usable
 
 
-def zipf_profile(ids: torch.Tensor | Iterable, *, num_rows: int | None = None, dim: int | None = None,
-                 dtype: torch.dtype = torch.float32, min_count: int = 5) -> ZipfProfile:
+def zipf_profile(
+    ids: torch.Tensor | Iterable,
+    *,
+    num_rows: int | None = None,
+    dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    min_count: int = 5,
+) -> ZipfProfile:
     """Access-frequency profile of fused row ids (a tensor, or an iterable of batches).
 
     ``num_rows`` (the table size) makes :meth:`ZipfProfile.coverage` relative to the table; ``dim`` and
@@ -164,8 +175,9 @@ def zipf_profile(ids: torch.Tensor | Iterable, *, num_rows: int | None = None, d
     return ZipfProfile(counts, exponent, intercept, r2, max_rank, num_rows, row_bytes)
 
 
-def corpus_row_batches(hasher, tokens, layer_id: int, *, seq_len: int = 256, batch_size: int = 16,
-                       max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+def corpus_row_batches(
+    hasher, tokens, layer_id: int, *, seq_len: int = 256, batch_size: int = 16, max_tokens: int | None = None
+) -> Iterator[torch.Tensor]:
     """Fused row ids ``[batch_size, seq_len, (N-1)K]`` of ``layer_id``'s table for a stream of raw token ids.
 
     The stream is cut into consecutive windows of ``seq_len`` tokens (each hashed from a fresh, padded start,
@@ -185,20 +197,36 @@ def corpus_row_batches(hasher, tokens, layer_id: int, *, seq_len: int = 256, bat
         yield hasher.hash_tokens(raw)[layer_id] + offsets
 
 
-def profile_corpus(hasher, tokens, *, dim: int, dtype: torch.dtype = torch.float32, seq_len: int = 256,
-                   batch_size: int = 16, max_tokens: int | None = None, min_count: int = 5,
-                   layer_ids: Iterable[int] | None = None) -> dict[int, ZipfProfile]:
+def profile_corpus(
+    hasher,
+    tokens,
+    *,
+    dim: int,
+    dtype: torch.dtype = torch.float32,
+    seq_len: int = 256,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    min_count: int = 5,
+    layer_ids: Iterable[int] | None = None,
+) -> dict[int, ZipfProfile]:
     """The :class:`ZipfProfile` of every Engram layer's table (``dim`` = the table's row width) over a stream of
     raw token ids, hashed as :func:`corpus_row_batches` does."""
     layers = list(hasher.offsets) if layer_ids is None else list(layer_ids)
-    return {layer: zipf_profile(corpus_row_batches(hasher, tokens, layer, seq_len=seq_len, batch_size=batch_size,
-                                                   max_tokens=max_tokens),
-                                num_rows=hasher.num_rows[layer], dim=dim, dtype=dtype, min_count=min_count)
-            for layer in layers}
+    return {
+        layer: zipf_profile(
+            corpus_row_batches(hasher, tokens, layer, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens),
+            num_rows=hasher.num_rows[layer],
+            dim=dim,
+            dtype=dtype,
+            min_count=min_count,
+        )
+        for layer in layers
+    }
 
 
-def simulate_cache(batches: Iterable[torch.Tensor], cache_bytes: int, dim: int,
-                   dtype: torch.dtype = torch.float32) -> CacheStats:
+def simulate_cache(
+    batches: Iterable[torch.Tensor], cache_bytes: int, dim: int, dtype: torch.dtype = torch.float32
+) -> CacheStats:
     """Replay batches of fused row ids through a :class:`HotRowCache` of ``cache_bytes`` (on the CPU, with
     placeholder values) in the order :class:`~engram.storage.OffloadedEmbedding` drives it: look up, count,
     admit the misses. Returns its statistics; compare ``hit_rate`` with :meth:`ZipfProfile.ideal_hit_rate`."""

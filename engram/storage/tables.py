@@ -32,10 +32,18 @@ def table_file_name(layer_id: int, tier: str) -> str:
     return f"layer{layer_id:02d}." + ("rows" if tier == "disk" else "safetensors")
 
 
-def table_factory(tier: str = "host", *, path_dir: str | os.PathLike | None = None, cache_bytes: int = 0,
-                  dtype: torch.dtype = torch.float32, seed: int = 0, pin: bool | None = None,
-                  device: torch.device | str | None = None, overwrite: bool = False,
-                  progress: bool | None = None) -> TableFactory:
+def table_factory(
+    tier: str = "host",
+    *,
+    path_dir: str | os.PathLike | None = None,
+    cache_bytes: int = 0,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    pin: bool | None = None,
+    device: torch.device | str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> TableFactory:
     """A ``table_factory`` for :class:`~engram.model.EngramLM` that creates every Engram table in ``tier``.
 
     ``path_dir`` (disk tier only) receives ``layerNN.rows``; ``cache_bytes`` sizes each table's
@@ -53,9 +61,20 @@ def table_factory(tier: str = "host", *, path_dir: str | os.PathLike | None = No
 
     def make(layer_id: int, head_sizes: list[int], head_dim: int, init_std: float) -> OffloadedEmbedding:
         path = None if path_dir is None else Path(path_dir) / table_file_name(layer_id, "disk")
-        return OffloadedEmbedding.create(head_sizes, head_dim, tier=tier, dtype=dtype, init_std=init_std,
-                                         seed=seed + layer_id, device=device, path=path, pin=pin,
-                                         cache_bytes=cache_bytes, overwrite=overwrite, progress=progress)
+        return OffloadedEmbedding.create(
+            head_sizes,
+            head_dim,
+            tier=tier,
+            dtype=dtype,
+            init_std=init_std,
+            seed=seed + layer_id,
+            device=device,
+            path=path,
+            pin=pin,
+            cache_bytes=cache_bytes,
+            overwrite=overwrite,
+            progress=progress,
+        )
 
     return make
 

@@ -57,10 +57,14 @@ SAFETENSORS_KEY = "rows"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # numpy has no bfloat16: disk rows of that dtype are mapped as uint16 and viewed as bfloat16 by torch.
-_NUMPY_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16,
-                  torch.float64: np.float64}
-_INIT_BLOCK_ELEMENTS = 1 << 20   # rows are initialised in blocks of ~1M values (4 MB in float32)
-_COPY_CHUNK_BYTES = 64 << 20     # chunk size for copies between tiers
+_NUMPY_STORAGE = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.bfloat16: np.uint16,
+    torch.float64: np.float64,
+}
+_INIT_BLOCK_ELEMENTS = 1 << 20  # rows are initialised in blocks of ~1M values (4 MB in float32)
+_COPY_CHUNK_BYTES = 64 << 20  # chunk size for copies between tiers
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -136,7 +140,7 @@ def init_rows(start: int, stop: int, dim: int, init_std: float, seed: int) -> to
         gen = torch.Generator().manual_seed(_block_seed(seed, b))
         values = torch.randn(b_stop - b_start, dim, generator=gen)  # the whole block, so the draw is fixed
         lo, hi = max(start, b_start), min(stop, b_stop)
-        out[lo - start:hi - start] = values[lo - b_start:hi - b_start]
+        out[lo - start : hi - start] = values[lo - b_start : hi - b_start]
         b += 1
     return out.mul_(init_std)
 
@@ -146,8 +150,15 @@ def _progress(total: int, desc: str, progress: bool | None) -> tqdm:
     return tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=None if progress is None else not progress)
 
 
-def copy_in_chunks(read: Callable[[int, int], torch.Tensor], write: Callable[[int, torch.Tensor], None],
-                   num_rows: int, chunk_rows: int, *, desc: str = "copy rows", progress: bool | None = False) -> None:
+def copy_in_chunks(
+    read: Callable[[int, int], torch.Tensor],
+    write: Callable[[int, torch.Tensor], None],
+    num_rows: int,
+    chunk_rows: int,
+    *,
+    desc: str = "copy rows",
+    progress: bool | None = False,
+) -> None:
     """``write(start, read(start, stop))`` over rows ``[0, num_rows)`` in chunks of ``chunk_rows``: the one loop
     behind every copy of a whole table (tier to tier, initialisation, state dicts, checkpoints), so that no copy
     holds more than one chunk besides its source and destination."""
@@ -164,9 +175,14 @@ def chunk_rows_for(row_bytes: int) -> int:
 
 
 def _fill_initial(store: RowStore, init_std: float, seed: int, progress: bool | None) -> None:
-    copy_in_chunks(lambda start, stop: init_rows(start, stop, store.dim, init_std, seed).to(store.dtype),
-                   store.write_range, store.num_rows, init_block_rows(store.dim), desc=f"init {store.kind} table",
-                   progress=progress)
+    copy_in_chunks(
+        lambda start, stop: init_rows(start, stop, store.dim, init_std, seed).to(store.dtype),
+        store.write_range,
+        store.num_rows,
+        init_block_rows(store.dim),
+        desc=f"init {store.kind} table",
+        progress=progress,
+    )
     store.version = 0
 
 
@@ -217,8 +233,10 @@ class RowStore:
                 return torch.index_select(self.rows, 0, rows, out=out)
             return torch.index_select(self.rows, 0, rows)
         if out.shape != (rows.numel(), self.dim) or out.dtype != self.dtype or out.device != self.device:
-            raise ValueError(f"out must be a [{rows.numel()}, {self.dim}] {self.dtype} tensor on {self.device}, "
-                             f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+            raise ValueError(
+                f"out must be a [{rows.numel()}, {self.dim}] {self.dtype} tensor on {self.device}, "
+                f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+            )
         return torch.index_select(self.rows, 0, rows, out=out)
 
     def scatter(self, rows: torch.Tensor, values: torch.Tensor, check: bool = True) -> None:
@@ -230,8 +248,9 @@ class RowStore:
         self.rows.index_copy_(0, to_device(rows, self.device), to_device(values, self.device).to(self.dtype))
         self._bump()
 
-    def apply_update(self, rows: torch.Tensor, delta: torch.Tensor, scale: float | torch.Tensor | None = None,
-                     check: bool = True) -> torch.Tensor:
+    def apply_update(
+        self, rows: torch.Tensor, delta: torch.Tensor, scale: float | torch.Tensor | None = None, check: bool = True
+    ) -> torch.Tensor:
         """``values[rows] = scale * values[rows] + delta`` computed in float32, stored in :attr:`dtype`.
 
         ``scale`` is a number or one factor per row (``[n, 1]``). Rows must not repeat. Returns the new values of
@@ -260,7 +279,7 @@ class RowStore:
         self._writable()
         self._check_range(start, start + values.shape[0])
         self._check_values(values, values.shape[0])
-        self.rows[start:start + values.shape[0]].copy_(values)
+        self.rows[start : start + values.shape[0]].copy_(values)
         self._bump()
 
     # ------------------------------------------------------------------ persistence
@@ -291,8 +310,10 @@ class RowStore:
         self.version += 1
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(num_rows={self.num_rows}, dim={self.dim}, dtype={dtype_name(self.dtype)}, "
-                f"device={self.device}, {self.nbytes / 2**20:.1f} MiB)")
+        return (
+            f"{type(self).__name__}(num_rows={self.num_rows}, dim={self.dim}, dtype={dtype_name(self.dtype)}, "
+            f"device={self.device}, {self.nbytes / 2**20:.1f} MiB)"
+        )
 
 
 class DeviceRowStore(RowStore):
@@ -301,8 +322,17 @@ class DeviceRowStore(RowStore):
     kind = "device"
 
     @classmethod
-    def create(cls, num_rows: int, dim: int, *, dtype: torch.dtype = torch.float32, init_std: float = 0.02,
-               seed: int = 0, device: torch.device | str | None = None, progress: bool | None = None) -> DeviceRowStore:
+    def create(
+        cls,
+        num_rows: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        init_std: float = 0.02,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        progress: bool | None = None,
+    ) -> DeviceRowStore:
         num_rows, dim, dtype = _check_shape(num_rows, dim, dtype)
         device = torch.device(device) if device is not None else _default_device()
         store = cls(torch.empty(num_rows, dim, dtype=dtype, device=device))
@@ -335,8 +365,17 @@ class HostRowStore(RowStore):
         return torch.empty(num_rows, dim, dtype=dtype, pin_memory=pin)
 
     @classmethod
-    def create(cls, num_rows: int, dim: int, *, dtype: torch.dtype = torch.float32, init_std: float = 0.02,
-               seed: int = 0, pin: bool | None = None, progress: bool | None = None) -> HostRowStore:
+    def create(
+        cls,
+        num_rows: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        init_std: float = 0.02,
+        seed: int = 0,
+        pin: bool | None = None,
+        progress: bool | None = None,
+    ) -> HostRowStore:
         num_rows, dim, dtype = _check_shape(num_rows, dim, dtype)
         store = cls(cls._allocate(num_rows, dim, dtype, pin))
         _fill_initial(store, init_std, seed, progress)
@@ -365,24 +404,36 @@ class DiskRowStore(RowStore):
 
     kind = "disk"
 
-    def __init__(self, path: str | os.PathLike, *, readonly: bool = False, num_rows: int | None = None,
-                 dim: int | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        readonly: bool = False,
+        num_rows: int | None = None,
+        dim: int | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         self.path = Path(path)
         header = read_disk_header(self.path)
         expected = (num_rows, dim, dtype)
         found = (header["num_rows"], header["dim"], header["dtype"])
         if any(e is not None and e != f for e, f in zip(expected, found)):
-            want = (f"[{'*' if num_rows is None else num_rows}, {'*' if dim is None else dim}] "
-                    f"{'any dtype' if dtype is None else dtype_name(dtype)}")
-            raise ValueError(f"{self.path} holds a [{found[0]}, {found[1]}] {dtype_name(found[2])} table, "
-                             f"expected {want}; it was built for another table config")
+            want = (
+                f"[{'*' if num_rows is None else num_rows}, {'*' if dim is None else dim}] "
+                f"{'any dtype' if dtype is None else dtype_name(dtype)}"
+            )
+            raise ValueError(
+                f"{self.path} holds a [{found[0]}, {found[1]}] {dtype_name(found[2])} table, "
+                f"expected {want}; it was built for another table config"
+            )
         self.readonly = readonly
         self._lock = None if readonly else FileLock(lock_path_for(self.path), f"table file {self.path}")
         # Python's own map of the whole file (public, and it has madvise); the rows start after the header
         with open(self.path, "rb" if readonly else "r+b") as f:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
-        values = np.frombuffer(self._mmap, dtype=_NUMPY_STORAGE[found[2]], count=found[0] * found[1],
-                               offset=DISK_HEADER_BYTES).reshape(found[0], found[1])
+        values = np.frombuffer(
+            self._mmap, dtype=_NUMPY_STORAGE[found[2]], count=found[0] * found[1], offset=DISK_HEADER_BYTES
+        ).reshape(found[0], found[1])
         with warnings.catch_warnings():
             # a read-only map gives a non-writable array; torch warns, we refuse writes ourselves
             warnings.simplefilter("ignore", UserWarning)
@@ -393,27 +444,43 @@ class DiskRowStore(RowStore):
         self.advise(getattr(mmap, "MADV_RANDOM", None))
 
     @classmethod
-    def create(cls, path: str | os.PathLike, num_rows: int, dim: int, *, dtype: torch.dtype = torch.float32,
-               init_std: float = 0.02, seed: int = 0, overwrite: bool = False,
-               progress: bool | None = None) -> DiskRowStore:
+    def create(
+        cls,
+        path: str | os.PathLike,
+        num_rows: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        init_std: float = 0.02,
+        seed: int = 0,
+        overwrite: bool = False,
+        progress: bool | None = None,
+    ) -> DiskRowStore:
         """A new table file, initialised chunk by chunk. ``init_std=0`` gives an all-zero table without writing
         any row (a sparse file: instant, and it takes no disk space until rows are written)."""
         num_rows, dim, dtype = _check_shape(num_rows, dim, dtype)
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        lock = FileLock(lock_path_for(path), f"table file {path}")   # before touching a file another run may own
+        lock = FileLock(lock_path_for(path), f"table file {path}")  # before touching a file another run may own
         _write_empty_disk_file(path, num_rows, dim, dtype)
         if init_std != 0:
             # plain file writes, not writes through the map: the process never holds the table in its memory
             row_bytes = dim * torch.empty((), dtype=dtype).element_size()
             with open(path, "r+b") as f:
+
                 def write(start: int, chunk: torch.Tensor) -> None:
                     f.seek(DISK_HEADER_BYTES + start * row_bytes)
                     f.write(_as_numpy(chunk).tobytes())
 
-                copy_in_chunks(lambda start, stop: init_rows(start, stop, dim, init_std, seed).to(dtype), write,
-                               num_rows, init_block_rows(dim), desc="init disk table", progress=progress)
+                copy_in_chunks(
+                    lambda start, stop: init_rows(start, stop, dim, init_std, seed).to(dtype),
+                    write,
+                    num_rows,
+                    init_block_rows(dim),
+                    desc="init disk table",
+                    progress=progress,
+                )
         store = cls(path)
         lock.release()
         return store
@@ -427,8 +494,8 @@ class DiskRowStore(RowStore):
             raise PermissionError(f"{self.path} was opened read-only; open it with readonly=False to write rows")
 
     def read_range(self, start, stop):
-        if (stop - start) * self.row_bytes <= _COPY_CHUNK_BYTES:   # a chunk of a copy: read it ahead in bulk
-            self.advise(getattr(mmap, "MADV_WILLNEED", None), start, stop)   # (not a view of the whole table)
+        if (stop - start) * self.row_bytes <= _COPY_CHUNK_BYTES:  # a chunk of a copy: read it ahead in bulk
+            self.advise(getattr(mmap, "MADV_WILLNEED", None), start, stop)  # (not a view of the whole table)
         return super().read_range(start, stop)
 
     def advise(self, option: int | None, start: int = 0, stop: int | None = None) -> None:
@@ -491,7 +558,7 @@ def read_disk_header(path: str | os.PathLike) -> dict:
     if len(head) < DISK_HEADER_BYTES:
         raise ValueError(f"{path} is truncated: {size} bytes, shorter than the {DISK_HEADER_BYTES}-byte header")
     try:
-        meta = json.loads(head[len(DISK_MAGIC):].split(b"\n", 1)[0])
+        meta = json.loads(head[len(DISK_MAGIC) :].split(b"\n", 1)[0])
         version, num_rows, dim = int(meta["format_version"]), int(meta["num_rows"]), int(meta["dim"])
         name = meta["dtype"]
     except (ValueError, KeyError, TypeError) as e:
@@ -503,11 +570,15 @@ def read_disk_header(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: header has a non-positive shape [{num_rows}, {dim}]")
     expected = DISK_HEADER_BYTES + num_rows * dim * torch.empty((), dtype=dtype).element_size()
     if size < expected:
-        raise ValueError(f"{path} is truncated: the header describes a [{num_rows}, {dim}] {name} table "
-                         f"({expected} bytes with the header) but the file has {size} bytes")
+        raise ValueError(
+            f"{path} is truncated: the header describes a [{num_rows}, {dim}] {name} table "
+            f"({expected} bytes with the header) but the file has {size} bytes"
+        )
     if size > expected:
-        raise ValueError(f"{path}: the header describes a [{num_rows}, {dim}] {name} table ({expected} bytes with "
-                         f"the header) but the file has {size} bytes; the header does not match the data")
+        raise ValueError(
+            f"{path}: the header describes a [{num_rows}, {dim}] {name} table ({expected} bytes with "
+            f"the header) but the file has {size} bytes; the header does not match the data"
+        )
     return {"num_rows": num_rows, "dim": dim, "dtype": dtype}
 
 
@@ -515,8 +586,12 @@ def read_disk_header(path: str | os.PathLike) -> dict:
 def _save_safetensors(store: RowStore, path: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
-    meta = {"engram_rowstore": str(DISK_FORMAT_VERSION), "num_rows": str(store.num_rows), "dim": str(store.dim),
-            "dtype": dtype_name(store.dtype)}
+    meta = {
+        "engram_rowstore": str(DISK_FORMAT_VERSION),
+        "num_rows": str(store.num_rows),
+        "dim": str(store.dim),
+        "dtype": dtype_name(store.dtype),
+    }
     save_file({SAFETENSORS_KEY: store.read_range(0, store.num_rows).contiguous()}, str(path), metadata=meta)
 
 
@@ -557,14 +632,30 @@ def _default_device() -> torch.device:
 
 
 def _copy_rows(src, dst: RowStore, progress: bool | None) -> None:
-    copy_in_chunks(src.read_range, lambda start, values: dst.write_range(start, values.to(dst.device, dst.dtype)),
-                   dst.num_rows, chunk_rows_for(dst.row_bytes), desc=f"copy to {dst.kind} table", progress=progress)
+    copy_in_chunks(
+        src.read_range,
+        lambda start, values: dst.write_range(start, values.to(dst.device, dst.dtype)),
+        dst.num_rows,
+        chunk_rows_for(dst.row_bytes),
+        desc=f"copy to {dst.kind} table",
+        progress=progress,
+    )
 
 
-def create_row_store(tier: str, num_rows: int, dim: int, *, dtype: torch.dtype = torch.float32,
-                     init_std: float = 0.02, seed: int = 0, device: torch.device | str | None = None,
-                     path: str | os.PathLike | None = None, pin: bool | None = None, overwrite: bool = False,
-                     progress: bool | None = None) -> RowStore:
+def create_row_store(
+    tier: str,
+    num_rows: int,
+    dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    init_std: float = 0.02,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    path: str | os.PathLike | None = None,
+    pin: bool | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> RowStore:
     """A new ``normal(0, init_std)`` table created directly in ``tier`` (``device`` / ``host`` / ``disk``).
 
     ``device`` is only for the device tier (default: the current CUDA device, else the CPU); ``path`` only and
@@ -572,18 +663,27 @@ def create_row_store(tier: str, num_rows: int, dim: int, *, dtype: torch.dtype =
     """
     _check_tier_args(tier, device=device, path=path, pin=pin)
     if tier == "device":
-        return DeviceRowStore.create(num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, device=device,
-                                     progress=progress)
+        return DeviceRowStore.create(
+            num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, device=device, progress=progress
+        )
     if tier == "host":
-        return HostRowStore.create(num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, pin=pin,
-                                   progress=progress)
-    return DiskRowStore.create(path, num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, overwrite=overwrite,
-                               progress=progress)
+        return HostRowStore.create(num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, pin=pin, progress=progress)
+    return DiskRowStore.create(
+        path, num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, overwrite=overwrite, progress=progress
+    )
 
 
-def to_tier(store: RowStore, tier: str, *, device: torch.device | str | None = None,
-            path: str | os.PathLike | None = None, pin: bool | None = None, dtype: torch.dtype | None = None,
-            overwrite: bool = False, progress: bool | None = None) -> RowStore:
+def to_tier(
+    store: RowStore,
+    tier: str,
+    *,
+    device: torch.device | str | None = None,
+    path: str | os.PathLike | None = None,
+    pin: bool | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> RowStore:
     """Copy ``store`` into a new table in ``tier`` (chunk by chunk; the source is never duplicated whole).
 
     ``dtype`` converts the rows (default: keep). The source is left as it is; the copy starts at version 0.
@@ -609,9 +709,15 @@ def to_tier(store: RowStore, tier: str, *, device: torch.device | str | None = N
     return dst
 
 
-def load_row_store(path: str | os.PathLike, tier: str | None = None, *, device: torch.device | str | None = None,
-                   pin: bool | None = None, disk_path: str | os.PathLike | None = None,
-                   readonly: bool = False) -> RowStore:
+def load_row_store(
+    path: str | os.PathLike,
+    tier: str | None = None,
+    *,
+    device: torch.device | str | None = None,
+    pin: bool | None = None,
+    disk_path: str | os.PathLike | None = None,
+    readonly: bool = False,
+) -> RowStore:
     """Open a saved table, recognising the format from the file.
 
     A disk table file opens in place (``tier=None`` or ``"disk"``) or is copied into ``host`` / ``device``;

@@ -50,8 +50,13 @@ def capture_rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": random.getstate(),
     }
 
@@ -62,8 +67,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
@@ -160,7 +166,7 @@ class CheckpointManager:
         if self.keep_last is None:
             return
         latest = self.latest_step()
-        for step in self.list()[:-self.keep_last]:
+        for step in self.list()[: -self.keep_last]:
             if step != latest:
                 shutil.rmtree(self.directory / self.step_dir_name(step), ignore_errors=True)
 
@@ -204,19 +210,25 @@ class CheckpointManager:
         if which is not None:
             intact = self.intact_steps()
             if which not in intact:
-                raise CheckpointError(f"no intact checkpoint of step {which} in {self.directory}; intact steps: "
-                                      f"{intact or 'none'}")
+                raise CheckpointError(
+                    f"no intact checkpoint of step {which} in {self.directory}; intact steps: {intact or 'none'}"
+                )
             return which
         step = self.latest_step()
         if step is not None or not self.list():
             return step
         intact = self.intact_steps()
         if not intact:
-            raise CheckpointError(f"{self.directory} has step folders {self.list()} but no '{LATEST_FILE}' pointer "
-                                  f"and none of them is intact; delete the folder (or use train.resume=false) to "
-                                  f"start over")
-        logger.warning("%s is missing; resuming from the newest intact checkpoint, step %d", self.directory /
-                       LATEST_FILE, intact[-1])
+            raise CheckpointError(
+                f"{self.directory} has step folders {self.list()} but no '{LATEST_FILE}' pointer "
+                f"and none of them is intact; delete the folder (or use train.resume=false) to "
+                f"start over"
+            )
+        logger.warning(
+            "%s is missing; resuming from the newest intact checkpoint, step %d",
+            self.directory / LATEST_FILE,
+            intact[-1],
+        )
         return intact[-1]
 
     def discard_after(self, step: int) -> list[int]:
@@ -236,8 +248,10 @@ class CheckpointManager:
         if str(which) == "latest":
             step = self.latest_step()
             if step is None:
-                raise CheckpointError(f"no checkpoint in {self.directory} (no '{LATEST_FILE}' pointer); "
-                                      f"train first or pass a checkpoint path")
+                raise CheckpointError(
+                    f"no checkpoint in {self.directory} (no '{LATEST_FILE}' pointer); "
+                    f"train first or pass a checkpoint path"
+                )
             return self.directory / self.step_dir_name(step)
         return Path(which)
 
@@ -258,8 +272,12 @@ class CheckpointManager:
             verify_checkpoint(folder)
         except CheckpointError as e:
             earlier = [s for s in self.intact_steps() if s != _step_of(folder)]
-            hint = (f"; resume from an earlier intact checkpoint with --resume-from {earlier[-1]} "
-                    f"(train.resume_from={earlier[-1]})" if earlier else "")
+            hint = (
+                f"; resume from an earlier intact checkpoint with --resume-from {earlier[-1]} "
+                f"(train.resume_from={earlier[-1]})"
+                if earlier
+                else ""
+            )
             raise CheckpointError(f"{e}{hint}") from e
         try:
             state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
@@ -277,8 +295,9 @@ def _step_of(folder: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def write_manifest(folder: Path, step: int, names: tuple[str, ...] | list[str],
-                   known: dict[str, dict] | None = None) -> None:
+def write_manifest(
+    folder: Path, step: int, names: tuple[str, ...] | list[str], known: dict[str, dict] | None = None
+) -> None:
     """fsync the files ``names`` of a step folder and write ``manifest.json`` (their sha256 and size, plus the
     ``known`` entries other ranks measured) last."""
     files = dict(known or {})
@@ -286,7 +305,7 @@ def write_manifest(folder: Path, step: int, names: tuple[str, ...] | list[str],
         set_file_mode(folder / name)
         fsync_file(folder / name)
         files[name] = {"sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size}
-    with open(folder / MANIFEST_FILE, "w", encoding="utf-8") as f:   # inside the unpublished folder: no rename
+    with open(folder / MANIFEST_FILE, "w", encoding="utf-8") as f:  # inside the unpublished folder: no rename
         json.dump({"step": int(step), "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -299,8 +318,9 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, dict]:
         raise CheckpointError(f"checkpoint directory {folder} does not exist")
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise CheckpointError(f"{manifest_path} is missing: the checkpoint is incomplete (a save was interrupted); "
-                              f"load an earlier step")
+        raise CheckpointError(
+            f"{manifest_path} is missing: the checkpoint is incomplete (a save was interrupted); load an earlier step"
+        )
     try:
         return json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError, TypeError) as e:
@@ -318,8 +338,10 @@ def verify_files(folder: Path, files: dict[str, dict], names: list[str] | tuple[
             raise CheckpointError(f"{path} is missing from the checkpoint; load an earlier step")
         size = path.stat().st_size
         if size != info["size"]:
-            raise CheckpointError(f"{path} has {size} bytes, the manifest says {info['size']}: truncated or "
-                                  f"overwritten; load an earlier step")
+            raise CheckpointError(
+                f"{path} has {size} bytes, the manifest says {info['size']}: truncated or "
+                f"overwritten; load an earlier step"
+            )
         if sha256_file(path) != info["sha256"]:
             raise CheckpointError(f"{path} fails its SHA-256 check: corrupt; load an earlier step")
 

@@ -34,11 +34,40 @@ from ..files import atomic_write, sha256_file
 
 logger = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = frozenset({
-    ".txt", ".text", ".md", ".markdown", ".rst", ".py", ".pyi", ".json", ".yaml", ".yml", ".toml", ".ini", ".cfg",
-    ".csv", ".tsv", ".html", ".htm", ".xml", ".tex", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java",
-    ".js", ".ts", ".sh",
-})
+TEXT_SUFFIXES = frozenset(
+    {
+        ".txt",
+        ".text",
+        ".md",
+        ".markdown",
+        ".rst",
+        ".py",
+        ".pyi",
+        ".json",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".ini",
+        ".cfg",
+        ".csv",
+        ".tsv",
+        ".html",
+        ".htm",
+        ".xml",
+        ".tex",
+        ".c",
+        ".h",
+        ".cc",
+        ".cpp",
+        ".hpp",
+        ".rs",
+        ".go",
+        ".java",
+        ".js",
+        ".ts",
+        ".sh",
+    }
+)
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 _TOKEN_FILE_FORMAT = 1
@@ -108,7 +137,8 @@ def _split_named(name: str, docs: list[tuple[str, str]], val_fraction: float) ->
         raise DataError(
             f"{name}: the validation split is empty: the corpus has one document ({docs[0][0]}) and validation "
             f"holds out whole documents; add a second file (or JSONL line), raise the byte cap (train.max_bytes / "
-            f"--max-bytes) if it kept only one, or pass one text file (its tail is held out)")
+            f"--max-bytes) if it kept only one, or pass one text file (its tail is held out)"
+        )
     corpus = Corpus(name=name, train=[], val=[])
     for n, text in docs:
         if n in val_set:
@@ -134,8 +164,12 @@ def _read_files(root: Path, files: list[Path], max_bytes: int | None) -> list[tu
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            logger.warning("skipping %s: not UTF-8 text (byte 0x%02x at offset %d); convert it to UTF-8 to include "
-                           "it", path, e.object[e.start], e.start)
+            logger.warning(
+                "skipping %s: not UTF-8 text (byte 0x%02x at offset %d); convert it to UTF-8 to include it",
+                path,
+                e.object[e.start],
+                e.start,
+            )
             continue
         except OSError as e:
             logger.warning("skipping %s: cannot read it (%s)", path, e.strerror or e)
@@ -193,23 +227,25 @@ def _load_jsonl(path: Path, max_bytes: int | None, val_fraction: float) -> Corpu
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                                f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from e
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from e
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e}); each line must be {{\"text\": \"...\"}}") from e
+                raise ValueError(f'{path}:{lineno}: not valid JSON ({e}); each line must be {{"text": "..."}}') from e
             if not isinstance(obj, dict) or "text" not in obj:
                 got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
                 raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object with a \"text\" field, got {got}; "
-                    f"each line must look like {{\"text\": \"...\"}}"
+                    f'{path}:{lineno}: expected a JSON object with a "text" field, got {got}; '
+                    f'each line must look like {{"text": "..."}}'
                 )
             text = obj["text"]
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: \"text\" must be a string, got {type(text).__name__}")
+                raise ValueError(f'{path}:{lineno}: "text" must be a string, got {type(text).__name__}')
             if not text:
                 continue
             size = len(text.encode("utf-8"))
@@ -223,7 +259,7 @@ def _load_jsonl(path: Path, max_bytes: int | None, val_fraction: float) -> Corpu
             if max_bytes is not None and total >= max_bytes:
                 break
     if not docs:
-        raise ValueError(f"{path} has no non-empty \"text\" values; each line must look like {{\"text\": \"...\"}}")
+        raise ValueError(f'{path} has no non-empty "text" values; each line must look like {{"text": "..."}}')
     corpus = _split_named(path.name, docs, val_fraction)
     corpus.train_names = [f"{path.name}:{n[5:]}" for n in corpus.train_names]
     corpus.val_names = [f"{path.name}:{n[5:]}" for n in corpus.val_names]
@@ -254,13 +290,19 @@ def _load_text_file(path: Path, max_bytes: int | None, val_fraction: float) -> C
     return Corpus(path.name, [train], [val], [f"{path.name}[:{cut}]"], [f"{path.name}[{cut}:]"])
 
 
-def load_corpus(source: str | os.PathLike[str] | None = None, *, max_bytes: int | None = None,
-                val_fraction: float = 0.05, text_field: str = "text") -> Corpus:
+def load_corpus(
+    source: str | os.PathLike[str] | None = None,
+    *,
+    max_bytes: int | None = None,
+    val_fraction: float = 0.05,
+    text_field: str = "text",
+) -> Corpus:
     """Load a text corpus and split it into train and validation documents.
 
     Args:
-        source: ``None`` or the string ``"stdlib"`` (write ``"./stdlib"`` for a folder of that name): the ``.py`` files of the running Python's standard library (no
-            download; ``site-packages``/``dist-packages`` excluded), one document per file. A folder: every
+        source: ``None`` or the string ``"stdlib"`` (write ``"./stdlib"`` for a folder of that name): the
+            ``.py`` files of the running Python's standard library (no download; ``site-packages`` /
+            ``dist-packages`` excluded), one document per file. A folder: every
             text-like file below it (:data:`TEXT_SUFFIXES`), one document per file. A ``.jsonl`` file: the
             ``"text"`` field of each line, one document per line. Any other file: its text, with the tail held
             out for validation. A Hugging Face dataset (a ``save_to_disk`` folder, a ``.parquet`` or ``.csv``
@@ -282,14 +324,17 @@ def load_corpus(source: str | os.PathLike[str] | None = None, *, max_bytes: int 
     if not path.exists():
         raise FileNotFoundError(
             f"corpus path {str(path)!r} does not exist; pass a text file, a folder of text files, a .jsonl file "
-            f"with a \"text\" field per line, a Hugging Face dataset (save_to_disk folder, .parquet, .csv), or "
+            f'with a "text" field per line, a Hugging Face dataset (save_to_disk folder, .parquet, .csv), or '
             f"nothing for the Python standard-library corpus"
         )
     from .hf_datasets import is_hf_dataset, load_hf_corpus
 
     if is_hf_dataset(path):
-        return Corpus(*load_hf_corpus(path, text_field=text_field, max_bytes=max_bytes, val_fraction=val_fraction,
-                                      is_validation=is_validation))
+        return Corpus(
+            *load_hf_corpus(
+                path, text_field=text_field, max_bytes=max_bytes, val_fraction=val_fraction, is_validation=is_validation
+            )
+        )
     if path.is_dir():
         return _load_folder(path, max_bytes, val_fraction)
     if path.suffix.lower() == ".jsonl":
@@ -343,8 +388,10 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     return tok
@@ -366,16 +413,22 @@ def _wrap_fast(tok: Any, name: str, config: dict | None = None) -> TextTokenizer
         return None
 
     config = config or {}
-    eos = find([token_text(config.get("eos_token")), EOS_TOKEN, "<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>",
-                "<eos>"])
+    eos = find(
+        [token_text(config.get("eos_token")), EOS_TOKEN, "<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>", "<eos>"]
+    )
     if eos is None:
         raise ValueError(
             f"tokenizer {name!r} has no recognisable end-of-text token (looked for eos_token in "
             f"tokenizer_config.json, {EOS_TOKEN!r}, '</s>', '<eos>'); add one as a special token"
         )
     pad = find([token_text(config.get("pad_token")), PAD_TOKEN, "<pad>"])
-    return TextTokenizer(tok, name=name, eos_id=eos, pad_id=eos if pad is None else pad,
-                         fingerprint=hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest())
+    return TextTokenizer(
+        tok,
+        name=name,
+        eos_id=eos,
+        pad_id=eos if pad is None else pad,
+        fingerprint=hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest(),
+    )
 
 
 def _load_tokenizer_file(path: Path) -> TextTokenizer:
@@ -441,8 +494,13 @@ def _load_auto(name: str) -> TextTokenizer:
     return TextTokenizer(tok, name=name, eos_id=tok.eos_token_id, pad_id=pad, fingerprint=fp)
 
 
-def load_tokenizer(spec: str | os.PathLike[str], texts: Sequence[str] | None = None, *, vocab_size: int = 8192,
-                   cache_dir: str | os.PathLike[str] | None = None) -> TextTokenizer:
+def load_tokenizer(
+    spec: str | os.PathLike[str],
+    texts: Sequence[str] | None = None,
+    *,
+    vocab_size: int = 8192,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> TextTokenizer:
     """Get a tokenizer by name.
 
     Args:
@@ -520,8 +578,13 @@ def _cached_split(bin_path: Path, meta_path: Path, expect: dict[str, Any], verif
         return None
     size = bin_path.stat().st_size
     if size != 4 * n_tokens:
-        logger.warning("token cache %s has %d bytes, its meta says %d tokens (%d bytes): truncated or corrupt; "
-                       "rebuilding", bin_path, size, n_tokens, 4 * n_tokens)
+        logger.warning(
+            "token cache %s has %d bytes, its meta says %d tokens (%d bytes): truncated or corrupt; rebuilding",
+            bin_path,
+            size,
+            n_tokens,
+            4 * n_tokens,
+        )
         return None
     if verify and sha256_file(bin_path) != meta.get("sha256"):
         logger.warning("token cache %s fails its checksum: corrupt; rebuilding", bin_path)
@@ -529,8 +592,16 @@ def _cached_split(bin_path: Path, meta_path: Path, expect: dict[str, Any], verif
     return TokenFile(_open_tokens(bin_path, n_tokens), int(meta["n_bytes"]), int(meta["n_docs"]), bin_path)
 
 
-def _write_split(bin_path: Path, meta_path: Path, docs: list[str], tokenizer: TextTokenizer,
-                 expect: dict[str, Any], desc: str, progress: bool, batch_docs: int) -> TokenFile:
+def _write_split(
+    bin_path: Path,
+    meta_path: Path,
+    docs: list[str],
+    tokenizer: TextTokenizer,
+    expect: dict[str, Any],
+    desc: str,
+    progress: bool,
+    batch_docs: int,
+) -> TokenFile:
     meta_path.unlink(missing_ok=True)  # the old meta must never vouch for a half-written new file
     h = hashlib.sha256()
     n_tokens = n_bytes = 0
@@ -538,15 +609,25 @@ def _write_split(bin_path: Path, meta_path: Path, docs: list[str], tokenizer: Te
 
     def write(tmp: Path) -> None:
         nonlocal n_tokens, n_bytes
-        with open(tmp, "wb") as f, tqdm(total=sum(len(d.encode("utf-8")) for d in docs), unit="B", unit_scale=True,
-                                        desc=desc, disable=not progress) as bar:
+        with (
+            open(tmp, "wb") as f,
+            tqdm(
+                total=sum(len(d.encode("utf-8")) for d in docs),
+                unit="B",
+                unit_scale=True,
+                desc=desc,
+                disable=not progress,
+            ) as bar,
+        ):
             for start in range(0, len(docs), batch_docs):
-                chunk = docs[start:start + batch_docs]
+                chunk = docs[start : start + batch_docs]
                 ids = tokenizer.encode(chunk)
                 arr = np.concatenate([part for doc in ids for part in (np.asarray(doc, dtype=np.uint32), eos)])
                 if arr.size and int(arr.max()) >= tokenizer.vocab_size:
-                    raise ValueError(f"tokenizer {tokenizer.name!r} produced id {int(arr.max())} >= its vocab size "
-                                     f"{tokenizer.vocab_size}")
+                    raise ValueError(
+                        f"tokenizer {tokenizer.name!r} produced id {int(arr.max())} >= its vocab size "
+                        f"{tokenizer.vocab_size}"
+                    )
                 data = arr.tobytes()
                 f.write(data)
                 h.update(data)
@@ -556,14 +637,29 @@ def _write_split(bin_path: Path, meta_path: Path, docs: list[str], tokenizer: Te
                 bar.update(chunk_bytes)
 
     atomic_write(bin_path, write)
-    meta = dict(expect, n_tokens=n_tokens, n_bytes=n_bytes, n_docs=len(docs), sha256=h.hexdigest(),
-                vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id, tokenizer=tokenizer.name)
+    meta = dict(
+        expect,
+        n_tokens=n_tokens,
+        n_bytes=n_bytes,
+        n_docs=len(docs),
+        sha256=h.hexdigest(),
+        vocab_size=tokenizer.vocab_size,
+        eos_id=tokenizer.eos_id,
+        tokenizer=tokenizer.name,
+    )
     atomic_write(meta_path, json.dumps(meta, indent=1))
     return TokenFile(_open_tokens(bin_path, n_tokens), n_bytes, len(docs), bin_path)
 
 
-def build_token_files(corpus: Corpus, tokenizer: TextTokenizer, cache_dir: str | os.PathLike[str], *,
-                      progress: bool = True, batch_docs: int = 64, verify: bool = True) -> TokenizedCorpus:
+def build_token_files(
+    corpus: Corpus,
+    tokenizer: TextTokenizer,
+    cache_dir: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    batch_docs: int = 64,
+    verify: bool = True,
+) -> TokenizedCorpus:
     """Tokenise each split once into ``cache_dir/{train,val}.bin`` (uint32) + ``.meta.json``; reuse on reruns.
 
     Documents are joined with the tokenizer's EOS (each document is followed by one). A cached split is reused
@@ -577,13 +673,17 @@ def build_token_files(corpus: Corpus, tokenizer: TextTokenizer, cache_dir: str |
     cache.mkdir(parents=True, exist_ok=True)
     files = {}
     for split, docs in (("train", corpus.train), ("val", corpus.val)):
-        expect = {"format": _TOKEN_FILE_FORMAT, "dtype": "uint32", "tokenizer_fingerprint": tokenizer.fingerprint,
-                  "corpus_fingerprint": corpus.fingerprint(split)}
+        expect = {
+            "format": _TOKEN_FILE_FORMAT,
+            "dtype": "uint32",
+            "tokenizer_fingerprint": tokenizer.fingerprint,
+            "corpus_fingerprint": corpus.fingerprint(split),
+        }
         bin_path, meta_path = cache / f"{split}.bin", cache / f"{split}.meta.json"
         files[split] = _cached_split(bin_path, meta_path, expect, verify) or _write_split(
-            bin_path, meta_path, docs, tokenizer, expect, f"tokenizing {corpus.name}/{split}", progress, batch_docs)
-    return TokenizedCorpus(files["train"], files["val"], tokenizer.vocab_size, tokenizer.eos_id,
-                           tokenizer.fingerprint)
+            bin_path, meta_path, docs, tokenizer, expect, f"tokenizing {corpus.name}/{split}", progress, batch_docs
+        )
+    return TokenizedCorpus(files["train"], files["val"], tokenizer.vocab_size, tokenizer.eos_id, tokenizer.fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------------- batches
@@ -592,9 +692,12 @@ def _check_window(tokens: np.ndarray, batch_size: int, seq_len: int) -> None:
         raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
     if len(tokens) < seq_len + 1:
         split = {"val.bin": "the validation split", "train.bin": "the training split"}.get(
-            Path(getattr(tokens, "filename", None) or "").name, "the split")
-        raise DataError(f"need at least seq_len + 1 = {seq_len + 1} tokens for one window, {split} has "
-                        f"{len(tokens)}; use a shorter seq_len (train.seq_len / --seq-len) or more text")
+            Path(getattr(tokens, "filename", None) or "").name, "the split"
+        )
+        raise DataError(
+            f"need at least seq_len + 1 = {seq_len + 1} tokens for one window, {split} has "
+            f"{len(tokens)}; use a shorter seq_len (train.seq_len / --seq-len) or more text"
+        )
 
 
 def _to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -602,8 +705,9 @@ def _to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
-def random_batch(tokens: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator, *,
-                 rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(
+    tokens: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator, *, rank: int = 0, world_size: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows: ``x = tokens[s:s+T]``, ``y = tokens[s+1:s+T+1]``, as int64 tensors [B, T].
 
     Every rank holds a generator with the same seed and draws the start offsets of all ``world_size * B`` rows,
@@ -614,11 +718,12 @@ def random_batch(tokens: np.ndarray, batch_size: int, seq_len: int, generator: t
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     starts = torch.randint(0, len(tokens) - seq_len, (world_size, batch_size), generator=generator)[rank]
-    return _to_xy(np.stack([np.asarray(tokens[s:s + seq_len + 1]) for s in starts.tolist()]))
+    return _to_xy(np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts.tolist()]))
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
-                 max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive windows with stride T (each token is predicted once), B per batch; the last may be smaller."""
     _check_window(tokens, batch_size, seq_len)
     n_windows = (len(tokens) - 1) // seq_len
@@ -626,7 +731,7 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
         if max_batches is not None and b >= max_batches:
             return
         rows = range(first, min(first + batch_size, n_windows))
-        yield _to_xy(np.stack([np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1]) for i in rows]))
+        yield _to_xy(np.stack([np.asarray(tokens[i * seq_len : i * seq_len + seq_len + 1]) for i in rows]))
 
 
 def bits_per_byte(mean_loss_nats: float, n_tokens: int, n_bytes: float) -> float:

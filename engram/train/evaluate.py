@@ -32,10 +32,12 @@ def _counting_routes(model: EngramLM, counts: dict[int, torch.Tensor]) -> Iterat
     handles = []
     for i, blk in enumerate(model.blocks):
         if isinstance(blk.ffn, MoE):
+
             def hook(mod: MoE, args, i=i):
                 ids, _, _ = mod.route(args[0].reshape(-1, mod.hidden_size))
                 c = torch.bincount(ids.reshape(-1), minlength=mod.n_routed_experts).cpu()
                 counts[i] = counts.get(i, torch.zeros_like(c)) + c
+
             handles.append(blk.ffn.register_forward_pre_hook(hook))
     try:
         yield
@@ -45,9 +47,16 @@ def _counting_routes(model: EngramLM, counts: dict[int, torch.Tensor]) -> Iterat
 
 
 @torch.no_grad()
-def evaluate(model: EngramLM, tokens: TokenFile, *, batch_size: int = 8, seq_len: int = 256,
-             max_batches: int | None = 50, device: torch.device | str | None = None,
-             autocast_dtype: torch.dtype | None = None) -> dict:
+def evaluate(
+    model: EngramLM,
+    tokens: TokenFile,
+    *,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    max_batches: int | None = 50,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
     """Mean next-token loss over consecutive validation windows, with perplexity, bits/byte and diagnostics.
 
     Returns ``{"loss", "ppl", "bpb", "tokens", "expert_load": {layer: {"max_over_mean", "cv"}},
@@ -64,8 +73,9 @@ def evaluate(model: EngramLM, tokens: TokenFile, *, batch_size: int = 8, seq_len
     with _recording_gates(model), _counting_routes(model, counts):
         for x, y in eval_batches(tokens.tokens, batch_size, seq_len, max_batches):
             x, y = x.to(device), y.to(device)
-            with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
-                                enabled=autocast_dtype is not None):
+            with torch.autocast(
+                device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
                 out = model(x, y)
             total += out.loss.item() * y.numel()
             n += y.numel()
@@ -86,8 +96,10 @@ def evaluate(model: EngramLM, tokens: TokenFile, *, batch_size: int = 8, seq_len
         "bpb": bits_per_byte(loss, n, n * tokens.bytes_per_token),
         "tokens": n,
         "expert_load": {i: MoE.load_stats(c) for i, c in sorted(counts.items())},
-        "gates": {i: {"mean": (gate_sum[i] / gate_n).tolist(), "open_frac": (gate_open[i] / gate_n).tolist()}
-                  for i in sorted(gate_sum)},
+        "gates": {
+            i: {"mean": (gate_sum[i] / gate_n).tolist(), "open_frac": (gate_open[i] / gate_n).tolist()}
+            for i in sorted(gate_sum)
+        },
     }
 
 

@@ -70,17 +70,20 @@ def _rows(dataset: Any, field: str, max_bytes: int | None, source: Path) -> np.n
     """Indices (int64, 8 bytes a row) of the non-empty documents, in order, up to ``max_bytes`` UTF-8 bytes (whole
     documents; a first document that is already larger is kept)."""
     if field not in dataset.column_names:
-        raise ValueError(f"{source} has no column {field!r} (columns: {dataset.column_names}); set train.text_field "
-                         f"to the column that holds the text")
+        raise ValueError(
+            f"{source} has no column {field!r} (columns: {dataset.column_names}); set train.text_field "
+            f"to the column that holds the text"
+        )
     keep, total = [], 0
     for start in range(0, len(dataset), _BATCH_ROWS):
         rows = []
-        for offset, text in enumerate(dataset[start:start + _BATCH_ROWS][field]):
+        for offset, text in enumerate(dataset[start : start + _BATCH_ROWS][field]):
             if text is None or text == "":
                 continue
             if not isinstance(text, str):
-                raise TypeError(f"{source}: column {field!r} must hold strings, row {start + offset} holds a "
-                                 f"{type(text).__name__}")
+                raise TypeError(
+                    f"{source}: column {field!r} must hold strings, row {start + offset} holds a {type(text).__name__}"
+                )
             total += len(text.encode("utf-8"))
             if max_bytes is not None and total > max_bytes and (keep or rows):
                 return np.concatenate([*keep, np.asarray(rows, dtype=np.int64)])
@@ -89,8 +92,14 @@ def _rows(dataset: Any, field: str, max_bytes: int | None, source: Path) -> np.n
     return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
 
 
-def load_hf_corpus(path: Path, *, text_field: str, max_bytes: int | None, val_fraction: float,
-                   is_validation: Callable[[str, float], bool]) -> tuple[str, TextColumn, TextColumn]:
+def load_hf_corpus(
+    path: Path,
+    *,
+    text_field: str,
+    max_bytes: int | None,
+    val_fraction: float,
+    is_validation: Callable[[str, float], bool],
+) -> tuple[str, TextColumn, TextColumn]:
     """``(name, train texts, validation texts)`` of the dataset at ``path`` (see the module docstring), which
     :func:`engram.train.data.load_corpus` makes a ``Corpus`` of; ``is_validation`` is its split rule."""
     train, val = _open(path)
@@ -100,9 +109,11 @@ def load_hf_corpus(path: Path, *, text_field: str, max_bytes: int | None, val_fr
     if val is not None:
         val_rows = _rows(val, text_field, None if max_bytes is None else max(1, int(max_bytes * val_fraction)), path)
         return path.name, TextColumn(train.select(train_rows), text_field), TextColumn(val.select(val_rows), text_field)
-    held = np.fromiter((is_validation(f"row:{i}", val_fraction) for i in train_rows), dtype=bool,
-                       count=len(train_rows))
+    held = np.fromiter((is_validation(f"row:{i}", val_fraction) for i in train_rows), dtype=bool, count=len(train_rows))
     if val_fraction > 0 and len(train_rows) >= 2 and held.sum() in (0, len(train_rows)):
-        held[-1 if not held.any() else 0] = not held.any()   # both sides non-empty, as for the other corpora
-    return (path.name, TextColumn(train.select(train_rows[~held]), text_field),
-            TextColumn(train.select(train_rows[held]), text_field))
+        held[-1 if not held.any() else 0] = not held.any()  # both sides non-empty, as for the other corpora
+    return (
+        path.name,
+        TextColumn(train.select(train_rows[~held]), text_field),
+        TextColumn(train.select(train_rows[held]), text_field),
+    )

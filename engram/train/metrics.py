@@ -28,11 +28,15 @@ def read_metrics(path: str | Path) -> list[dict]:
             records.append(json.loads(line))
         except ValueError as e:
             if i == len(lines) - 1:
-                logger.warning("%s: the last line (%d) is incomplete (the run was killed while writing it); "
-                               "ignoring it", path, i + 1)
+                logger.warning(
+                    "%s: the last line (%d) is incomplete (the run was killed while writing it); ignoring it",
+                    path,
+                    i + 1,
+                )
                 break
-            raise DataError(f"{path}, line {i + 1}: not a JSON record ({e}); the file is corrupt: remove the line "
-                             f"or the file") from e
+            raise DataError(
+                f"{path}, line {i + 1}: not a JSON record ({e}); the file is corrupt: remove the line or the file"
+            ) from e
     return records
 
 

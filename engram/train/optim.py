@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..yamlio import dataclass_from_dict
 from ..storage.embedding import OffloadedEmbedding
 from ..storage.optim import (
     SparseRowOptimizer,
@@ -40,6 +39,7 @@ from ..storage.optim import (
     rowwise_adam,
 )
 from ..table import EngramTable
+from ..yamlio import dataclass_from_dict
 
 GROUPS = ("tables", "matrices", "adamw", "no_decay")
 
@@ -164,11 +164,16 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
     adamw_groups = []
     if cfg.muon and params["matrices"]:
         lr = cfg.muon_lr if cfg.muon_lr is not None else cfg.lr
-        optimizers.append(torch.optim.Muon(
-            [{"params": params["matrices"], "name": "matrices", "base_lr": lr}], lr=lr,
-            weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=True,
-            adjust_lr_fn=cfg.muon_adjust_lr,
-        ))
+        optimizers.append(
+            torch.optim.Muon(
+                [{"params": params["matrices"], "name": "matrices", "base_lr": lr}],
+                lr=lr,
+                weight_decay=cfg.weight_decay,
+                momentum=cfg.muon_momentum,
+                nesterov=True,
+                adjust_lr_fn=cfg.muon_adjust_lr,
+            )
+        )
     elif params["matrices"]:
         adamw_groups.append({"params": params["matrices"], "name": "matrices", "weight_decay": cfg.weight_decay})
     if params["adamw"]:
@@ -183,11 +188,13 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
         lr = cfg.lr * cfg.table_lr_mult
         group = [{"params": params["tables"], "name": "tables", "base_lr": lr}]
         if cfg.table_optimizer == "adam":
-            optimizers.append(torch.optim.AdamW(group, lr=lr, betas=cfg.betas, eps=cfg.eps,
-                                                weight_decay=cfg.table_weight_decay))
+            optimizers.append(
+                torch.optim.AdamW(group, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.table_weight_decay)
+            )
         else:
-            optimizers.append(RowWiseAdam(group, lr=lr, beta2=cfg.betas[1], eps=cfg.eps,
-                                          weight_decay=cfg.table_weight_decay))
+            optimizers.append(
+                RowWiseAdam(group, lr=lr, beta2=cfg.betas[1], eps=cfg.eps, weight_decay=cfg.table_weight_decay)
+            )
     if not optimizers:
         raise ValueError("the model has no trainable parameters")
     return optimizers
@@ -267,8 +274,9 @@ class RowWiseAdam(torch.optim.Optimizer):
     (``F.embedding(..., sparse=True)``).
     """
 
-    def __init__(self, params: Any, lr: float = 1e-3, beta2: float = 0.999, eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self, params: Any, lr: float = 1e-3, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0
+    ):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         check_rowwise_hyperparameters(lr, beta2, eps, weight_decay)
@@ -276,8 +284,10 @@ class RowWiseAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
-                    raise ValueError(f"RowWiseAdam takes 2-D tables [rows, dim], got a parameter of shape "
-                                     f"{tuple(p.shape)}; give other parameters to AdamW")
+                    raise ValueError(
+                        f"RowWiseAdam takes 2-D tables [rows, dim], got a parameter of shape "
+                        f"{tuple(p.shape)}; give other parameters to AdamW"
+                    )
 
     @staticmethod
     def _touched(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,8 +318,14 @@ class RowWiseAdam(torch.optim.Optimizer):
                 if rows.numel() == 0:
                     continue
                 scale, delta, sq_avg, steps = rowwise_adam(
-                    g.float(), state["sq_avg"].index_select(0, rows), state["row_step"].index_select(0, rows),
-                    lr=group["lr"], beta2=group["beta2"], eps=group["eps"], weight_decay=group["weight_decay"])
+                    g.float(),
+                    state["sq_avg"].index_select(0, rows),
+                    state["row_step"].index_select(0, rows),
+                    lr=group["lr"],
+                    beta2=group["beta2"],
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
                 state["sq_avg"].index_copy_(0, rows, sq_avg)
                 state["row_step"].index_copy_(0, rows, steps)
                 w = p.index_select(0, rows).float()
@@ -331,11 +347,14 @@ def build_table_optimizer(model: nn.Module, cfg: OptimConfig) -> SparseRowOptimi
     if not tables:
         return None
     if cfg.table_optimizer != "rowwise":
-        raise ValueError(f"optim.table_optimizer={cfg.table_optimizer!r} keeps two moments per table value, which "
-                         f"host and disk tables do not hold; set optim.table_optimizer=rowwise (row-wise Adam, the "
-                         f"same rule on every tier) or keep the tables on the device (train.table_tier=device)")
-    return SparseRowOptimizer(tables, lr=cfg.lr * cfg.table_lr_mult, beta2=cfg.betas[1], eps=cfg.eps,
-                              weight_decay=cfg.table_weight_decay)
+        raise ValueError(
+            f"optim.table_optimizer={cfg.table_optimizer!r} keeps two moments per table value, which "
+            f"host and disk tables do not hold; set optim.table_optimizer=rowwise (row-wise Adam, the "
+            f"same rule on every tier) or keep the tables on the device (train.table_tier=device)"
+        )
+    return SparseRowOptimizer(
+        tables, lr=cfg.lr * cfg.table_lr_mult, beta2=cfg.betas[1], eps=cfg.eps, weight_decay=cfg.table_weight_decay
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- clipping

@@ -51,7 +51,7 @@ def data_fingerprint(train_tokens: np.ndarray, val_tokens: np.ndarray) -> str:
         h.update(str(arr.dtype).encode() + str(arr.shape).encode())
         flat = arr.reshape(-1)
         for start in range(0, flat.size, 1 << 24):
-            h.update(memoryview(flat[start:start + (1 << 24)]).cast("B"))
+            h.update(memoryview(flat[start : start + (1 << 24)]).cast("B"))
     return h.hexdigest()
 
 
@@ -59,32 +59,49 @@ def _flat(config: dict[str, Any], section: str) -> dict[str, Any]:
     return {f"{section}.{k}": v for k, v in (config.get(section) or {}).items()}
 
 
-def resume_changes(saved: dict[str, Any], current: dict[str, Any], saved_fp: dict[str, str] | None,
-                   current_fp: dict[str, str], where: Path, step: int) -> dict[str, list]:
+def resume_changes(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    saved_fp: dict[str, str] | None,
+    current_fp: dict[str, str],
+    where: Path,
+    step: int,
+) -> dict[str, list]:
     """Check a resume against the policy (module docstring); returns the honoured changes
     ``{"optim.lr": [old, new], ...}``, raises ConfigError naming the first refused one."""
     if saved.get("model") != current["model"]:
-        raise ConfigError(f"{where} holds checkpoints of a different model config; use another train.out_dir or "
-                         f"train.resume=false to start over")
+        raise ConfigError(
+            f"{where} holds checkpoints of a different model config; use another train.out_dir or "
+            f"train.resume=false to start over"
+        )
     old = {**_flat(saved, "train"), **_flat(saved, "optim")}
     new = {**_flat(current, "train"), **_flat(current, "optim")}
-    changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
-               if k not in LAUNCH_FIELDS and k in old and old.get(k) != new.get(k)}
+    changed = {
+        k: [old.get(k), new.get(k)]
+        for k in sorted(set(old) | set(new))
+        if k not in LAUNCH_FIELDS and k in old and old.get(k) != new.get(k)
+    }
     for key, (was, now) in changed.items():
         if key in REFUSED:
-            raise ConfigError(f"{where}: {key} was {was!r} when the run started and is {now!r} now; {REFUSED[key]}. "
-                             f"Resume with {key}={was!r}, or start a new run in another train.out_dir")
+            raise ConfigError(
+                f"{where}: {key} was {was!r} when the run started and is {now!r} now; {REFUSED[key]}. "
+                f"Resume with {key}={was!r}, or start a new run in another train.out_dir"
+            )
     if saved_fp:
         for name, label in (("tokenizer", "tokenizer"), ("data", "training / validation data")):
             if saved_fp.get(name) and saved_fp[name] != current_fp[name]:
-                raise ConfigError(f"{where}: the {label} differs from the one the checkpoints were trained on "
-                                 f"(fingerprint {current_fp[name][:12]} vs {saved_fp[name][:12]}); every hash "
-                                 f"address and batch would change. Resume with the original train.data / "
-                                 f"train.tokenizer, or start a new run in another train.out_dir")
+                raise ConfigError(
+                    f"{where}: the {label} differs from the one the checkpoints were trained on "
+                    f"(fingerprint {current_fp[name][:12]} vs {saved_fp[name][:12]}); every hash "
+                    f"address and batch would change. Resume with the original train.data / "
+                    f"train.tokenizer, or start a new run in another train.out_dir"
+                )
     steps = new["train.steps"]
     if steps < step:
-        raise ConfigError(f"{where}: the checkpoint is at step {step} but train.steps is {steps}; ask for at least "
-                         f"{step} steps, or resume from an earlier step with train.resume_from")
+        raise ConfigError(
+            f"{where}: the checkpoint is at step {step} but train.steps is {steps}; ask for at least "
+            f"{step} steps, or resume from an earlier step with train.resume_from"
+        )
     return {k: v for k, v in changed.items() if k not in DATA_FIELDS}
 
 
@@ -105,9 +122,11 @@ def check_fresh_start(out: Path, config: dict[str, Any], overwrite: bool) -> Non
             saved = None
         if isinstance(saved, dict) and _comparable(saved) == _comparable(config):
             return
-    raise ConfigError(f"{out} already holds another run ({', '.join(present)}) and no checkpoint to resume; starting "
-                     f"here would overwrite it. Choose another train.out_dir, or pass train.overwrite=true "
-                     f"(--set train.overwrite=true) to replace it")
+    raise ConfigError(
+        f"{out} already holds another run ({', '.join(present)}) and no checkpoint to resume; starting "
+        f"here would overwrite it. Choose another train.out_dir, or pass train.overwrite=true "
+        f"(--set train.overwrite=true) to replace it"
+    )
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:

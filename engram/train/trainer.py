@@ -30,8 +30,8 @@ from ..files import FileLock, atomic_write, remove_stale_temps, write_json
 from ..model.config import ModelConfig
 from ..model.io import save_model
 from ..model.model import EngramLM
-from ..table import TableFactory
 from ..model.params import count_params
+from ..table import TableFactory
 from ..tokenizer import CompressedTokenizer
 from ..yamlio import dataclass_from_dict
 from .checkpoint import CheckpointManager, capture_rng_state, install_signal_handlers, restore_rng_state
@@ -90,11 +90,15 @@ class TrainConfig:
         if self.table_dir is not None and self.table_tier != "disk":
             raise ValueError("train.table_dir is the folder of disk tables; set train.table_tier=disk or drop it")
         if self.resume_from is not None and (self.resume_from < 0 or not self.resume):
-            raise ConfigError(f"train.resume_from must be a checkpoint step >= 0 with train.resume=true, got "
-                             f"{self.resume_from} (resume={self.resume})")
+            raise ConfigError(
+                f"train.resume_from must be a checkpoint step >= 0 with train.resume=true, got "
+                f"{self.resume_from} (resume={self.resume})"
+            )
         if self.table_cache_bytes < 0 or (self.table_cache_bytes and self.table_tier == "device"):
-            raise ValueError(f"train.table_cache_bytes must be >= 0 and is for host / disk tables, got "
-                             f"{self.table_cache_bytes} with table_tier={self.table_tier!r}")
+            raise ValueError(
+                f"train.table_cache_bytes must be >= 0 and is for host / disk tables, got "
+                f"{self.table_cache_bytes} with table_tier={self.table_tier!r}"
+            )
 
 
 @dataclass
@@ -111,8 +115,10 @@ class RunConfig:
         """The run config of a YAML / JSON mapping with sections ``model`` (Engram shape in ``model.engram``),
         ``train`` and ``optim``; the one schema every command reads."""
         if isinstance(d, dict) and "engram" in d:
-            raise ConfigError("a top-level 'engram:' section is the old sweep / compare schema; move it under "
-                             "model: as model.engram (with --set: model.engram.FIELD=VALUE)")
+            raise ConfigError(
+                "a top-level 'engram:' section is the old sweep / compare schema; move it under "
+                "model: as model.engram (with --set: model.engram.FIELD=VALUE)"
+            )
         return dataclass_from_dict(cls, d)
 
 
@@ -150,11 +156,16 @@ def pick_device(spec: str) -> torch.device:
 
 def prepare_data(tcfg: TrainConfig) -> tuple[TextTokenizer, TokenizedCorpus]:
     """Load the corpus, get the tokenizer (training a BPE if asked), tokenise once into cached token files."""
-    corpus = load_corpus(tcfg.data, max_bytes=tcfg.max_bytes, val_fraction=tcfg.val_fraction,
-                         text_field=tcfg.text_field)
+    corpus = load_corpus(
+        tcfg.data, max_bytes=tcfg.max_bytes, val_fraction=tcfg.val_fraction, text_field=tcfg.text_field
+    )
     cache_root = Path(tcfg.cache_dir) if tcfg.cache_dir else None
-    tok = load_tokenizer(tcfg.tokenizer, corpus.train, vocab_size=tcfg.vocab_size,
-                         cache_dir=None if cache_root is None else cache_root / "tokenizers")
+    tok = load_tokenizer(
+        tcfg.tokenizer,
+        corpus.train,
+        vocab_size=tcfg.vocab_size,
+        cache_dir=None if cache_root is None else cache_root / "tokenizers",
+    )
     key = f"{corpus.fingerprint('train')[:12]}-{corpus.fingerprint('val')[:8]}-{tok.fingerprint[:12]}"
     from .data import default_cache_dir
 
@@ -193,8 +204,14 @@ def offloaded_table_factory(tcfg: TrainConfig) -> TableFactory | None:
     table_dir = None
     if tcfg.table_tier == "disk":
         table_dir = tcfg.table_dir or str(Path(tcfg.out_dir) / "tables")
-    return table_factory(tcfg.table_tier, path_dir=table_dir, cache_bytes=tcfg.table_cache_bytes, seed=tcfg.seed,
-                         overwrite=True, progress=tcfg.progress)
+    return table_factory(
+        tcfg.table_tier,
+        path_dir=table_dir,
+        cache_bytes=tcfg.table_cache_bytes,
+        seed=tcfg.seed,
+        overwrite=True,
+        progress=tcfg.progress,
+    )
 
 
 class SingleProcess:
@@ -249,8 +266,9 @@ class SingleProcess:
     def checkpoints(self, directory: Path, keep_last: int) -> CheckpointManager:
         return CheckpointManager(directory, keep_last=keep_last)
 
-    def save_checkpoint(self, ckpt: CheckpointManager, step: int, model: EngramLM, optimizers: list,
-                        state: dict[str, Any]) -> None:
+    def save_checkpoint(
+        self, ckpt: CheckpointManager, step: int, model: EngramLM, optimizers: list, state: dict[str, Any]
+    ) -> None:
         ckpt.save(step, {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers], **state})
 
     def load_checkpoint(self, ckpt: CheckpointManager, step: int, model: EngramLM, optimizers: list) -> dict:
@@ -268,8 +286,6 @@ class SingleProcess:
         """Leave whatever the plan joined (nothing here)."""
 
 
-
-
 def _hyperparameters(optimizers: list) -> list[list[dict]]:
     return [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in optimizers]
 
@@ -278,15 +294,23 @@ def _clear_for_fresh_start(out: Path, ckpt: CheckpointManager) -> None:
     """Step 0 in a folder that may hold this run's earlier attempt: drop its old checkpoints (they would outrank
     the new run's) and model."""
     if ckpt.list() or (ckpt.directory / "latest").exists():
-        logger.warning("%s: starting over at step 0 (train.resume=false or train.overwrite=true); removing the old "
-                       "checkpoints", out)
+        logger.warning(
+            "%s: starting over at step 0 (train.resume=false or train.overwrite=true); removing the old checkpoints",
+            out,
+        )
         shutil.rmtree(ckpt.directory)
     shutil.rmtree(out / "model", ignore_errors=True)
 
 
-def train(run: RunConfig, *, data: tuple[TextTokenizer, TokenizedCorpus] | None = None,
-          stop_after: int | None = None, desc: str | None = None,
-          on_eval: Callable[[dict], None] | None = None, plan: SingleProcess | None = None) -> TrainResult:
+def train(
+    run: RunConfig,
+    *,
+    data: tuple[TextTokenizer, TokenizedCorpus] | None = None,
+    stop_after: int | None = None,
+    desc: str | None = None,
+    on_eval: Callable[[dict], None] | None = None,
+    plan: SingleProcess | None = None,
+) -> TrainResult:
     """Train ``run.model`` for ``run.train.steps`` steps, resuming from ``out_dir`` when it holds checkpoints
     (checked by :mod:`.resume`; ``train.resume_from`` picks an earlier one).
 
@@ -310,7 +334,7 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
     tcfg = run.train
     device = plan.device
     ckpt = plan.checkpoints(out / "checkpoints", tcfg.keep_last)
-    if plan.is_main:   # this process owns the folder: temporaries in it are a killed run's
+    if plan.is_main:  # this process owns the folder: temporaries in it are a killed run's
         for folder in (out, out / "model", ckpt.directory):
             remove_stale_temps(folder)
         if ckpt.directory.is_dir():
@@ -339,13 +363,16 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
     if resume_at is not None:
         meta = ckpt.meta(resume_at)
         extra = meta.get("extra") or {}
-        changed = resume_changes(meta.get("config") or {}, config_dict, extra.get("fingerprints"), fingerprints,
-                                 out, resume_at)
-        fresh = _hyperparameters(stepped)   # the values asked for now: honoured over the saved ones
+        changed = resume_changes(
+            meta.get("config") or {}, config_dict, extra.get("fingerprints"), fingerprints, out, resume_at
+        )
+        fresh = _hyperparameters(stepped)  # the values asked for now: honoured over the saved ones
         state = plan.load_checkpoint(ckpt, resume_at, model, optimizers)
         if (table_opt is None) != ("table_optimizer" not in state):
-            raise ConfigError(f"{out} holds checkpoints written with other table storage than "
-                             f"train.table_tier={tcfg.table_tier!r}; resume with the tier the run started with")
+            raise ConfigError(
+                f"{out} holds checkpoints written with other table storage than "
+                f"train.table_tier={tcfg.table_tier!r}; resume with the tier the run started with"
+            )
         if table_opt is not None:
             table_opt.load_state_dict(state["table_optimizer"])
         for o, groups in zip(stepped, fresh):
@@ -362,7 +389,7 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
             logger.warning("%s: resumed from step %d; removed the later checkpoints %s", out, resume_at, dropped)
         plan.barrier()
     else:
-        check_fresh_start(out, config_dict, tcfg.overwrite)   # every rank reads the same files: the same verdict
+        check_fresh_start(out, config_dict, tcfg.overwrite)  # every rank reads the same files: the same verdict
         plan.barrier()
         if plan.is_main:
             _clear_for_fresh_start(out, ckpt)
@@ -375,19 +402,45 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
             log.write({"kind": "resume", "step": start, "changed": changed})
 
     def save(step: int) -> None:
-        plan.save_checkpoint(ckpt, step, model, optimizers, {
-            "config": config_dict, "schedule": schedule.state_dict(),
-            **({"table_optimizer": table_opt.state_dict()} if table_opt is not None else {}),
-            "data_generator": gen.get_state(), "rng": capture_rng_state(),
-            "extra": {"history": history, "evals": evals, "fingerprints": fingerprints,
-                      "world_size": plan.world_size},
-        })
+        plan.save_checkpoint(
+            ckpt,
+            step,
+            model,
+            optimizers,
+            {
+                "config": config_dict,
+                "schedule": schedule.state_dict(),
+                **({"table_optimizer": table_opt.state_dict()} if table_opt is not None else {}),
+                "data_generator": gen.get_state(),
+                "rng": capture_rng_state(),
+                "extra": {
+                    "history": history,
+                    "evals": evals,
+                    "fingerprints": fingerprints,
+                    "world_size": plan.world_size,
+                },
+            },
+        )
 
     def run_eval(step: int) -> dict:
-        r = evaluate(model, tokens.val, batch_size=tcfg.batch_size, seq_len=tcfg.seq_len,
-                     max_batches=tcfg.eval_batches, device=device, autocast_dtype=amp)
-        rec = {"kind": "eval", "step": step, "val_loss": r["loss"], "val_ppl": r["ppl"], "val_bpb": r["bpb"],
-               "expert_load": r["expert_load"], "gates": r["gates"]}
+        r = evaluate(
+            model,
+            tokens.val,
+            batch_size=tcfg.batch_size,
+            seq_len=tcfg.seq_len,
+            max_batches=tcfg.eval_batches,
+            device=device,
+            autocast_dtype=amp,
+        )
+        rec = {
+            "kind": "eval",
+            "step": step,
+            "val_loss": r["loss"],
+            "val_ppl": r["ppl"],
+            "val_bpb": r["bpb"],
+            "expert_load": r["expert_load"],
+            "gates": r["gates"],
+        }
         evals.append(rec)
         if log is not None:
             log.write(rec)
@@ -401,8 +454,14 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
     interrupted = False
     signum = None
     t_train = 0.0
-    bar = tqdm(total=tcfg.steps, initial=start, desc=desc or plan.label(run.model.family),
-               disable=not tcfg.progress or not plan.is_main, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=tcfg.steps,
+        initial=start,
+        desc=desc or plan.label(run.model.family),
+        disable=not tcfg.progress or not plan.is_main,
+        unit="step",
+        dynamic_ncols=True,
+    )
     with install_signal_handlers() as stop:
         for step in range(start, tcfg.steps):
             t0 = time.perf_counter()
@@ -420,23 +479,31 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
             if table_opt is not None:  # after the step: its gradients belong to this step's forward
                 table_opt.step()
                 table_opt.zero_grad()
-            lr, factor = stepped[0].param_groups[0]["lr"], schedule.factor   # what this step used
+            lr, factor = stepped[0].param_groups[0]["lr"], schedule.factor  # what this step used
             schedule.step()
             plan.sync_expert_counts(model)
             model.update_moe_biases()
             loss_v = plan.loss_value(loss)
             if not math.isfinite(loss_v):
-                raise DivergenceError(f"loss became {loss_v} at step {step + 1} with optim.lr={run.optim.lr:g}; "
-                                      f"lower it (e.g. --set optim.lr={run.optim.lr / 3:.2g}) or check the data")
+                raise DivergenceError(
+                    f"loss became {loss_v} at step {step + 1} with optim.lr={run.optim.lr:g}; "
+                    f"lower it (e.g. --set optim.lr={run.optim.lr / 3:.2g}) or check the data"
+                )
             dt = time.perf_counter() - t0
             t_train += dt
             steps_this_call += 1
             done = step + 1
             bar.update(1)
             if done % tcfg.log_every == 0 or done == tcfg.steps:
-                rec = {"kind": "train", "step": done, "loss": loss_v, "lr_factor": factor,
-                       "lr": lr, "tokens_per_s": tokens_per_step / dt,
-                       "grad_norm": None if gnorm is None else float(gnorm)}
+                rec = {
+                    "kind": "train",
+                    "step": done,
+                    "loss": loss_v,
+                    "lr_factor": factor,
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_step / dt,
+                    "grad_norm": None if gnorm is None else float(gnorm),
+                }
                 history.append(rec)
                 if log is not None:
                     log.write(rec)
@@ -445,7 +512,8 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
                 run_eval(done)
             last = done == tcfg.steps
             stopping, signum = plan.agree_to_stop(
-                stop.stop_requested or (stop_after is not None and steps_this_call >= stop_after), stop.signal)
+                stop.stop_requested or (stop_after is not None and steps_this_call >= stop_after), stop.signal
+            )
             if done % tcfg.ckpt_every == 0 or last or stopping:
                 save(done)
             if stopping and not last:
@@ -467,9 +535,17 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
         tok_s = tokens_per_step * steps_this_call / t_train
     else:  # nothing left to do (resumed a finished run): report what the logged steps measured
         tok_s = sum(h["tokens_per_s"] for h in history) / max(len(history), 1)
-    return TrainResult(model=result_model, out_dir=out, history=history, evals=evals, final=final, tokens_per_s=tok_s,
-                       steps_done=start + steps_this_call, interrupted=interrupted,
-                       signal=signum if interrupted else None)
+    return TrainResult(
+        model=result_model,
+        out_dir=out,
+        history=history,
+        evals=evals,
+        final=final,
+        tokens_per_s=tok_s,
+        steps_done=start + steps_this_call,
+        interrupted=interrupted,
+        signal=signum if interrupted else None,
+    )
 
 
 def save_text_tokenizer(tok: TextTokenizer, directory: Path) -> None:

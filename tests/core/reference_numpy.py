@@ -92,11 +92,19 @@ def ref_hash_layer(tokens: np.ndarray, mults: np.ndarray, primes_of_layer: list[
     return np.stack(cols, axis=-1) if cols else np.zeros((b, t, 0), dtype=np.int64)
 
 
-def ref_hash(tokens: np.ndarray, *, layer_ids: list[int], sizes_per_order: list[int], max_ngram_size: int,
-             heads: int, seed: int, vprime: int, pad: int) -> dict[int, np.ndarray]:
+def ref_hash(
+    tokens: np.ndarray,
+    *,
+    layer_ids: list[int],
+    sizes_per_order: list[int],
+    max_ngram_size: int,
+    heads: int,
+    seed: int,
+    vprime: int,
+    pad: int,
+) -> dict[int, np.ndarray]:
     """All layers: ``{layer_id: [B, T, (N-1)K]}``."""
     primes = ref_primes(layer_ids, sizes_per_order, heads)
     return {
-        l: ref_hash_layer(tokens, ref_multipliers(seed, l, max_ngram_size, vprime), primes[l], pad)
-        for l in layer_ids
+        l: ref_hash_layer(tokens, ref_multipliers(seed, l, max_ngram_size, vprime), primes[l], pad) for l in layer_ids
     }

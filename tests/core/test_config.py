@@ -10,8 +10,16 @@ from engram import EngramConfig
 
 
 def good(**over) -> dict:
-    base = dict(engram_vocab_size=[100, 200], max_ngram_size=3, n_embed_per_ngram=32, n_head_per_ngram=4,
-                layer_ids=[1, 5], pad_id=0, seed=0, kernel_size=4)
+    base = dict(
+        engram_vocab_size=[100, 200],
+        max_ngram_size=3,
+        n_embed_per_ngram=32,
+        n_head_per_ngram=4,
+        layer_ids=[1, 5],
+        pad_id=0,
+        seed=0,
+        kernel_size=4,
+    )
     base.update(over)
     return base
 
@@ -24,8 +32,9 @@ def test_defaults_are_the_reference_setup():
 
 
 def test_derived_sizes():
-    cfg = EngramConfig(**good(max_ngram_size=4, engram_vocab_size=[10, 20, 30], n_embed_per_ngram=24,
-                              n_head_per_ngram=3))
+    cfg = EngramConfig(
+        **good(max_ngram_size=4, engram_vocab_size=[10, 20, 30], n_embed_per_ngram=24, n_head_per_ngram=3)
+    )
     assert cfg.num_orders == 3
     assert cfg.num_heads_total == 9
     assert cfg.head_dim == 8

@@ -53,7 +53,7 @@ def test_a_lock_is_counted_per_process_and_a_refused_one_releases_nothing(tmp_pa
 
     path = tmp_path / "x.lock"
     a = FileLock(path, "folder x")
-    b = FileLock(path, "folder x")   # the same process: counted
+    b = FileLock(path, "folder x")  # the same process: counted
     a.release()
     probe = [sys.executable, "-c", f"from engram.files import FileLock\nFileLock({str(path)!r}, 'folder x')"]
     refused = subprocess.run(probe, capture_output=True, text=True)
@@ -65,9 +65,17 @@ def test_a_lock_is_counted_per_process_and_a_refused_one_releases_nothing(tmp_pa
     assert path.read_text().startswith(f"pid {os.getpid()} ")
     c.release()
     with pytest.raises(LockedError, match="in use"):
-        holder = subprocess.Popen([sys.executable, "-c", f"from engram.files import FileLock\nimport time\n"
-                                   f"l = FileLock({str(path)!r}, 'folder x')\nprint('held', flush=True)\n"
-                                   f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"from engram.files import FileLock\nimport time\n"
+                f"l = FileLock({str(path)!r}, 'folder x')\nprint('held', flush=True)\n"
+                f"time.sleep(60)",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert holder.stdout.readline().strip() == "held"
             FileLock(path, "folder x")

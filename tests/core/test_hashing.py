@@ -28,8 +28,15 @@ FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 def small_config(n=3, k=2, sizes=None, layer_ids=(0, 3), seed=0, embed=None) -> EngramConfig:
     sizes = list(sizes) if sizes is not None else [31 + 10 * i for i in range(n - 1)]
-    return EngramConfig(engram_vocab_size=sizes, max_ngram_size=n, n_embed_per_ngram=embed or 4 * k,
-                        n_head_per_ngram=k, layer_ids=list(layer_ids), seed=seed, pad_id=0)
+    return EngramConfig(
+        engram_vocab_size=sizes,
+        max_ngram_size=n,
+        n_embed_per_ngram=embed or 4 * k,
+        n_head_per_ngram=k,
+        layer_ids=list(layer_ids),
+        seed=seed,
+        pad_id=0,
+    )
 
 
 def random_config(rng: np.random.Generator) -> tuple[EngramConfig, int, int]:
@@ -44,15 +51,29 @@ def random_config(rng: np.random.Generator) -> tuple[EngramConfig, int, int]:
     seed = int(rng.integers(0, 2**31))
     vprime = int(rng.choice([2, 3, int(rng.integers(2, 1000)), int(rng.integers(1000, 200_001)), 99092, 200_000]))
     pad = int(rng.integers(0, vprime))
-    cfg = EngramConfig(engram_vocab_size=sizes, max_ngram_size=n, n_embed_per_ngram=2 * k, n_head_per_ngram=k,
-                       layer_ids=layer_ids, seed=seed, pad_id=0)
+    cfg = EngramConfig(
+        engram_vocab_size=sizes,
+        max_ngram_size=n,
+        n_embed_per_ngram=2 * k,
+        n_head_per_ngram=k,
+        layer_ids=layer_ids,
+        seed=seed,
+        pad_id=0,
+    )
     return cfg, vprime, pad
 
 
 def ref_for(cfg: EngramConfig, tokens: np.ndarray, vprime: int, pad: int) -> dict[int, np.ndarray]:
-    return ref_hash(tokens, layer_ids=cfg.layer_ids, sizes_per_order=cfg.engram_vocab_size,
-                    max_ngram_size=cfg.max_ngram_size, heads=cfg.n_head_per_ngram, seed=cfg.seed,
-                    vprime=vprime, pad=pad)
+    return ref_hash(
+        tokens,
+        layer_ids=cfg.layer_ids,
+        sizes_per_order=cfg.engram_vocab_size,
+        max_ngram_size=cfg.max_ngram_size,
+        heads=cfg.n_head_per_ngram,
+        seed=cfg.seed,
+        vprime=vprime,
+        pad=pad,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- primes
@@ -90,16 +111,19 @@ def test_is_prime_matches_trial_division_random_large():
 
 def test_table_primes_rules_by_hand():
     # sizes 10 and 10 in two layers, K = 3: 11 13 17 | 19 23 29 | (layer 2) 31 37 41 | 43 47 53
-    cfg = EngramConfig(engram_vocab_size=[10, 10], max_ngram_size=3, n_embed_per_ngram=3, n_head_per_ngram=3,
-                       layer_ids=[5, 2])
+    cfg = EngramConfig(
+        engram_vocab_size=[10, 10], max_ngram_size=3, n_embed_per_ngram=3, n_head_per_ngram=3, layer_ids=[5, 2]
+    )
     assert table_primes(cfg) == {5: [[11, 13, 17], [19, 23, 29]], 2: [[31, 37, 41], [43, 47, 53]]}
     # a configured size that is itself prime is used as is (>=, not >)
-    cfg = EngramConfig(engram_vocab_size=[13, 2], max_ngram_size=3, n_embed_per_ngram=2, n_head_per_ngram=2,
-                       layer_ids=[0])
+    cfg = EngramConfig(
+        engram_vocab_size=[13, 2], max_ngram_size=3, n_embed_per_ngram=2, n_head_per_ngram=2, layer_ids=[0]
+    )
     assert table_primes(cfg) == {0: [[13, 17], [2, 3]]}
     # the second order starts below the first one's primes and skips the taken ones
-    cfg = EngramConfig(engram_vocab_size=[10, 12], max_ngram_size=3, n_embed_per_ngram=3, n_head_per_ngram=3,
-                       layer_ids=[0])
+    cfg = EngramConfig(
+        engram_vocab_size=[10, 12], max_ngram_size=3, n_embed_per_ngram=3, n_head_per_ngram=3, layer_ids=[0]
+    )
     assert table_primes(cfg) == {0: [[11, 13, 17], [19, 23, 29]]}
 
 
@@ -152,10 +176,18 @@ def test_bit_exact_hypothesis(n, k, seed, vprime, layer_ids, data):
     sizes = data.draw(st.lists(st.integers(2, 700_000), min_size=n - 1, max_size=n - 1))
     pad = data.draw(st.integers(0, vprime - 1))
     t = data.draw(st.integers(1, 12))
-    tokens = np.array(data.draw(st.lists(st.integers(0, vprime - 1), min_size=2 * t, max_size=2 * t)),
-                      dtype=np.int64).reshape(2, t)
-    cfg = EngramConfig(engram_vocab_size=sizes, max_ngram_size=n, n_embed_per_ngram=k, n_head_per_ngram=k,
-                       layer_ids=layer_ids, seed=seed, pad_id=0)
+    tokens = np.array(
+        data.draw(st.lists(st.integers(0, vprime - 1), min_size=2 * t, max_size=2 * t)), dtype=np.int64
+    ).reshape(2, t)
+    cfg = EngramConfig(
+        engram_vocab_size=sizes,
+        max_ngram_size=n,
+        n_embed_per_ngram=k,
+        n_head_per_ngram=k,
+        layer_ids=layer_ids,
+        seed=seed,
+        pad_id=0,
+    )
     out = NgramHasher(cfg, vprime, pad).hash(torch.from_numpy(tokens))
     ref = ref_for(cfg, tokens, vprime, pad)
     for l in layer_ids:
@@ -246,18 +278,38 @@ def test_mod_primes_by_reciprocal_exact_at_the_extremes():
     for p in _EXTREME_PRIMES:
         assert is_prime(p)
         big = (2**63 - 1) // p
-        xs = [-2**63, -2**63 + 1, 2**63 - 1, 2**63 - 2, 0, -1, 1, p - 1, p, p + 1, -p, -p + 1, -p - 1,
-              big * p, big * p - 1, big * p + 1, -big * p, -big * p - 1, -big * p + 1, (big // 2) * p - 1]
-        xs += [int(v) for v in rng.integers(-2**63, 2**63 - 1, size=200, dtype=np.int64)]
+        xs = [
+            -(2**63),
+            -(2**63) + 1,
+            2**63 - 1,
+            2**63 - 2,
+            0,
+            -1,
+            1,
+            p - 1,
+            p,
+            p + 1,
+            -p,
+            -p + 1,
+            -p - 1,
+            big * p,
+            big * p - 1,
+            big * p + 1,
+            -big * p,
+            -big * p - 1,
+            -big * p + 1,
+            (big // 2) * p - 1,
+        ]
+        xs += [int(v) for v in rng.integers(-(2**63), 2**63 - 1, size=200, dtype=np.int64)]
         xs += [int(v) for v in rng.integers(-4 * p, 4 * p, size=50)]
-        xs = [v for v in xs if -2**63 <= v < 2**63]
+        xs = [v for v in xs if -(2**63) <= v < 2**63]
         x = torch.tensor(xs, dtype=torch.int64)
         got = mod_primes_by_reciprocal(x, torch.tensor(p), torch.tensor(1.0 / p, dtype=torch.float64))
         assert got.tolist() == [v % p for v in xs], p
 
 
 def test_mod_primes_by_reciprocal_broadcasts_like_the_hasher():
-    x = torch.randint(-2**63, 2**63 - 1, (3, 5, 2, 1), dtype=torch.int64)
+    x = torch.randint(-(2**63), 2**63 - 1, (3, 5, 2, 1), dtype=torch.int64)
     p = torch.tensor([[2, 3, 646403], [2147483647, 8191, 5]])
     got = mod_primes_by_reciprocal(x, p, 1.0 / p.double())
     assert got.shape == (3, 5, 2, 3)
@@ -313,7 +365,7 @@ def test_incremental_chain_equals_full(n, t, cuts, seed):
         got = torch.cat(pieces[l], dim=1) if pieces[l] else full[l][:, :0]
         assert torch.equal(got, full[l])
     # the state after everything is the last N-1 tokens (pad-filled when short)
-    expected_hist = torch.cat([torch.full((3, n - 1), pad), ids], dim=1)[:, -(n - 1):]
+    expected_hist = torch.cat([torch.full((3, n - 1), pad), ids], dim=1)[:, -(n - 1) :]
     assert torch.equal(history, expected_hist)
 
 
@@ -323,12 +375,15 @@ def test_incremental_token_by_token_from_prefix_history():
     ids = torch.randint(0, 500, (2, 25), generator=torch.Generator().manual_seed(1))
     full = hasher.hash(ids)[2]
     for split in (1, 3, 10):
-        history = ids[:, split - 3: split] if split >= 3 else torch.cat(
-            [torch.full((2, 3 - split), 1), ids[:, :split]], dim=1)
+        history = (
+            ids[:, split - 3 : split]
+            if split >= 3
+            else torch.cat([torch.full((2, 3 - split), 1), ids[:, :split]], dim=1)
+        )
         step = []
         for j in range(split, 25):
-            step.append(hasher.hash_incremental(history, ids[:, j:j + 1])[2])
-            history = hasher.advance_history(history, ids[:, j:j + 1])
+            step.append(hasher.hash_incremental(history, ids[:, j : j + 1])[2])
+            history = hasher.advance_history(history, ids[:, j : j + 1])
         assert torch.equal(torch.cat(step, dim=1), full[:, split:])
 
 
@@ -383,8 +438,14 @@ def test_from_tokenizer_and_raw_ids():
     rng = np.random.default_rng(3)
     lookup = rng.permutation(np.concatenate([np.arange(40), rng.integers(0, 40, 60)]))
     ctok = CompressedTokenizer.from_lookup(lookup, "fp")
-    cfg = EngramConfig(engram_vocab_size=[50, 60], max_ngram_size=3, n_embed_per_ngram=4, n_head_per_ngram=2,
-                       layer_ids=[0, 1], pad_id=7)
+    cfg = EngramConfig(
+        engram_vocab_size=[50, 60],
+        max_ngram_size=3,
+        n_embed_per_ngram=4,
+        n_head_per_ngram=2,
+        layer_ids=[0, 1],
+        pad_id=7,
+    )
     hasher = NgramHasher.from_tokenizer(cfg, ctok)
     assert hasher.compressed_vocab_size == 40
     assert hasher.compressed_pad_id == int(lookup[7])
@@ -402,8 +463,15 @@ def test_from_tokenizer_honours_compress_tokens_false():
     rng = np.random.default_rng(4)
     lookup = rng.permutation(np.concatenate([np.arange(30), rng.integers(0, 30, 50)]))
     ctok = CompressedTokenizer.from_lookup(lookup, "fp")
-    cfg = EngramConfig(engram_vocab_size=[50, 60], max_ngram_size=3, n_embed_per_ngram=4, n_head_per_ngram=2,
-                       layer_ids=[0, 2], pad_id=9, compress_tokens=False)
+    cfg = EngramConfig(
+        engram_vocab_size=[50, 60],
+        max_ngram_size=3,
+        n_embed_per_ngram=4,
+        n_head_per_ngram=2,
+        layer_ids=[0, 2],
+        pad_id=9,
+        compress_tokens=False,
+    )
     hasher = NgramHasher.from_tokenizer(cfg, ctok)
     assert (hasher.compressed_vocab_size, hasher.compressed_pad_id) == (80, 9)
     assert hasher.tokenizer.fingerprint == "fp"
@@ -470,8 +538,9 @@ def test_errors_vocab_and_pad():
         NgramHasher(cfg, 4, -1)
     with pytest.raises(ValueError, match="compressed_vocab_size"):
         NgramHasher(cfg, 0, 0)
-    bad_pad = EngramConfig(engram_vocab_size=[31, 41], max_ngram_size=3, n_embed_per_ngram=4, n_head_per_ngram=2,
-                           layer_ids=[0], pad_id=6)
+    bad_pad = EngramConfig(
+        engram_vocab_size=[31, 41], max_ngram_size=3, n_embed_per_ngram=4, n_head_per_ngram=2, layer_ids=[0], pad_id=6
+    )
     with pytest.raises(ValueError, match="pad_id"):
         NgramHasher.from_tokenizer(bad_pad, ctok)
     # a config mutated into an invalid state after construction is re-validated
@@ -505,8 +574,10 @@ def count_host_reads():
 @pytest.fixture
 def validation(monkeypatch):
     """Set the validation switch for one test; restored afterwards."""
+
     def set_(enabled: bool) -> None:
         monkeypatch.setattr(engram.validation, "_enabled", enabled)
+
     return set_
 
 

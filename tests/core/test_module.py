@@ -14,12 +14,32 @@ from engram import CompressedTokenizer, Engram, EngramConfig, MultiHeadEmbedding
 D = 16
 
 
-def make(m: int = 1, *, n: int = 3, k: int = 2, signed_sqrt: bool = True, gating: bool = True,
-         short_conv: bool = True, kernel_size: int = 4, layer_ids=(0, 2), layer: int = 2, seed: int = 0,
-         hidden: int = D):
-    cfg = EngramConfig(engram_vocab_size=[31 + 6 * i for i in range(n - 1)], max_ngram_size=n,
-                       n_embed_per_ngram=4 * k, n_head_per_ngram=k, layer_ids=list(layer_ids), pad_id=1,
-                       signed_sqrt=signed_sqrt, gating=gating, short_conv=short_conv, kernel_size=kernel_size)
+def make(
+    m: int = 1,
+    *,
+    n: int = 3,
+    k: int = 2,
+    signed_sqrt: bool = True,
+    gating: bool = True,
+    short_conv: bool = True,
+    kernel_size: int = 4,
+    layer_ids=(0, 2),
+    layer: int = 2,
+    seed: int = 0,
+    hidden: int = D,
+):
+    cfg = EngramConfig(
+        engram_vocab_size=[31 + 6 * i for i in range(n - 1)],
+        max_ngram_size=n,
+        n_embed_per_ngram=4 * k,
+        n_head_per_ngram=k,
+        layer_ids=list(layer_ids),
+        pad_id=1,
+        signed_sqrt=signed_sqrt,
+        gating=gating,
+        short_conv=short_conv,
+        kernel_size=kernel_size,
+    )
     rng = np.random.default_rng(seed)
     lookup = rng.permutation(np.concatenate([np.arange(60), rng.integers(0, 60, 40)]))  # V = 100, V' = 60
     ctok = CompressedTokenizer.from_lookup(lookup, "test")
@@ -192,6 +212,7 @@ def reference_engram_numpy(mod: Engram, hidden: np.ndarray, hash_ids: np.ndarray
     RMSNorm(h_m) . RMSNorm(k_m) / sqrt(D))) with the gate norms' ``gate_eps``; v~_m = alpha_m v; Y = v~ + SiLU(
     causal depthwise conv, kernel w, dilation N, over RMSNorm_1e-5(v~_m)).
     """
+
     def w(t: torch.Tensor) -> np.ndarray:
         return t.detach().double().numpy()
 
@@ -244,8 +265,9 @@ def test_matches_float64_reference_equations_with_default_gate_eps(m):
     hidden = hidden * 0.05  # small activations: the epsilon matters (mean square ~ 2.5e-3)
     ids = hash_ids.numpy()
     out64 = mod(hidden, hash_ids=hash_ids).detach().numpy()
-    np.testing.assert_allclose(out64, reference_engram_numpy(mod, hidden.numpy(), ids, np.finfo(np.float64).eps),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        out64, reference_engram_numpy(mod, hidden.numpy(), ids, np.finfo(np.float64).eps), rtol=1e-10, atol=1e-12
+    )
     mod32 = mod.float()
     out32 = mod32(hidden.float(), hash_ids=hash_ids).detach().double().numpy()
     ref32 = reference_engram_numpy(mod32, hidden.numpy(), ids, float(np.finfo(np.float32).eps))
@@ -425,11 +447,17 @@ def test_engram_counts_equals_instantiated_parameters():
     for trial in range(12):
         n = int(rng.integers(2, 5))
         k = int(rng.integers(1, 4))
-        cfg = EngramConfig(engram_vocab_size=[int(rng.integers(2, 300)) for _ in range(n - 1)], max_ngram_size=n,
-                           n_embed_per_ngram=k * int(rng.integers(1, 5)), n_head_per_ngram=k,
-                           layer_ids=[int(x) for x in rng.choice(10, size=int(rng.integers(1, 4)), replace=False)],
-                           kernel_size=int(rng.integers(1, 5)), gating=bool(trial % 2), short_conv=bool(trial // 2 % 2),
-                           signed_sqrt=bool(rng.integers(0, 2)))
+        cfg = EngramConfig(
+            engram_vocab_size=[int(rng.integers(2, 300)) for _ in range(n - 1)],
+            max_ngram_size=n,
+            n_embed_per_ngram=k * int(rng.integers(1, 5)),
+            n_head_per_ngram=k,
+            layer_ids=[int(x) for x in rng.choice(10, size=int(rng.integers(1, 4)), replace=False)],
+            kernel_size=int(rng.integers(1, 5)),
+            gating=bool(trial % 2),
+            short_conv=bool(trial // 2 % 2),
+            signed_sqrt=bool(rng.integers(0, 2)),
+        )
         hidden, m = int(rng.integers(1, 24)), int(rng.integers(1, 5))
         hasher = NgramHasher(cfg, int(rng.integers(2, 1000)), 0)
         mods = [Engram(cfg, l, hidden, hc_mult=m, hasher=hasher) for l in cfg.layer_ids]
@@ -443,8 +471,14 @@ def test_engram_counts_equals_instantiated_parameters():
 
 
 def test_switches_change_param_count_as_accounting_says():
-    base = dict(engram_vocab_size=[31, 37], max_ngram_size=3, n_embed_per_ngram=8, n_head_per_ngram=2,
-                layer_ids=[1], kernel_size=4)
+    base = dict(
+        engram_vocab_size=[31, 37],
+        max_ngram_size=3,
+        n_embed_per_ngram=8,
+        n_head_per_ngram=2,
+        layer_ids=[1],
+        kernel_size=4,
+    )
     totals, counted = {}, {}
     for gating in (True, False):
         for conv in (True, False):

@@ -16,10 +16,12 @@ HEADS, DIM = [11, 13, 17], 4
 def tables(tmp_path):
     torch.manual_seed(0)
     device = MultiHeadEmbedding(HEADS, DIM)
-    return {"device": device,
-            "host": OffloadedEmbedding.from_multihead(device, "host"),
-            "disk": OffloadedEmbedding.from_multihead(device, "disk", path=tmp_path / "t.rows"),
-            "cached": OffloadedEmbedding.from_multihead(device, "host", cache_bytes=8 * DIM * 4)}
+    return {
+        "device": device,
+        "host": OffloadedEmbedding.from_multihead(device, "host"),
+        "disk": OffloadedEmbedding.from_multihead(device, "disk", path=tmp_path / "t.rows"),
+        "cached": OffloadedEmbedding.from_multihead(device, "host", cache_bytes=8 * DIM * 4),
+    }
 
 
 def ids():
@@ -28,7 +30,7 @@ def ids():
 
 
 def test_every_table_is_an_engram_table_with_the_same_fused_ids_and_rows(tmp_path):
-    assert issubclass(ShardedEmbedding, EngramTable)   # built under a process group: tests/distributed
+    assert issubclass(ShardedEmbedding, EngramTable)  # built under a process group: tests/distributed
     found = tables(tmp_path)
     x = ids()
     reference = found["device"](x)

@@ -21,7 +21,9 @@ from engram.tokenizer import normalize_token_text, vocab_fingerprint
 
 # Unicode White_Space: what the reference's strip removes (Rust ``char::is_whitespace``). Note that Python's
 # ``str.strip()`` would also remove U+001C..U+001F, which the reference keeps.
-WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+WHITE_SPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
 
 
 def independent_normalize(text: str) -> str:
@@ -44,8 +46,9 @@ def independent_key(text: str, raw_token: str) -> str:
 
 def independent_lookup(texts: list[str], raw_tokens: list[str]) -> np.ndarray:
     ids: dict[str, int] = {}
-    return np.array([ids.setdefault(independent_key(t, r), len(ids)) for t, r in zip(texts, raw_tokens)],
-                    dtype=np.int64)
+    return np.array(
+        [ids.setdefault(independent_key(t, r), len(ids)) for t, r in zip(texts, raw_tokens)], dtype=np.int64
+    )
 
 
 # ---------------------------------------------------------------------------------------------- a small tokenizer
@@ -174,11 +177,14 @@ _ALPHABET = (
     + ["\x1c", "\x1d", "\x1e", "\x1f", "\u200b", "\ufeff", "\ue000", "\ufffd"]
     + [chr(c) for c in range(0xA1, 0x250)]  # Latin-1, Latin Extended-A/B
     + [chr(c) for c in range(0x300, 0x370)]  # combining diacritics
-    + [chr(c) for c in range(0x391, 0x3CA)] + ["\u03c2", "\u0390", "\u1f00"]  # Greek
+    + [chr(c) for c in range(0x391, 0x3CA)]
+    + ["\u03c2", "\u0390", "\u1f00"]  # Greek
     + [chr(c) for c in range(0x400, 0x460)]  # Cyrillic
     + ["\u0903", "\u093f", "\u0915", "\u20dd", "\u0e31", "\u0e01"]  # spacing / enclosing marks, Devanagari, Thai
-    + [chr(c) for c in range(0x1E00, 0x1E20)] + ["\u1e9e", "\u0130", "\u212a", "\u2126", "\u2160", "\u00bd"]
-    + [chr(c) for c in range(0xFB00, 0xFB07)] + [chr(c) for c in range(0xFF01, 0xFF5F)]  # ligatures, fullwidth
+    + [chr(c) for c in range(0x1E00, 0x1E20)]
+    + ["\u1e9e", "\u0130", "\u212a", "\u2126", "\u2160", "\u00bd"]
+    + [chr(c) for c in range(0xFB00, 0xFB07)]
+    + [chr(c) for c in range(0xFF01, 0xFF5F)]  # ligatures, fullwidth
     + ["\u3042", "\u30ac", "\u4e2d", "\u6587", "\uac00", "\ud55c", "\u3300", "\u338f", "\u2122", "\u00b4"]
 )
 
@@ -193,7 +199,8 @@ def test_normaliser_agrees_with_unicodedata_model(text):
 # ``tokenizers`` and Python's ``unicodedata`` may be different Unicode versions, which only matters for characters
 # added recently (e.g. U+08CA, new in Unicode 14, is a mark for Python 3.11 and unassigned for tokenizers 0.23).
 _OLD_CHARS = st.characters(max_codepoint=0xFFFF, exclude_categories=("Cs", "Cn", "Co")).filter(
-    lambda c: unicodedata.ucd_3_2_0.category(c) != "Cn")
+    lambda c: unicodedata.ucd_3_2_0.category(c) != "Cn"
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -233,8 +240,9 @@ def test_constructors_agree(tmp_path, small_tok, small_ctok):
     path.mkdir()
     small_tok.save(str(path / "tokenizer.json"))
     hf_plain = transformers.PreTrainedTokenizerFast(tokenizer_object=build_small_tokenizer())
-    hf_cleanup = transformers.PreTrainedTokenizerFast(tokenizer_object=build_small_tokenizer(),
-                                                      clean_up_tokenization_spaces=True)
+    hf_cleanup = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=build_small_tokenizer(), clean_up_tokenization_spaces=True
+    )
     built = {
         "json path str": CompressedTokenizer(str(path / "tokenizer.json")),
         "json Path": CompressedTokenizer(path / "tokenizer.json"),

@@ -9,9 +9,18 @@ from engram.hashing import NgramHasher
 from engram.module import Engram
 
 # text_config of DeepSeek-V4.1 (landscape.md section 5)
-V41 = {"engram_layer_ids": [1, 14], "engram_num_embeddings": [384_006_168, 384_016_682], "engram_max_ngram_size": 4,
-       "engram_vocab_size": 16_000_000, "engram_n_heads": 8, "engram_head_dim": 256, "engram_pad_token_id": 2,
-       "engram_compressed_vocab_size": 99_092, "hc_mult": 4, "hidden_size": 5120}
+V41 = {
+    "engram_layer_ids": [1, 14],
+    "engram_num_embeddings": [384_006_168, 384_016_682],
+    "engram_max_ngram_size": 4,
+    "engram_vocab_size": 16_000_000,
+    "engram_n_heads": 8,
+    "engram_head_dim": 256,
+    "engram_pad_token_id": 2,
+    "engram_compressed_vocab_size": 99_092,
+    "hc_mult": 4,
+    "hidden_size": 5120,
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +47,26 @@ def test_v41_module_on_meta_has_the_checkpoint_shapes():
     shapes = {name: tuple(p.shape) for name, p in m.named_parameters()}
     d, d_mem = 5120, 3 * 8 * 256
     expected = {"table.weight": (384_016_682, 256), "value_proj.weight": (d, d_mem)}
-    for i in range(4):   # 4 keys + 1 shared value, no bias; gate RMSNorm weights per branch; no ShortConv
-        expected |= {f"key_projs.{i}.weight": (d, d_mem), f"key_norms.{i}.weight": (d,),
-                     f"query_norms.{i}.weight": (d,)}
+    for i in range(4):  # 4 keys + 1 shared value, no bias; gate RMSNorm weights per branch; no ShortConv
+        expected |= {
+            f"key_projs.{i}.weight": (d, d_mem),
+            f"key_norms.{i}.weight": (d,),
+            f"query_norms.{i}.weight": (d,),
+        }
     assert shapes == expected
     assert m.short_conv is None
 
 
-@pytest.mark.parametrize("key,value", [("engram_vocab_size", 15_000_000), ("engram_n_heads", 7),
-                                       ("engram_max_ngram_size", 3), ("engram_layer_ids", [1, 14, 20]),
-                                       ("engram_num_embeddings", [384_006_168, 384_016_681])])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("engram_vocab_size", 15_000_000),
+        ("engram_n_heads", 7),
+        ("engram_max_ngram_size", 3),
+        ("engram_layer_ids", [1, 14, 20]),
+        ("engram_num_embeddings", [384_006_168, 384_016_681]),
+    ],
+)
 def test_inconsistent_v41_config_is_refused(key, value):
     bad = dict(V41, **{key: value})
     with pytest.raises(ValueError, match="engram_num_embeddings"):

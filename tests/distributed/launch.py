@@ -34,8 +34,9 @@ def run_ranks(fn: Callable, world_size: int, folder: Path, *args: Any, timeout: 
     folder.mkdir(parents=True)
     store = folder / "store"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, str(folder), str(store), args))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, str(folder), str(store), args)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -44,12 +45,15 @@ def run_ranks(fn: Callable, world_size: int, folder: Path, *args: Any, timeout: 
         if p.is_alive():
             p.kill()
             p.join()
-    errors = [(r, (folder / f"rank{r}.err").read_text()) for r in range(world_size)
-              if (folder / f"rank{r}.err").exists()]
+    errors = [
+        (r, (folder / f"rank{r}.err").read_text()) for r in range(world_size) if (folder / f"rank{r}.err").exists()
+    ]
     if errors:
         raise AssertionError("\n".join(f"rank {r} failed:\n{e}" for r, e in errors))
     missing = [r for r, p in enumerate(procs) if p.exitcode != 0]
     if missing:
-        raise AssertionError(f"ranks {missing} did not finish (exit codes {[procs[r].exitcode for r in missing]}; "
-                             f"a hang past {timeout}s is killed)")
+        raise AssertionError(
+            f"ranks {missing} did not finish (exit codes {[procs[r].exitcode for r in missing]}; "
+            f"a hang past {timeout}s is killed)"
+        )
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

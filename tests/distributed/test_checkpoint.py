@@ -29,7 +29,7 @@ def setup(mode):
 
 def step(model, call, optimizers, batch, rank, world):
     rows = batch.shape[0] // world
-    b = batch[rank * rows:(rank + 1) * rows]
+    b = batch[rank * rows : (rank + 1) * rows]
     loss = call(b[:, :-1], b[:, 1:]).loss
     for o in optimizers:
         o.zero_grad(set_to_none=True)
@@ -122,9 +122,14 @@ def test_resliced_rows_are_the_saved_rows(tmp_path, rows, old, new):
     names = []
     for r in range(old):
         names.append(f"r{r}.safetensors")
-        save_file({"t.weight": full[b_old[r]:b_old[r + 1]].contiguous(),
-                   "t.weight::exp_avg": full[b_old[r]:b_old[r + 1]].contiguous() * 2,
-                   "t.weight::step": step_t}, str(tmp_path / names[-1]))
+        save_file(
+            {
+                "t.weight": full[b_old[r] : b_old[r + 1]].contiguous(),
+                "t.weight::exp_avg": full[b_old[r] : b_old[r + 1]].contiguous() * 2,
+                "t.weight::step": step_t,
+            },
+            str(tmp_path / names[-1]),
+        )
 
     class Table:
         def __init__(self, start, end):

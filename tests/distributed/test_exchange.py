@@ -41,15 +41,18 @@ def _lookup_worker(rank, world):
         # per-rank mean loss and global mean loss: the sharded table must average like data parallelism does
         (rows * probe[mine]).sum().div(4).backward()
         (ref * probe).sum().div(4 * world).backward()
-        out[prefetch] = dict(rows_ok=torch.equal(rows, ref[mine]),
-                             grad_err=(sharded.weight.grad - dense.weight.grad[sharded.start:sharded.end]).abs().max()
-                             if sharded.end > sharded.start else torch.tensor(0.0))
+        out[prefetch] = dict(
+            rows_ok=torch.equal(rows, ref[mine]),
+            grad_err=(sharded.weight.grad - dense.weight.grad[sharded.start : sharded.end]).abs().max()
+            if sharded.end > sharded.start
+            else torch.tensor(0.0),
+        )
     # a batch that needs no row of the last rank: empty splits in every exchange, and an owner left idle
     same = torch.zeros(2, 3, len(HEADS), dtype=torch.int64)
     sharded.weight.grad = dense.weight.grad = None
     sharded(same).sum().backward()
     dense(same).sum().backward()  # the mean over ranks of identical per-rank losses is one rank's loss
-    out["empty_splits_grad_err"] = (sharded.weight.grad - dense.weight.grad[sharded.start:sharded.end]).abs().max()
+    out["empty_splits_grad_err"] = (sharded.weight.grad - dense.weight.grad[sharded.start : sharded.end]).abs().max()
     plan = RowExchange(sharded.fused_ids(ids[mine]), sharded.bounds)
     out["unique"] = plan.num_unique
     out["distinct"] = int((ids[mine] + sharded.offsets).unique().numel())

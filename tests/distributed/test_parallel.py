@@ -18,10 +18,21 @@ V, T, LOCAL_B, STEPS = 120, 16, 2, 3
 
 
 def tiny_model(seed=0):
-    cfg = ModelConfig(family="engram", vocab_size=V, hidden_size=32, num_layers=2, num_heads=2, n_routed_experts=4,
-                      num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=64, max_seq_len=T,
-                      engram=EngramConfig(engram_vocab_size=[97, 101], n_embed_per_ngram=16, n_head_per_ngram=2,
-                                          layer_ids=[0, 1], pad_id=0))
+    cfg = ModelConfig(
+        family="engram",
+        vocab_size=V,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        intermediate_size=64,
+        max_seq_len=T,
+        engram=EngramConfig(
+            engram_vocab_size=[97, 101], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[0, 1], pad_id=0
+        ),
+    )
     torch.manual_seed(seed)
     model = EngramLM(cfg, CompressedTokenizer.from_lookup(np.arange(V) % 80, "test-vocab"))
     for eng in model.engram_layers.values():  # conv starts at zero (paper); exercise it with non-zero weights
@@ -38,8 +49,11 @@ def train_steps(model, call, optimizers, batches, rank, world, distributed):
     """STEPS optimizer steps; returns the global-batch loss and gradient norm of each."""
     losses, norms = [], []
     for b in batches:
-        x, y = (b[rank * LOCAL_B:(rank + 1) * LOCAL_B, :-1], b[rank * LOCAL_B:(rank + 1) * LOCAL_B, 1:]) \
-            if distributed else (b[:, :-1], b[:, 1:])
+        x, y = (
+            (b[rank * LOCAL_B : (rank + 1) * LOCAL_B, :-1], b[rank * LOCAL_B : (rank + 1) * LOCAL_B, 1:])
+            if distributed
+            else (b[:, :-1], b[:, 1:])
+        )
         loss = call(x, y).loss
         for o in optimizers:
             o.zero_grad(set_to_none=True)
@@ -69,13 +83,22 @@ def _equivalence_worker(rank, world, mode, optim_kw):
     local_rows = {n: (t.start, t.end) for n, t in tables.items()}
     losses, norms = train_steps(model, call, build_optimizers(model, ocfg), batches, rank, world, True)
     full = gather_full_state_dict(unwrap(call))
-    out = {"losses": losses, "norms": norms, "ref_losses": ref_losses, "ref_norms": ref_norms,
-           "local_rows": local_rows, "dense_rows": sum(t.num_rows for t in tables.values())}
+    out = {
+        "losses": losses,
+        "norms": norms,
+        "ref_losses": ref_losses,
+        "ref_norms": ref_norms,
+        "local_rows": local_rows,
+        "dense_rows": sum(t.num_rows for t in tables.values()),
+    }
     if rank == 0:
         ref_sd = ref.state_dict()
         out["max_err"] = {k: float((v.float() - ref_sd[k].float()).abs().max()) for k, v in full.items()}
-        out["moved"] = {k: float((ref_sd[k].float() - v.float()).abs().max())
-                        for k, v in dense.state_dict().items() if k.endswith("table.weight")}
+        out["moved"] = {
+            k: float((ref_sd[k].float() - v.float()).abs().max())
+            for k, v in dense.state_dict().items()
+            if k.endswith("table.weight")
+        }
         out["keys_match"] = set(full) == set(ref_sd)
     return out
 

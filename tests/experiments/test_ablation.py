@@ -57,8 +57,21 @@ def test_table_lr_variant_is_1x_against_a_5x_reference(variants):
     assert vs["reference"].optim.table_lr_mult == 5.0 and vs["table-lr-1x"].optim.table_lr_mult == 1.0
 
 
-@pytest.mark.parametrize("name", ["no-gating", "no-compress", "no-conv", "no-multi-branch", "4-grams",
-                                  "block-0", "block-1", "block-2", "block-3", "table-lr-1x"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "no-gating",
+        "no-compress",
+        "no-conv",
+        "no-multi-branch",
+        "4-grams",
+        "block-0",
+        "block-1",
+        "block-2",
+        "block-3",
+        "table-lr-1x",
+    ],
+)
 def test_variants_keep_the_reference_table_budget(variants, name):
     _, vs = variants
     ref = _table(vs["reference"].model)

@@ -6,8 +6,14 @@ import torch
 
 from engram import CompressedTokenizer, EngramConfig
 from engram.experiments.logit_lens import layer_kl, logit_lens
-from engram.experiments.sensitivity import (BigramStats, SplitRule, engram_disabled, engram_off_eval, split_eval,
-                                           split_masks)
+from engram.experiments.sensitivity import (
+    BigramStats,
+    SplitRule,
+    engram_disabled,
+    engram_off_eval,
+    split_eval,
+    split_masks,
+)
 from engram.experiments.token_classes import identifier_ends
 from engram.model import EngramLM, ModelConfig
 
@@ -16,11 +22,32 @@ V = 97
 
 def _model(hc_mult=1, multi_branch=True, family="engram", seed=0):
     torch.manual_seed(seed)
-    engram = EngramConfig(engram_vocab_size=[53, 59], n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=[0, 2],
-                          pad_id=0, multi_branch=multi_branch) if family == "engram" else None
-    cfg = ModelConfig(family=family, vocab_size=V, hidden_size=16, num_layers=3, num_heads=2, n_routed_experts=4,
-                      num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32, max_seq_len=32,
-                      hc_mult=hc_mult, engram=engram)
+    engram = (
+        EngramConfig(
+            engram_vocab_size=[53, 59],
+            n_embed_per_ngram=8,
+            n_head_per_ngram=2,
+            layer_ids=[0, 2],
+            pad_id=0,
+            multi_branch=multi_branch,
+        )
+        if family == "engram"
+        else None
+    )
+    cfg = ModelConfig(
+        family=family,
+        vocab_size=V,
+        hidden_size=16,
+        num_layers=3,
+        num_heads=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        intermediate_size=32,
+        max_seq_len=32,
+        hc_mult=hc_mult,
+        engram=engram,
+    )
     model = EngramLM(cfg, CompressedTokenizer.identity(V) if family == "engram" else None)
     with torch.no_grad():  # trained-looking conv weights, so the ShortConv path carries signal too
         for e in model.engram_layers.values():

@@ -84,10 +84,7 @@ def test_alignment_index_of_the_identity_is_the_diagonal():
 
 
 def test_alignment_index_on_a_known_matrix():
-    s = np.array([[0.1, 0.0],
-                  [0.2, 0.9],
-                  [0.9, 0.3],
-                  [0.4, 0.6]])
+    s = np.array([[0.1, 0.0], [0.2, 0.9], [0.9, 0.3], [0.4, 0.6]])
     # column 0, top-2 rows 3 (0.9) and 4 (0.4): (0.9*3 + 0.4*4) / 1.3; column 1, rows 2 and 4: (0.9*2 + 0.6*4) / 1.5
     assert soft_alignment_index(s, k=2).tolist() == pytest.approx([(2.7 + 1.6) / 1.3, (1.8 + 2.4) / 1.5])
     # k = all rows: the similarity-weighted mean depth

@@ -10,8 +10,10 @@ from engram.experiments.runner import COMMON_COLUMNS, SweepPoint, load_results, 
 
 
 def _points(tiny_run):
-    return [SweepPoint("moe", tiny_run("moe"), {"variant": "moe", "size": 0}),
-            SweepPoint("engram", tiny_run("engram"), {"variant": "engram", "size": 1})]
+    return [
+        SweepPoint("moe", tiny_run("moe"), {"variant": "moe", "size": 0}),
+        SweepPoint("engram", tiny_run("engram"), {"variant": "engram", "size": 1}),
+    ]
 
 
 def test_a_finished_point_is_not_rerun_and_an_unfinished_one_is(tmp_path, tiny_run, monkeypatch):

@@ -42,8 +42,10 @@ def test_fit_log_slope_recovers_a_known_power_law():
 
 
 def test_memory_fits_average_seeds_per_size():
-    rows = [{"method": "engram", "table_params": p, "val_loss": v}
-            for p, v in ((10, 2.0), (10, 2.2), (100, 1.9), (1000, 1.8))]
+    rows = [
+        {"method": "engram", "table_params": p, "val_loss": v}
+        for p, v in ((10, 2.0), (10, 2.2), (100, 1.9), (1000, 1.8))
+    ]
     f = memory_fits(rows)["engram"]
     assert [s["mean"] for s in f["points"]] == pytest.approx([2.1, 1.9, 1.8])
     assert f["slope_per_decade"] == pytest.approx(-0.15)

@@ -21,9 +21,18 @@ def word_tokenizer(vocab: int = VOCAB, prefix: str = "w"):
 
 
 def tiny_config(family: str):
-    common = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0,
-              "eos_token_id": 1, "bos_token_id": 1}
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 1,
+    }
     if family == "llama":
         return transformers.LlamaConfig(**common)
     if family == "mistral":
@@ -33,8 +42,16 @@ def tiny_config(family: str):
     if family == "qwen3":
         return transformers.Qwen3Config(**common, head_dim=8)
     if family == "gpt2":
-        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
-                                       pad_token_id=0, eos_token_id=1, bos_token_id=1)
+        return transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=128,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+        )
     raise ValueError(family)
 
 
@@ -44,4 +61,3 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 def tiny_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
-

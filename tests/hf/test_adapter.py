@@ -21,8 +21,14 @@ def family(request) -> str:
 
 
 def small_config(**changes) -> EngramConfig:
-    base = {"engram_vocab_size": [211, 223], "max_ngram_size": 3, "n_embed_per_ngram": 16, "n_head_per_ngram": 2,
-                "layer_ids": [0, 2], "pad_id": 0}
+    base = {
+        "engram_vocab_size": [211, 223],
+        "max_ngram_size": 3,
+        "n_embed_per_ngram": 16,
+        "n_head_per_ngram": 2,
+        "layer_ids": [0, 2],
+        "pad_id": 0,
+    }
     return EngramConfig(**{**base, **changes})
 
 
@@ -87,7 +93,7 @@ def test_incremental_logits_match_the_full_sequence(family, short_conv):
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         steps = [out.logits]
         for t in range(4, 10):
-            steps.append(model(x[:, t:t + 1], cache=cache, use_cache=True).logits)
+            steps.append(model(x[:, t : t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -119,8 +125,13 @@ def test_beam_search_with_cache_equals_beam_search_without():
     add_engram(model, word_tokenizer(), small_config())
     randomize(model)
     prompt = ids(1, 4, seed=5)
-    kw = {"max_new_tokens": 8, "do_sample": False, "num_beams": 3, "pad_token_id": 0,
-          "attention_mask": torch.ones_like(prompt)}
+    kw = {
+        "max_new_tokens": 8,
+        "do_sample": False,
+        "num_beams": 3,
+        "pad_token_id": 0,
+        "attention_mask": torch.ones_like(prompt),
+    }
     assert torch.equal(model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw))
 
 
@@ -207,8 +218,9 @@ def test_the_base_fingerprint_ignores_the_load_dtype():
 def test_unsupported_families_get_a_clear_error():
     import transformers
 
-    cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                 num_attention_heads=4, word_embed_proj_dim=32)
+    cfg = transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32
+    )
     model = transformers.OPTForCausalLM(cfg)
     with pytest.raises(ValueError, match="support the model families.*'opt'"):
         add_engram(model, word_tokenizer(), small_config())

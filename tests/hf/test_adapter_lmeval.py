@@ -21,8 +21,9 @@ def test_eval_tasks_on_base_plus_adapter(tmp_path, capsys):
     base = tmp_path / "base"
     model = tiny_model("llama")
     model.save_pretrained(base)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=word_tokenizer(), eos_token="w1", pad_token="w0") \
-        .save_pretrained(base)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(), eos_token="w1", pad_token="w0"
+    ).save_pretrained(base)
     add_engram(model, word_tokenizer(), small_config())
     randomize(model)
     save_adapter(model, tmp_path / "adapter")
@@ -30,7 +31,7 @@ def test_eval_tasks_on_base_plus_adapter(tmp_path, capsys):
     def bpb(*extra: str) -> float:
         main(["eval", "--base", str(base), *extra, "--tasks", "engram_text", "--limit", "3"])
         out = capsys.readouterr().out
-        return json.loads(out[out.index("{"):])["engram_text"]["bits_per_byte"]
+        return json.loads(out[out.index("{") :])["engram_text"]["bits_per_byte"]
 
     plain = bpb()
     adapted = bpb("--adapter", str(tmp_path / "adapter"))

@@ -38,8 +38,9 @@ def test_smollm2_adapter_identity_cached_generation_and_round_trip(smollm2, tmp_
             adapted = model(**prompt).logits
             assert (adapted - base).abs().max() > 1e-3
             kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
-            assert torch.equal(model.generate(**prompt, use_cache=True, **kw),
-                               model.generate(**prompt, use_cache=False, **kw))
+            assert torch.equal(
+                model.generate(**prompt, use_cache=True, **kw), model.generate(**prompt, use_cache=False, **kw)
+            )
             save_adapter(model, tmp_path)
         finally:
             remove_engram(model)

@@ -34,8 +34,9 @@ def test_offloaded_adapter_tables_train_in_their_tier_and_round_trip(tmp_path, t
     assert all(isinstance(t, OffloadedEmbedding) and t.store.kind == tier for t in tables)
     rows_before = [t.store.read_range(0, t.num_rows).clone() for t in tables]
     base_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("engram_adapter.")}
-    cfg = FinetuneConfig(steps=12, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=0, eval_every=12,
-                         eval_batches=2, progress=False)
+    cfg = FinetuneConfig(
+        steps=12, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=0, eval_every=12, eval_batches=2, progress=False
+    )
     data = tokens()
     finetune(model, data, {"val": data[:600]}, cfg)
     assert any(not torch.equal(t.store.read_range(0, t.num_rows), r) for t, r in zip(tables, rows_before))
@@ -63,10 +64,23 @@ def test_row_wise_adam_trains_device_adapter_tables():
     tables = [o for o in optimizers if isinstance(o, RowWiseAdam)]
     assert len(tables) == 1
     assert {id(p) for g in tables[0].param_groups for p in g["params"]} == {
-        id(e.table.weight) for e in adapter.engrams.values()}
+        id(e.table.weight) for e in adapter.engrams.values()
+    }
     before = [e.table.weight.detach().clone() for e in adapter.engrams.values()]
     data = tokens()
-    finetune(model, data, {"val": data[:600]}, FinetuneConfig(steps=6, batch_size=2, seq_len=16, lr=1e-2,
-                                                              warmup_steps=0, eval_batches=1, progress=False,
-                                                              table_optimizer="rowwise"))
+    finetune(
+        model,
+        data,
+        {"val": data[:600]},
+        FinetuneConfig(
+            steps=6,
+            batch_size=2,
+            seq_len=16,
+            lr=1e-2,
+            warmup_steps=0,
+            eval_batches=1,
+            progress=False,
+            table_optimizer="rowwise",
+        ),
+    )
     assert any(not torch.equal(e.table.weight, b) for e, b in zip(adapter.engrams.values(), before))

@@ -21,8 +21,12 @@ def _docs(n=60):
 
 def test_saved_dataset_dict_uses_its_splits_and_text_field(tmp_path):
     train, val = _docs(50), _docs(8)
-    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": train, "n": list(range(50))}),
-                               "validation": datasets.Dataset.from_dict({"content": val})})
+    ds = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"content": train, "n": list(range(50))}),
+            "validation": datasets.Dataset.from_dict({"content": val}),
+        }
+    )
     ds.save_to_disk(str(tmp_path / "ds"))
     corpus = load_corpus(tmp_path / "ds", text_field="content")
     assert isinstance(corpus.train, TextColumn)
@@ -30,7 +34,7 @@ def test_saved_dataset_dict_uses_its_splits_and_text_field(tmp_path):
 
 
 def test_parquet_file_is_split_by_row_and_tokenised_like_its_texts(tmp_path, text_tokenizer):
-    docs = _docs(80) + [""]    # an empty row is skipped
+    docs = _docs(80) + [""]  # an empty row is skipped
     datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "d.parquet"))
     corpus = load_corpus(tmp_path / "d.parquet", val_fraction=0.2)
     got = list(corpus.train) + list(corpus.val)
@@ -58,7 +62,7 @@ def test_wrong_text_field_names_the_columns(tmp_path):
 
 def _peak_python_bytes(path, tokenizer, cache) -> tuple[int, int]:
     """(peak traced Python memory of load_corpus + build_token_files, bytes of text tokenised)."""
-    load_corpus(path)    # imports and the Arrow cache, outside the measurement
+    load_corpus(path)  # imports and the Arrow cache, outside the measurement
     tracemalloc.start()
     start = tracemalloc.get_traced_memory()[0]
     files = build_token_files(load_corpus(path, val_fraction=0.01), tokenizer, cache, progress=False)
@@ -69,7 +73,7 @@ def _peak_python_bytes(path, tokenizer, cache) -> tuple[int, int]:
 
 def test_memory_does_not_grow_with_the_dataset(tmp_path, text_tokenizer):
     peaks, sizes = [], []
-    for n in (1000, 4000):     # ~1 MB and ~4 MB of text
+    for n in (1000, 4000):  # ~1 MB and ~4 MB of text
         docs = [f"{i} " + "lorem ipsum dolor sit amet " * 36 for i in range(n)]
         datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / f"{n}.parquet"))
         peak, n_bytes = _peak_python_bytes(tmp_path / f"{n}.parquet", text_tokenizer, tmp_path / f"tokens{n}")

@@ -29,10 +29,10 @@ def assert_same_model(model, hf, tok, hf_tok):
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     ref = generate(model, tok.encode(PROMPTS), SamplingConfig(max_new_tokens=10, temperature=0), pad_id=tok.pad_id)
     batch = hf_tok(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
-    assert not bool(batch["attention_mask"].all())            # the batch really is left-padded
+    assert not bool(batch["attention_mask"].all())  # the batch really is left-padded
     out = hf.generate(**batch, max_new_tokens=10, do_sample=False, eos_token_id=None)
-    assert out[:, batch["input_ids"].shape[1]:].tolist() == ref
-    assert len({tuple(r) for r in ref}) == len(ref)           # the prompts lead to different continuations
+    assert out[:, batch["input_ids"].shape[1] :].tolist() == ref
+    assert len({tuple(r) for r in ref}) == len(ref)  # the prompts lead to different continuations
 
 
 @pytest.mark.parametrize("attention,hc_mult", [("mha", 1), ("mha", 4), ("mla", 1), ("mla", 4)])
@@ -43,8 +43,13 @@ def test_exported_model_matches_logits_and_greedy_tokens(tmp_path, text_tokenize
     folder = export(model, tmp_path / "hf", text_tokenizer)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_engram.EngramForCausalLM"
-    for name in ("model.safetensors", "modeling_engram.py", "configuration_engram.py", "tokenizer.json",
-                 "tokenizer.safetensors"):
+    for name in (
+        "model.safetensors",
+        "modeling_engram.py",
+        "configuration_engram.py",
+        "tokenizer.json",
+        "tokenizer.safetensors",
+    ):
         assert (folder / name).is_file(), name
     hf, hf_tok = load(folder)
     assert hf_tok.padding_side == "left"
@@ -57,7 +62,7 @@ def test_tied_embeddings_and_moe_counters_survive_meta_loading(tmp_path, text_to
     model = tiny_model(text_tokenizer, tie=True)
     hf, hf_tok = load(export(model, tmp_path / "hf", text_tokenizer))
     assert hf.model.lm_head.weight is hf.model.tok_emb.weight
-    for moe in hf.model.moe_layers():          # non-persistent buffers rebuilt by _init_weights, not left empty
+    for moe in hf.model.moe_layers():  # non-persistent buffers rebuilt by _init_weights, not left empty
         assert int(moe.expert_counts.abs().sum()) == 0
     for eng in hf.model.engram_layers.values():
         assert eng.table.offsets.tolist() == [0, *torch.tensor(eng.table.head_sizes).cumsum(0)[:-1].tolist()]
@@ -78,7 +83,7 @@ def test_disk_tables_stay_memory_mapped_files(tmp_path, text_tokenizer):
     for eng in hf.model.engram_layers.values():
         assert eng.table.store.kind == "disk" and eng.table.store.path.parent == folder / "tables"
     assert_same_model(model, hf, text_tokenizer, hf_tok)
-    hf.save_pretrained(tmp_path / "again")      # transformers' own save keeps the tables out of the weights too
+    hf.save_pretrained(tmp_path / "again")  # transformers' own save keeps the tables out of the weights too
     with safe_open(str(tmp_path / "again" / "model.safetensors"), "pt") as f:
         names = f.keys()
         assert not [k for k in names if ".table." in k]

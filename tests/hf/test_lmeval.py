@@ -83,14 +83,33 @@ def test_train_on_a_dataset_export_and_eval_from_the_cli(tmp_path, capsys):
 
     docs = [f"{t} # {i}" for i, t in enumerate(TEXTS * 2)]
     datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "ds"))
-    main(["train", "--set", f"train.out_dir={tmp_path / 'run'}", f"train.data={tmp_path / 'ds'}",
-          "train.text_field=body", "train.steps=3", "train.batch_size=2", "train.seq_len=16", "train.eval_every=3",
-          "train.eval_batches=1", "train.ckpt_every=3", "train.vocab_size=300", f"train.cache_dir={tmp_path / 'c'}",
-          "train.progress=false", "train.max_bytes=null", "model.family=engram", "model.hidden_size=32",
-          "model.num_layers=2", "model.num_heads=2", "model.n_routed_experts=4", "model.moe_intermediate_size=16",
-          "model.max_seq_len=64",
-          ("model.engram={engram_vocab_size: [97, 101], n_embed_per_ngram: 16, n_head_per_ngram: 2, "
-           "layer_ids: [1]}")])
+    main(
+        [
+            "train",
+            "--set",
+            f"train.out_dir={tmp_path / 'run'}",
+            f"train.data={tmp_path / 'ds'}",
+            "train.text_field=body",
+            "train.steps=3",
+            "train.batch_size=2",
+            "train.seq_len=16",
+            "train.eval_every=3",
+            "train.eval_batches=1",
+            "train.ckpt_every=3",
+            "train.vocab_size=300",
+            f"train.cache_dir={tmp_path / 'c'}",
+            "train.progress=false",
+            "train.max_bytes=null",
+            "model.family=engram",
+            "model.hidden_size=32",
+            "model.num_layers=2",
+            "model.num_heads=2",
+            "model.n_routed_experts=4",
+            "model.moe_intermediate_size=16",
+            "model.max_seq_len=64",
+            ("model.engram={engram_vocab_size: [97, 101], n_embed_per_ngram: 16, n_head_per_ngram: 2, layer_ids: [1]}"),
+        ]
+    )
     main(["export", "--model", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "hf")])
     capsys.readouterr()
     main(["eval", "--model", str(tmp_path / "hf"), "--tasks", "engram_text,engram_choice", "--limit", "4"])

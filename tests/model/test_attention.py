@@ -24,8 +24,17 @@ VARIANTS = {
 
 
 def make_cfg(**overrides) -> ModelConfig:
-    base = dict(family="dense", vocab_size=64, hidden_size=D, num_layers=1, num_heads=4,
-                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    base = dict(
+        family="dense",
+        vocab_size=64,
+        hidden_size=D,
+        num_layers=1,
+        num_heads=4,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -72,8 +81,9 @@ def test_all_true_key_mask_equals_the_causal_fast_path(variant):
     x = torch.randn(2, 6, D)
     pos = positions_for(2, 6)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, pos, key_mask=torch.ones(2, 6, dtype=torch.bool)), attn(x, pos),
-                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            attn(x, pos, key_mask=torch.ones(2, 6, dtype=torch.bool)), attn(x, pos), atol=1e-6, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -102,7 +112,7 @@ def test_cached_decoding_of_left_padded_batch_equals_full_forward(variant):
         full = attn(x, pos, key_mask=key_mask)
         steps = [attn(x[:, :prefill], pos[:, :prefill], cache=cache, key_mask=key_mask[:, :prefill])]
         for i in range(prefill, t):
-            steps.append(attn(x[:, i:i + 1], pos[:, i:i + 1], cache=cache, key_mask=key_mask[:, :i + 1]))
+            steps.append(attn(x[:, i : i + 1], pos[:, i : i + 1], cache=cache, key_mask=key_mask[:, : i + 1]))
     stepped = torch.cat(steps, dim=1)
     assert torch.isfinite(full).all() and torch.isfinite(stepped).all()  # padding queries must not give NaN
     torch.testing.assert_close(stepped[key_mask], full[key_mask], atol=1e-5, rtol=1e-5)
@@ -172,14 +182,15 @@ def test_mla_equals_the_explicit_latent_attention_equations(q_lora_rank):
         q = attn.wq_b(attn.q_norm(attn.wq_a(x))) if q_lora_rank else attn.wq(x)
         q = q.view(b, t, h, nope + rope)
         latent = x @ attn.wkv_a.weight.T
-        c_kv, k_r = latent[..., :cfg.kv_lora_rank], latent[..., cfg.kv_lora_rank:]
+        c_kv, k_r = latent[..., : cfg.kv_lora_rank], latent[..., cfg.kv_lora_rank :]
         c_kv = c_kv * torch.rsqrt(c_kv.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * attn.kv_norm.weight
         kv = (c_kv @ attn.wkv_b.weight.T).view(b, t, h, nope + vd)
         cos, sin = RotaryEmbedding(rope, cfg.rope_theta)(pos)
         q_r = apply_rope(q[..., nope:], cos, sin)
         k_r = apply_rope(k_r.unsqueeze(2), cos, sin).expand(b, t, h, rope)
-        scores = (torch.einsum("bihd,bjhd->bhij", q[..., :nope], kv[..., :nope])
-                  + torch.einsum("bihd,bjhd->bhij", q_r, k_r)) / math.sqrt(nope + rope)
+        scores = (
+            torch.einsum("bihd,bjhd->bhij", q[..., :nope], kv[..., :nope]) + torch.einsum("bihd,bjhd->bhij", q_r, k_r)
+        ) / math.sqrt(nope + rope)
         scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
         o = torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), kv[..., nope:])
         expected = attn.wo(o.reshape(b, t, h * vd))

@@ -30,11 +30,29 @@ def make(attention: str, hc: int) -> EngramLM:
     kw = dict(attention=attention, hc_mult=hc, hc_sinkhorn_iters=3)
     if attention == "mla":
         kw.update(kv_lora_rank=16, q_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
-    cfg = ModelConfig(family="engram", vocab_size=96, hidden_size=32, num_layers=2, num_heads=2, max_seq_len=32,
-                      intermediate_size=64, moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=4,
-                      num_experts_per_tok=2, first_k_dense=1,
-                      engram=EngramConfig(engram_vocab_size=[61, 67], max_ngram_size=3, n_embed_per_ngram=16,
-                                          n_head_per_ngram=2, layer_ids=[1], pad_id=0), **kw)
+    cfg = ModelConfig(
+        family="engram",
+        vocab_size=96,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        max_seq_len=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense=1,
+        engram=EngramConfig(
+            engram_vocab_size=[61, 67],
+            max_ngram_size=3,
+            n_embed_per_ngram=16,
+            n_head_per_ngram=2,
+            layer_ids=[1],
+            pad_id=0,
+        ),
+        **kw,
+    )
     torch.manual_seed(0)
     model = EngramLM(cfg, CompressedTokenizer.identity(cfg.vocab_size)).train()
     with torch.no_grad():  # non-zero ShortConv taps, so the conv path is exercised
@@ -94,8 +112,9 @@ def test_compiled_model_still_refuses_bad_ids_with_validation_on():
 def test_train_compile_true_trains_through_torch_compile(tmp_path, monkeypatch):
     """train.compile=true hands the model to torch.compile (spied here, run with aot_eager for speed) and the
     compiled run's losses equal the eager run's."""
-    from tests.conftest import CODE, tiny_engram_run as tiny_run
     from engram.train.trainer import train
+    from tests.conftest import CODE
+    from tests.conftest import tiny_engram_run as tiny_run
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

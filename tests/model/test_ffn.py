@@ -9,9 +9,19 @@ D, E, I, K = 16, 6, 8, 2
 
 
 def make_cfg(**overrides) -> ModelConfig:
-    base = dict(family="moe", vocab_size=64, hidden_size=D, num_layers=3, first_k_dense=1, intermediate_size=24,
-                n_routed_experts=E, num_experts_per_tok=K, moe_intermediate_size=I, n_shared_experts=1,
-                routed_scaling_factor=2.5)
+    base = dict(
+        family="moe",
+        vocab_size=64,
+        hidden_size=D,
+        num_layers=3,
+        first_k_dense=1,
+        intermediate_size=24,
+        n_routed_experts=E,
+        num_experts_per_tok=K,
+        moe_intermediate_size=I,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 

@@ -17,8 +17,19 @@ from engram import CompressedTokenizer, EngramConfig
 from engram.model import EngramLM, ModelConfig
 from engram.model.generate import SamplingConfig, generate
 
-READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__", "__complex__",
-         "__array__", "__iter__")
+READS = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__int__",
+    "__index__",
+    "__float__",
+    "__complex__",
+    "__array__",
+    "__iter__",
+)
 
 
 @contextlib.contextmanager
@@ -47,16 +58,33 @@ def no_validation():
 
 
 def base_cfg(**kw) -> ModelConfig:
-    args = dict(family="moe", vocab_size=96, hidden_size=32, num_layers=3, num_heads=2, max_seq_len=32,
-                intermediate_size=64, moe_intermediate_size=16, n_shared_experts=1, n_routed_experts=4,
-                num_experts_per_tok=2, first_k_dense=1)
+    args = dict(
+        family="moe",
+        vocab_size=96,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=2,
+        max_seq_len=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense=1,
+    )
     args.update(kw)
     return ModelConfig(**args)
 
 
 def engram_cfg(**kw) -> ModelConfig:
-    eng = EngramConfig(engram_vocab_size=[61, 67], max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2,
-                       layer_ids=[1, 2], pad_id=0)
+    eng = EngramConfig(
+        engram_vocab_size=[61, 67],
+        max_ngram_size=3,
+        n_embed_per_ngram=16,
+        n_head_per_ngram=2,
+        layer_ids=[1, 2],
+        pad_id=0,
+    )
     return base_cfg(family="engram", engram=eng, **kw)
 
 

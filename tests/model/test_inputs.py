@@ -16,11 +16,28 @@ V, B, T = 96, 2, 6
 
 @pytest.fixture(scope="module")
 def model() -> EngramLM:
-    cfg = ModelConfig(family="engram", vocab_size=V, hidden_size=32, num_layers=2, num_heads=2, max_seq_len=32,
-                      intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                      first_k_dense=1, hc_mult=2,
-                      engram=EngramConfig(engram_vocab_size=[61, 67], max_ngram_size=3, n_embed_per_ngram=16,
-                                          n_head_per_ngram=2, layer_ids=[1], pad_id=0))
+    cfg = ModelConfig(
+        family="engram",
+        vocab_size=V,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        max_seq_len=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense=1,
+        hc_mult=2,
+        engram=EngramConfig(
+            engram_vocab_size=[61, 67],
+            max_ngram_size=3,
+            n_embed_per_ngram=16,
+            n_head_per_ngram=2,
+            layer_ids=[1],
+            pad_id=0,
+        ),
+    )
     torch.manual_seed(0)
     return EngramLM(cfg, CompressedTokenizer.identity(V)).eval()
 
@@ -79,8 +96,12 @@ def test_hash_ids_per_layer_must_be_b_t_heads(model):
     good = model.hash_tokens(x)
     torch.testing.assert_close(model(x, hash_ids=good).logits, model(x).logits)
     h = good[1]
-    for bad in (h.reshape(B, -1, T).contiguous(), h.reshape(T, B, -1), h.reshape(B, T * h.shape[-1]),
-                h.transpose(0, 1)):
+    for bad in (
+        h.reshape(B, -1, T).contiguous(),
+        h.reshape(T, B, -1),
+        h.reshape(B, T * h.shape[-1]),
+        h.transpose(0, 1),
+    ):
         with pytest.raises(ValueError, match=r"hash_ids\[1\] must be an int64 tensor"):
             model(x, hash_ids={1: bad})
     with pytest.raises(ValueError, match=r"hash_ids\[1\]"):
@@ -142,4 +163,3 @@ def test_generate_checks_prompts_on_the_host(model):
         generate(model, [[1], []], SamplingConfig(max_new_tokens=2))
     with pytest.raises(ValueError, match=r"logits must be \[batch, vocab\]"):
         sample_next(torch.randn(B, 1, V), SamplingConfig())
-

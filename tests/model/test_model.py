@@ -10,8 +10,19 @@ import pytest
 import torch
 
 from engram import CompressedTokenizer, EngramConfig, engram_counts
-from engram.model import (EngramLM, ModelConfig, ModelLoadError, OverEncodingConfig, SamplingConfig, allocate,
-                          allocation_table, count_params, generate, load_model, save_model)
+from engram.model import (
+    EngramLM,
+    ModelConfig,
+    ModelLoadError,
+    OverEncodingConfig,
+    SamplingConfig,
+    allocate,
+    allocation_table,
+    count_params,
+    generate,
+    load_model,
+    save_model,
+)
 
 V = 300
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "paper"
@@ -24,14 +35,27 @@ def tokenizer(v=V):
 def small_cfg(family="engram", attention="mha", hc_mult=1, **kw):
     extra = {}
     if family == "engram":
-        extra["engram"] = EngramConfig(engram_vocab_size=[97, 101], n_embed_per_ngram=32, n_head_per_ngram=2,
-                                       layer_ids=[0, 2], pad_id=0)
+        extra["engram"] = EngramConfig(
+            engram_vocab_size=[97, 101], n_embed_per_ngram=32, n_head_per_ngram=2, layer_ids=[0, 2], pad_id=0
+        )
     if family == "overencoding":
         extra["overencoding"] = OverEncodingConfig(table_size=200)
     extra.update(kw)
-    return ModelConfig(family=family, vocab_size=V, hidden_size=64, num_layers=3, num_heads=4, attention=attention,
-                       hc_mult=hc_mult, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       intermediate_size=128, max_seq_len=64, **extra)
+    return ModelConfig(
+        family=family,
+        vocab_size=V,
+        hidden_size=64,
+        num_layers=3,
+        num_heads=4,
+        attention=attention,
+        hc_mult=hc_mult,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        intermediate_size=128,
+        max_seq_len=64,
+        **extra,
+    )
 
 
 def build(cfg, seed=0):
@@ -65,7 +89,7 @@ def test_cached_decoding_equals_full_forward(family, attention, hc):
     full = model(ids).logits
     state = model.new_state()
     steps = [model(ids[:, :7], state=state).logits]
-    steps += [model(ids[:, t:t + 1], state=state).logits for t in range(7, 18)]
+    steps += [model(ids[:, t : t + 1], state=state).logits for t in range(7, 18)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
 
@@ -98,6 +122,7 @@ def test_sampling_stops_on_eos_and_respects_top_k():
     assert out == [[eos]]
     top2 = set(torch.topk(logits, 2).indices[0].tolist())
     from engram.model.generate import sample_next
+
     g = torch.Generator().manual_seed(0)
     draws = {int(sample_next(logits, SamplingConfig(temperature=1.0, top_k=2), g)) for _ in range(50)}
     assert draws <= top2
@@ -179,13 +204,23 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="vocab size"):
         EngramLM(small_cfg("engram"), tokenizer(V + 1))
     with pytest.raises(ValueError, match="outside"):
-        small_cfg("engram", engram=EngramConfig(engram_vocab_size=[97, 101], layer_ids=[5], pad_id=0,
-                                                n_embed_per_ngram=32, n_head_per_ngram=2))
+        small_cfg(
+            "engram",
+            engram=EngramConfig(
+                engram_vocab_size=[97, 101], layer_ids=[5], pad_id=0, n_embed_per_ngram=32, n_head_per_ngram=2
+            ),
+        )
 
 
 def test_without_multi_branch_fuses_once_on_the_mixed_state():
-    eng = EngramConfig(engram_vocab_size=[97, 101], n_embed_per_ngram=32, n_head_per_ngram=2, layer_ids=[1],
-                       pad_id=0, multi_branch=False)
+    eng = EngramConfig(
+        engram_vocab_size=[97, 101],
+        n_embed_per_ngram=32,
+        n_head_per_ngram=2,
+        layer_ids=[1],
+        pad_id=0,
+        multi_branch=False,
+    )
     model = build(small_cfg("engram", hc_mult=4, engram=eng))
     block = model.blocks[1]
     assert block.engram.hc_mult == 1 and block.engram_res is not None
@@ -193,8 +228,10 @@ def test_without_multi_branch_fuses_once_on_the_mixed_state():
 
 
 # ---------------------------------------------------------------------------------------- accounting / allocation
-@pytest.mark.parametrize("name,total,activated", [("dense-4b", 4.1, 3.8), ("moe-27b", 26.7, 3.8),
-                                                   ("engram-27b", 26.7, 3.8), ("engram-40b", 39.5, 3.8)])
+@pytest.mark.parametrize(
+    "name,total,activated",
+    [("dense-4b", 4.1, 3.8), ("moe-27b", 26.7, 3.8), ("engram-27b", 26.7, 3.8), ("engram-40b", 39.5, 3.8)],
+)
 def test_paper_configs_count_the_papers_parameters(name, total, activated):
     c = count_params(ModelConfig.load(CONFIGS / f"{name}.yaml"))
     assert round(c.total_with_embeddings / 1e9, 1) == total
@@ -217,15 +254,26 @@ def test_count_params_matches_instantiated_model():
 
 
 def alloc_base():
-    return ModelConfig(family="moe", vocab_size=V, hidden_size=64, num_layers=4, num_heads=4, hc_mult=1,
-                       n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=64, max_seq_len=64)
+    return ModelConfig(
+        family="moe",
+        vocab_size=V,
+        hidden_size=64,
+        num_layers=4,
+        num_heads=4,
+        hc_mult=1,
+        n_routed_experts=16,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        max_seq_len=64,
+    )
 
 
 @pytest.mark.parametrize("rho", [0.9, 0.8, 0.75, 0.6, 0.5, 0.4, 0.2])
 def test_allocation_keeps_total_and_activated_params(rho):
     base = alloc_base()
-    tmpl = EngramConfig(engram_vocab_size=[10, 10], n_embed_per_ngram=32, n_head_per_ngram=2, layer_ids=[1, 2],
-                        pad_id=0)
+    tmpl = EngramConfig(
+        engram_vocab_size=[10, 10], n_embed_per_ngram=32, n_head_per_ngram=2, layer_ids=[1, 2], pad_id=0
+    )
     cfg = allocate(base, rho, tmpl)
     b, e = count_params(base), count_params(cfg)
     assert cfg.n_routed_experts == 2 + int(rho * 14 + 0.5)  # round half up
@@ -244,8 +292,9 @@ def test_allocation_total_is_the_closest_any_table_size_gets_to_the_base_total(r
     """allocate() sizes the tables with the budget matcher: only the table rows differ from the budget, and no
     neighbouring per-head size would land closer (before, totals drifted by up to 0.6% on this base)."""
     base = alloc_base()
-    tmpl = EngramConfig(engram_vocab_size=[10, 10], n_embed_per_ngram=32, n_head_per_ngram=2, layer_ids=[1, 2],
-                        pad_id=0)
+    tmpl = EngramConfig(
+        engram_vocab_size=[10, 10], n_embed_per_ngram=32, n_head_per_ngram=2, layer_ids=[1, 2], pad_id=0
+    )
     cfg = allocate(base, rho, tmpl)
     drift = count_params(cfg).total - count_params(base).total
     size = cfg.engram.engram_vocab_size[0]

@@ -82,14 +82,14 @@ def test_set_with_an_unknown_field_suggests_the_near_one(tmp_path, capsys):
 
 
 def test_model_path_that_does_not_exist(tmp_path, capsys):
-    assert_refused(cli(capsys, "eval", "--model", str(tmp_path / "nowhere")), "eval",
-                   str(tmp_path / "nowhere"), "runs/NAME/model")
+    assert_refused(
+        cli(capsys, "eval", "--model", str(tmp_path / "nowhere")), "eval", str(tmp_path / "nowhere"), "runs/NAME/model"
+    )
 
 
 def test_run_folder_instead_of_its_model_folder_suggests_the_model_folder(tiny, capsys):
     run = tiny / "run"
-    assert_refused(cli(capsys, "generate", "--model", str(run), "--prompt", "x"), "generate",
-                   str(run / "model"))
+    assert_refused(cli(capsys, "generate", "--model", str(run), "--prompt", "x"), "generate", str(run / "model"))
 
 
 def test_corrupt_checkpoint_offers_resume_from_an_earlier_step(tiny, tmp_path, capsys):
@@ -97,8 +97,7 @@ def test_corrupt_checkpoint_offers_resume_from_an_earlier_step(tiny, tmp_path, c
     config = tiny / "run.yaml"
     weights = tmp_path / "run" / "checkpoints" / "step_00000004" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    proc = cli(capsys, "train", "--config", str(config), "--set", f"train.out_dir={tmp_path / 'run'}",
-               "train.steps=6")
+    proc = cli(capsys, "train", "--config", str(config), "--set", f"train.out_dir={tmp_path / 'run'}", "train.steps=6")
     assert_refused(proc, "train", str(weights), "--resume-from STEP", "2")
 
 
@@ -117,14 +116,30 @@ def test_full_or_read_only_disk_names_the_path(tmp_path, capsys, monkeypatch, co
 
 
 def test_unavailable_device_names_train_device(tiny, tmp_path, capsys):
-    proc = cli(capsys, "train", "--config", str(tiny / "run.yaml"), "--set", "train.device=cuda:99",
-               f"train.out_dir={tmp_path / 'run'}")
+    proc = cli(
+        capsys,
+        "train",
+        "--config",
+        str(tiny / "run.yaml"),
+        "--set",
+        "train.device=cuda:99",
+        f"train.out_dir={tmp_path / 'run'}",
+    )
     assert_refused(proc, "train", "device 'cuda:99' (train.device")
 
 
 def test_divergence_names_the_step_and_suggests_a_lower_lr(tiny, tmp_path, capsys):
-    proc = cli(capsys, "train", "--config", str(tiny / "run.yaml"), "--set", "optim.lr=1e30", "optim.grad_clip=0",
-               "train.steps=20", f"train.out_dir={tmp_path / 'run'}")
+    proc = cli(
+        capsys,
+        "train",
+        "--config",
+        str(tiny / "run.yaml"),
+        "--set",
+        "optim.lr=1e30",
+        "optim.grad_clip=0",
+        "train.steps=20",
+        f"train.out_dir={tmp_path / 'run'}",
+    )
     message = assert_refused(proc, "train", "at step", "optim.lr=1e+30", "lower it")
     assert any(f"at step {s};" in message or f"at step {s} " in message for s in range(1, 21)), message
 
@@ -165,7 +180,17 @@ def test_non_utf8_prompt_on_stdin_is_refused(tiny):
 
 def test_generate_still_works(tiny, capsys):
     """The checks refuse bad input only: a valid prompt on a valid model generates."""
-    proc = cli(capsys, "generate", "--model", str(tiny / "run" / "model"), "--prompt", "the quick",
-               "--max-new-tokens", "4", "--seed", "0")
+    proc = cli(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny / "run" / "model"),
+        "--prompt",
+        "the quick",
+        "--max-new-tokens",
+        "4",
+        "--seed",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().startswith("the quick")

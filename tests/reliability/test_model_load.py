@@ -55,10 +55,17 @@ def test_eval_on_a_swapped_tokenizer_is_refused_without_a_traceback(model_dir, t
     assert str(model_dir / "tokenizer.json") in error_lines(proc, "eval")[0]
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("seed", 7), ("pad_id", 0), ("compress_tokens", False), ("layer_ids", [0]), ("engram_vocab_size", [101, 97]),
-    ("n_head_per_ngram", 1),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("seed", 7),
+        ("pad_id", 0),
+        ("compress_tokens", False),
+        ("layer_ids", [0]),
+        ("engram_vocab_size", [101, 97]),
+        ("n_head_per_ngram", 1),
+    ],
+)
 def test_a_hand_edited_hashing_field_is_refused_by_name(model_dir, field, value):
     config = json.loads((model_dir / "config.json").read_text())
     saved = config["engram"][field]
@@ -120,9 +127,18 @@ def test_an_edited_overencoding_hash_seed_is_refused(tmp_path):
     """OverEncoding hashes n-grams too: its seed and table size are part of the address record."""
     from engram.model import EngramLM, ModelConfig, OverEncodingConfig, save_model
 
-    cfg = ModelConfig(family="overencoding", vocab_size=64, hidden_size=16, num_layers=2, num_heads=2,
-                      intermediate_size=32, moe_intermediate_size=8, n_routed_experts=2, num_experts_per_tok=1,
-                      overencoding=OverEncodingConfig(table_size=31))
+    cfg = ModelConfig(
+        family="overencoding",
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        n_routed_experts=2,
+        num_experts_per_tok=1,
+        overencoding=OverEncodingConfig(table_size=31),
+    )
     save_model(EngramLM(cfg), tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["overencoding"]["seed"] = 3

@@ -65,7 +65,7 @@ def test_extending_a_finished_run_continues_the_schedule_of_the_longer_run(tmp_p
         return dataclasses.replace(tiny_run(out, steps=steps, log_every=1), optim=OptimConfig(warmup_steps=2))
 
     short = train(run(tmp_path / "run", 12))
-    assert short.history[-1]["lr_factor"] == pytest.approx(0.1)   # the 12-step run ended decayed
+    assert short.history[-1]["lr_factor"] == pytest.approx(0.1)  # the 12-step run ended decayed
     extended = train(run(tmp_path / "run", 20))
     reference = train(run(tmp_path / "uninterrupted", 20))
     assert extended.steps_done == 20 and [h["step"] for h in extended.history] == list(range(1, 21))

@@ -34,7 +34,7 @@ def test_capacity_is_whole_rows_within_the_byte_budget():
 
 def test_hits_and_misses_are_counted_per_access():
     cache = HotRowCache(4 * ROW_BYTES, DIM, torch.float32, "cpu")
-    drive(cache, [1, 2, 3], counts=torch.tensor([5, 1, 2]))      # all miss: 8 accesses
+    drive(cache, [1, 2, 3], counts=torch.tensor([5, 1, 2]))  # all miss: 8 accesses
     hit = drive(cache, [2, 3, 9], counts=torch.tensor([1, 3, 1]))  # 2 and 3 are cached now
     assert hit.tolist() == [True, True, False]
     s = cache.stats
@@ -46,7 +46,7 @@ def test_hits_and_misses_are_counted_per_access():
 def test_the_cache_keeps_the_most_frequent_rows_within_its_budget():
     cache = HotRowCache(3 * ROW_BYTES, DIM, torch.float32, "cpu")
     for step in range(30):
-        batch = [0, 1, 2] + ([3] if step % 2 else []) + [10 + step]   # 0-2 every batch, 3 half, others once
+        batch = [0, 1, 2] + ([3] if step % 2 else []) + [10 + step]  # 0-2 every batch, 3 half, others once
         drive(cache, batch)
         assert cache.bytes_used <= cache.capacity_bytes
     assert cache.cached_rows().tolist() == [0, 1, 2]
@@ -73,7 +73,7 @@ def test_cached_values_are_the_values_admitted_and_update_replaces_them():
     drive(cache, [4, 5, 6], values=values)
     hit, slots = cache.lookup(torch.tensor([6, 4]))
     assert hit.all() and torch.equal(cache.read(slots), values[[2, 0]])
-    cache.update(torch.tensor([4, 99]), torch.ones(2, DIM))   # 99 is not cached: ignored
+    cache.update(torch.tensor([4, 99]), torch.ones(2, DIM))  # 99 is not cached: ignored
     _, slots = cache.lookup(torch.tensor([4]))
     assert torch.equal(cache.read(slots), torch.ones(1, DIM))
     cache.invalidate(torch.tensor([5]))
@@ -93,7 +93,7 @@ def test_hit_rate_on_a_zipf_stream_is_close_to_the_ideal_frequency_cache():
     g = torch.Generator().manual_seed(0)
     n = 5000
     p = torch.arange(1, n + 1, dtype=torch.float64) ** -1.0
-    perm = torch.randperm(n, generator=g)   # hot rows scattered over the table
+    perm = torch.randperm(n, generator=g)  # hot rows scattered over the table
     batches = [perm[torch.multinomial(p, 256, replacement=True, generator=g)] for _ in range(100)]
     cache = HotRowCache(200 * ROW_BYTES, DIM, torch.float32, "cpu")
     for b in batches:
@@ -108,7 +108,7 @@ HEADS = [31, 37]
 
 def ids_batch(seed):
     g = torch.Generator().manual_seed(seed)
-    hot = torch.randint(0, 3, (4, 6, 2), generator=g)                 # a few hot ids
+    hot = torch.randint(0, 3, (4, 6, 2), generator=g)  # a few hot ids
     cold = torch.stack([torch.randint(0, s, (4, 6), generator=g) for s in HEADS], -1)
     return torch.where(torch.rand(4, 6, 2, generator=g) < 0.7, hot, cold)
 
@@ -136,11 +136,11 @@ def test_no_stale_rows_are_served_after_optimizer_updates():
         ids = ids_batch(seed)
         out = table(ids)
         truth = table.store.gather(table.fused_ids(ids).reshape(-1)).view_as(out)
-        assert torch.equal(out, truth)              # what the forward served is what the table holds
+        assert torch.equal(out, truth)  # what the forward served is what the table holds
         out.square().sum().backward()
         opt.step()
         opt.zero_grad()
-    assert table.cache_stats.hits > 0               # the cache was in play
+    assert table.cache_stats.hits > 0  # the cache was in play
 
 
 def test_no_stale_rows_are_served_after_a_write_behind_the_cache():
@@ -153,7 +153,7 @@ def test_no_stale_rows_are_served_after_a_write_behind_the_cache():
         table(ids)
     rows = table.cache.cached_rows()
     assert rows.numel() > 0
-    table.store.scatter(rows, torch.full((rows.numel(), DIM), 9.0))   # straight into the store
+    table.store.scatter(rows, torch.full((rows.numel(), DIM), 9.0))  # straight into the store
     with torch.no_grad():
         mhe.weight[rows] = 9.0
         assert torch.equal(table(ids), mhe(ids))

@@ -53,11 +53,11 @@ def test_prefetch_then_forward_equals_forward(mhe, tmp_path, tier, cache_bytes):
     table = OffloadedEmbedding.from_multihead(mhe, tier, cache_bytes=cache_bytes, **tier_kwargs(tier, tmp_path))
     a, b, c = random_ids(seed=1), random_ids(seed=2), random_ids(seed=3)
     table.prefetch(a)
-    table.prefetch(b.clone())                 # matched by value, not only by identity
+    table.prefetch(b.clone())  # matched by value, not only by identity
     assert torch.equal(table(a), mhe(a))
-    assert torch.equal(table(c), mhe(c))      # a forward nobody prefetched for is still right
+    assert torch.equal(table(c), mhe(c))  # a forward nobody prefetched for is still right
     assert torch.equal(table(b), mhe(b))
-    assert len(table._pending) == 0           # both prefetches were consumed by their forwards
+    assert len(table._pending) == 0  # both prefetches were consumed by their forwards
 
 
 def test_a_prefetch_whose_ids_were_changed_in_place_is_not_used(mhe):
@@ -79,7 +79,7 @@ def test_pending_prefetches_are_bounded(mhe):
 def test_prefetched_rows_see_updates_made_before_their_forward(mhe, tmp_path, tier):
     table = OffloadedEmbedding.from_multihead(mhe, tier, cache_bytes=4 * DIM * 4, **tier_kwargs(tier, tmp_path))
     ids = random_ids(seed=5)
-    table(ids)                                 # warm the cache
+    table(ids)  # warm the cache
     table.prefetch(ids)
     rows = table.fused_ids(ids).reshape(-1).unique()[:3]
     table.update_rows(rows, torch.ones(3, DIM))
@@ -105,7 +105,7 @@ def test_row_gradients_equal_the_multihead_weight_gradient(mhe):
     torch.testing.assert_close(grad, mhe.weight.grad[rows])
     untouched = torch.ones(table.num_rows, dtype=torch.bool)
     untouched[rows] = False
-    assert torch.all(mhe.weight.grad[untouched] == 0)   # the rows we report are all the rows with gradient
+    assert torch.all(mhe.weight.grad[untouched] == 0)  # the rows we report are all the rows with gradient
 
 
 def test_gradients_of_several_forwards_are_summed_and_cleared_by_zero_grad(mhe):
@@ -159,8 +159,9 @@ def test_bad_ids_and_mismatched_stores_are_refused(mhe):
 
 
 def test_engram_module_gives_the_same_output_with_an_offloaded_table():
-    config = EngramConfig(engram_vocab_size=[101, 103], max_ngram_size=3, n_embed_per_ngram=16,
-                          n_head_per_ngram=2, layer_ids=[1])
+    config = EngramConfig(
+        engram_vocab_size=[101, 103], max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1]
+    )
     hasher = NgramHasher(config, 50, 0)
     torch.manual_seed(0)
     engram = Engram(config, layer_id=1, hidden_size=8, hasher=hasher)
@@ -184,19 +185,21 @@ def test_prefetch_works_for_ids_made_in_inference_mode(mhe):
     with torch.inference_mode():
         ids = random_ids(seed=10)
         table.prefetch(ids)
-        ids[0, 0, 0] = (ids[0, 0, 0] + 1) % HEADS[0]   # changed after the prefetch: must not be served
+        ids[0, 0, 0] = (ids[0, 0, 0] + 1) % HEADS[0]  # changed after the prefetch: must not be served
         assert torch.equal(table(ids), mhe(ids))
         table.prefetch(ids)
-        assert torch.equal(table(ids), mhe(ids)) and len(table._pending) == 1   # the stale one is left
+        assert torch.equal(table(ids), mhe(ids)) and len(table._pending) == 1  # the stale one is left
 
 
 def small_engram(device=None):
-    config = EngramConfig(engram_vocab_size=[101, 103], max_ngram_size=3, n_embed_per_ngram=16,
-                          n_head_per_ngram=2, layer_ids=[1, 3])
+    config = EngramConfig(
+        engram_vocab_size=[101, 103], max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1, 3]
+    )
     hasher = NgramHasher(config, 50, 0)
     torch.manual_seed(0)
-    layers = torch.nn.ModuleList(Engram(config, layer_id=l, hidden_size=8, hasher=hasher, device=device)
-                                 for l in config.layer_ids)
+    layers = torch.nn.ModuleList(
+        Engram(config, layer_id=l, hidden_size=8, hasher=hasher, device=device) for l in config.layer_ids
+    )
     return layers, hasher
 
 
@@ -216,7 +219,7 @@ def test_offload_tables_swaps_every_table_of_a_model_and_keeps_its_outputs(tmp_p
 def test_tables_of_a_meta_model_are_created_in_their_tier_and_survive_to_empty():
     layers, _ = small_engram(device="meta")
     tables = offload_tables(layers, "host", seed=5)
-    layers.to_empty(device="cpu")                 # materialise the rest of the model
+    layers.to_empty(device="cpu")  # materialise the rest of the model
     table = tables["1.table"]
     ref = create_row_store("host", table.num_rows, table.head_dim, seed=6)
     assert torch.equal(table.store.read_range(0, table.num_rows), ref.read_range(0, table.num_rows))
@@ -236,7 +239,7 @@ def test_on_cuda_prefetched_rows_and_updates_match_the_table(mhe, tmp_path, tier
         assert table.store.pinned
     opt = SparseRowOptimizer(table, lr=0.1)
     for seed in range(4):
-        ids = random_ids(seed=seed)                # hash ids on the CPU, as the hasher makes them
+        ids = random_ids(seed=seed)  # hash ids on the CPU, as the hasher makes them
         table.prefetch(ids)
         out = table(ids)
         truth = table.store.gather(table.fused_ids(ids).reshape(-1)).view_as(out)
@@ -249,7 +252,7 @@ def test_on_cuda_prefetched_rows_and_updates_match_the_table(mhe, tmp_path, tier
 
 def test_update_rows_applies_each_rows_own_scale_whatever_the_row_order(mhe):
     table = OffloadedEmbedding.from_multihead(mhe, "host")
-    rows = torch.tensor([9, 2, 40])                   # not sorted: the write sorts them, scale must follow
+    rows = torch.tensor([9, 2, 40])  # not sorted: the write sorts them, scale must follow
     scale = torch.tensor([[0.5], [2.0], [1.0]])
     delta = torch.arange(3 * DIM, dtype=torch.float32).view(3, DIM)
     before = mhe.weight.detach()[rows]

@@ -40,7 +40,7 @@ def test_a_step_changes_only_looked_up_rows_by_the_rowwise_adam_rule(tmp_path, t
     opt = SparseRowOptimizer(table, lr=lr, beta2=beta2, eps=eps)
     w = table.store.read_range(0, table.num_rows).clone()
     v, n = torch.zeros(table.num_rows), torch.zeros(table.num_rows)
-    for seed in range(3):   # later steps hit rows that already have state
+    for seed in range(3):  # later steps hit rows that already have state
         ids = ids_batch(seed)
         target = torch.randn(2, 4, len(HEADS), DIM, generator=torch.Generator().manual_seed(seed))
         ((table(ids) - target) ** 2).sum().backward()
@@ -52,7 +52,7 @@ def test_a_step_changes_only_looked_up_rows_by_the_rowwise_adam_rule(tmp_path, t
         now = table.store.read_range(0, table.num_rows)
         untouched = torch.ones(table.num_rows, dtype=torch.bool)
         untouched[rows] = False
-        assert torch.equal(now[untouched], w[untouched])   # untouched rows: bit for bit the same
+        assert torch.equal(now[untouched], w[untouched])  # untouched rows: bit for bit the same
         torch.testing.assert_close(now, expected, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(opt.row_state[0].read_range(0, table.num_rows), torch.stack([v, n], 1))
         w = now.clone()
@@ -67,7 +67,7 @@ def test_weight_decay_follows_the_rule_and_spares_rows_with_a_zero_gradient(tmp_
         w = table.store.read_range(0, table.num_rows).clone()
         ids = ids_batch(seed)
         out = table(ids)
-        (out[:, :2].pow(3).sum() + 0 * out[:, 2:].sum()).backward()   # the later positions get zero gradient
+        (out[:, :2].pow(3).sum() + 0 * out[:, 2:].sum()).backward()  # the later positions get zero gradient
         rows, grad = table.row_grads()
         opt.step()
         opt.zero_grad()
@@ -76,7 +76,7 @@ def test_weight_decay_follows_the_rule_and_spares_rows_with_a_zero_gradient(tmp_
         r = rows[moved]
         expected, v[r], n[r] = manual_adam(w[r], v[r], n[r], grad[moved], lr, beta2, eps, wd)
         torch.testing.assert_close(table.store.gather(r), expected, rtol=1e-6, atol=1e-7)
-        assert torch.equal(table.store.gather(rows[~moved]), w[rows[~moved]])   # looked up, zero grad: kept
+        assert torch.equal(table.store.gather(rows[~moved]), w[rows[~moved]])  # looked up, zero grad: kept
     torch.testing.assert_close(opt.row_state[0].read_range(0, table.num_rows), torch.stack([v, n], 1))
 
 
@@ -130,8 +130,9 @@ def test_bad_arguments_are_refused(tmp_path):
 def test_training_a_tiny_regression_through_an_offloaded_table_reduces_the_loss(tmp_path):
     """Each (head, id) must learn a fixed target vector through a Linear; the table is on disk behind a cache."""
     torch.manual_seed(0)
-    table = OffloadedEmbedding.create(HEADS, DIM, tier="disk", path=tmp_path / "train.rows", seed=0,
-                                      cache_bytes=8 * DIM * 4)
+    table = OffloadedEmbedding.create(
+        HEADS, DIM, tier="disk", path=tmp_path / "train.rows", seed=0, cache_bytes=8 * DIM * 4
+    )
     head = torch.nn.Linear(len(HEADS) * DIM, 3)
     targets = torch.randn(sum(HEADS), 3)
     model = torch.nn.ModuleDict({"table": table, "head": head})

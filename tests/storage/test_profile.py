@@ -10,7 +10,7 @@ from engram.storage import count_rows, zipf_profile
 def zipf_samples(s, n=20000, samples=300000, seed=0):
     g = torch.Generator().manual_seed(seed)
     p = torch.arange(1, n + 1, dtype=torch.float64) ** -s
-    perm = torch.randperm(n, generator=g)          # rank order unrelated to the row id
+    perm = torch.randperm(n, generator=g)  # rank order unrelated to the row id
     return perm[torch.multinomial(p / p.sum(), samples, replacement=True, generator=g)]
 
 
@@ -32,12 +32,12 @@ def test_counts_are_exact_and_batches_equal_one_tensor():
 def test_coverage_and_ideal_hit_rate_are_fractions_of_accesses_to_the_top_rows():
     # counts 40, 30, 20, 10 (rows 0..3) in a table of 8 rows of 4 float32 values (16 bytes)
     ids = torch.cat([torch.full((c,), r) for r, c in enumerate([40, 30, 20, 10])])
-    ids = torch.cat([ids] + [torch.arange(4)] * 5)     # +5 each: 45, 35, 25, 15, enough for a fit
+    ids = torch.cat([ids] + [torch.arange(4)] * 5)  # +5 each: 45, 35, 25, 15, enough for a fit
     profile = zipf_profile(ids, num_rows=8, dim=4, dtype=torch.float32)
     assert (profile.accesses, profile.distinct_rows) == (120, 4)
-    assert profile.coverage(0.25) == pytest.approx(80 / 120)          # top 2 of 8 table rows
-    assert profile.ideal_hit_rate(16) == pytest.approx(45 / 120)      # one row fits
-    assert profile.ideal_hit_rate(47) == pytest.approx(80 / 120)      # two whole rows fit, not three
+    assert profile.coverage(0.25) == pytest.approx(80 / 120)  # top 2 of 8 table rows
+    assert profile.ideal_hit_rate(16) == pytest.approx(45 / 120)  # one row fits
+    assert profile.ideal_hit_rate(47) == pytest.approx(80 / 120)  # two whole rows fit, not three
     assert profile.ideal_hit_rate(10**6) == 1.0
     assert zipf_profile(ids).coverage(0.5) == pytest.approx(80 / 120)  # of the distinct rows without num_rows
 

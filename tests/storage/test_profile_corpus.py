@@ -21,8 +21,9 @@ VOCAB = 50
 
 
 def hasher():
-    cfg = EngramConfig(engram_vocab_size=[101, 103], n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=[1, 2],
-                       pad_id=0)
+    cfg = EngramConfig(
+        engram_vocab_size=[101, 103], n_embed_per_ngram=8, n_head_per_ngram=2, layer_ids=[1, 2], pad_id=0
+    )
     return NgramHasher.from_tokenizer(cfg, CompressedTokenizer.identity(VOCAB))
 
 
@@ -36,7 +37,7 @@ def test_profile_counts_every_position_of_every_window():
     profiles = profile_corpus(h, tokens, dim=4, seq_len=32, batch_size=4)
     windows = len(tokens) // 32
     for layer, prof in profiles.items():
-        raw = torch.from_numpy(tokens[:windows * 32].astype(np.int64)).view(windows, 32)
+        raw = torch.from_numpy(tokens[: windows * 32].astype(np.int64)).view(windows, 32)
         fused = h.hash_tokens(raw)[layer] + h.offsets[layer]
         _, counts = torch.unique(fused, return_counts=True)
         assert prof.accesses == windows * 32 * 4 and prof.num_rows == h.num_rows[layer]
@@ -60,12 +61,23 @@ def test_replayed_cache_that_holds_everything_misses_only_first_batches():
 
 
 def run_config(tmp_path, corpus_dir):
-    model = ModelConfig(family="engram", hidden_size=32, num_layers=2, num_heads=2, n_routed_experts=4,
-                        num_experts_per_tok=2, moe_intermediate_size=32, max_seq_len=32,
-                        engram=EngramConfig(engram_vocab_size=[211, 223], n_embed_per_ngram=16, n_head_per_ngram=2,
-                                            layer_ids=[1]))
-    return RunConfig(model=model, train=TrainConfig(data=str(corpus_dir), max_bytes=None, vocab_size=300,
-                                                    cache_dir=str(tmp_path / "cache"), progress=False))
+    model = ModelConfig(
+        family="engram",
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        max_seq_len=32,
+        engram=EngramConfig(engram_vocab_size=[211, 223], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1]),
+    )
+    return RunConfig(
+        model=model,
+        train=TrainConfig(
+            data=str(corpus_dir), max_bytes=None, vocab_size=300, cache_dir=str(tmp_path / "cache"), progress=False
+        ),
+    )
 
 
 def test_cli_profile_from_a_config_and_from_a_saved_model(tmp_path, corpus_dir, capsys):
@@ -74,8 +86,7 @@ def test_cli_profile_from_a_config_and_from_a_saved_model(tmp_path, corpus_dir, 
     run = run_config(tmp_path, corpus_dir)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(run.to_dict()))
-    main(["profile", "--config", str(cfg), "--cache-mb", "0.001,0.01", "--seq-len", "32", "--out",
-          str(tmp_path / "a")])
+    main(["profile", "--config", str(cfg), "--cache-mb", "0.001,0.01", "--seq-len", "32", "--out", str(tmp_path / "a")])
     out = capsys.readouterr().out
     assert "## Engram layer 1" in out and "Zipf exponent s" in out
     assert "| 0.001 MiB |" in out and "| 0.01 MiB |" in out
@@ -84,8 +95,21 @@ def test_cli_profile_from_a_config_and_from_a_saved_model(tmp_path, corpus_dir, 
     tok, _ = prepare_data(run.train)
     save_model(build_model(run.model, tok), tmp_path / "model")
     save_text_tokenizer(tok, tmp_path / "model")
-    main(["profile", "--model", str(tmp_path / "model"), "--data", str(corpus_dir), "--cache-mb", "0.01",
-          "--seq-len", "32", "--out", str(tmp_path / "b")])
+    main(
+        [
+            "profile",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(corpus_dir),
+            "--cache-mb",
+            "0.01",
+            "--seq-len",
+            "32",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
     from_model = capsys.readouterr().out
     # same tokenizer, same hasher, same corpus: the same profile
     assert from_model.split("| accesses |")[1].split("\n")[0] == out.split("| accesses |")[1].split("\n")[0]

@@ -236,4 +236,3 @@ def test_a_disk_table_larger_than_we_would_allocate_is_read_by_row_not_loaded(tm
     s.scatter(rows[:4], torch.ones(4, dim))
     assert torch.equal(s.gather(rows[:4]), torch.ones(4, dim))
     assert _rss_bytes() - before < (32 << 20)
-

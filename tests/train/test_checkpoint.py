@@ -35,8 +35,14 @@ class Tiny(nn.Module):
 
 
 def _state(model, opts=(), step=0, **extra):
-    return {"model": model.state_dict(), "optimizers": [o.state_dict() for o in opts],
-            "rng": capture_rng_state(), "data": {"step": step}, "config": {"dim": 8}, "extra": extra}
+    return {
+        "model": model.state_dict(),
+        "optimizers": [o.state_dict() for o in opts],
+        "rng": capture_rng_state(),
+        "data": {"step": step},
+        "config": {"dim": 8},
+        "extra": extra,
+    }
 
 
 def test_save_load_round_trips_tensors_and_json(tmp_path):
@@ -183,8 +189,15 @@ def test_resuming_from_a_checkpoint_continues_bit_identically(tmp_path, table_op
     gen = torch.Generator().manual_seed(0)
     _train(model, opts, sched, gen, 3)
     mgr = CheckpointManager(tmp_path)
-    mgr.save(3, {"model": model.state_dict(), "optimizers": [o.state_dict() for o in opts],
-                 "scheduler": sched.state_dict(), "data": {"generator": gen.get_state()}})
+    mgr.save(
+        3,
+        {
+            "model": model.state_dict(),
+            "optimizers": [o.state_dict() for o in opts],
+            "scheduler": sched.state_dict(),
+            "data": {"generator": gen.get_state()},
+        },
+    )
     _train(model, opts, sched, gen, 5)
 
     state = mgr.load()

@@ -87,8 +87,9 @@ def test_tables_get_five_times_the_lr_and_no_weight_decay_and_matrices_get_muon(
         opt, group = _owner(opts, p)
         assert isinstance(opt, torch.optim.AdamW) and group["weight_decay"] == 0.1 and group["lr"] == 1e-3
     assert _owner(opts, m.norm.weight)[1]["weight_decay"] == 0.0
-    assert isinstance(_owner(build_optimizers(m, OptimConfig(table_optimizer="rowwise")), m.engram.weight)[0],
-                      RowWiseAdam)
+    assert isinstance(
+        _owner(build_optimizers(m, OptimConfig(table_optimizer="rowwise")), m.engram.weight)[0], RowWiseAdam
+    )
 
 
 def test_without_muon_matrices_train_with_adamw():
@@ -233,8 +234,9 @@ def test_rowwise_adam_rejects_non_table_parameters():
 def test_clip_grad_norm_covers_sparse_and_dense_gradients():
     table = nn.Parameter(torch.zeros(10, 2))
     dense = nn.Parameter(torch.zeros(3))
-    table.grad = torch.sparse_coo_tensor(torch.tensor([[1, 1, 4]]), torch.tensor([[3.0, 0.0], [0.0, 0.0], [0.0, 4.0]]),
-                                         (10, 2), check_invariants=True)
+    table.grad = torch.sparse_coo_tensor(
+        torch.tensor([[1, 1, 4]]), torch.tensor([[3.0, 0.0], [0.0, 0.0], [0.0, 4.0]]), (10, 2), check_invariants=True
+    )
     dense.grad = torch.tensor([0.0, 12.0, 0.0])
     norm = clip_grad_norm([table, dense], 6.5)
     assert norm.item() == pytest.approx(13.0)

@@ -20,10 +20,19 @@ VOCAB = 61
 
 def tiny_model():
     torch.manual_seed(0)
-    cfg = ModelConfig(family="engram", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2,
-                      n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64,
-                      max_seq_len=32, engram=EngramConfig(engram_vocab_size=[89, 97], n_embed_per_ngram=16,
-                                                          n_head_per_ngram=2, layer_ids=[1]))
+    cfg = ModelConfig(
+        family="engram",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        max_seq_len=32,
+        engram=EngramConfig(engram_vocab_size=[89, 97], n_embed_per_ngram=16, n_head_per_ngram=2, layer_ids=[1]),
+    )
     return EngramLM(cfg, CompressedTokenizer.identity(VOCAB))
 
 
@@ -54,8 +63,15 @@ def table_rows(model):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_device_host_and_disk_tables_end_a_run_with_the_same_rows(tmp_path, weight_decay):
-    cfg = OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant", muon=False, table_optimizer="rowwise",
-                      table_weight_decay=weight_decay, grad_clip=0.05)   # a clip that binds: the norms must agree
+    cfg = OptimConfig(
+        lr=3e-3,
+        warmup_steps=0,
+        schedule="constant",
+        muon=False,
+        table_optimizer="rowwise",
+        table_weight_decay=weight_decay,
+        grad_clip=0.05,
+    )  # a clip that binds: the norms must agree
     base = tiny_model()
     initial = table_rows(base)
     models = {"device": copy.deepcopy(base), "host": copy.deepcopy(base), "disk": copy.deepcopy(base)}
@@ -64,7 +80,7 @@ def test_device_host_and_disk_tables_end_a_run_with_the_same_rows(tmp_path, weig
     assert {t.store.kind for _, t in offloaded_tables(models["disk"]).values()} == {"disk"}
     rows = {tier: table_rows(run_steps(m, cfg)) for tier, m in models.items()}
     for key, device_rows in rows["device"].items():
-        assert (device_rows - initial[key]).abs().max() > 1e-2   # the rows moved far more than the tolerance
+        assert (device_rows - initial[key]).abs().max() > 1e-2  # the rows moved far more than the tolerance
         for tier in ("host", "disk"):
             torch.testing.assert_close(rows[tier][key], device_rows, rtol=1e-5, atol=1e-6, msg=f"{tier} {key}")
     backbone = {k: v for k, v in models["device"].state_dict().items() if not k.endswith("table.weight")}
@@ -78,4 +94,4 @@ def test_full_adam_on_an_offloaded_table_is_refused_with_the_fix():
     offload_tables(model, "host")
     with pytest.raises(ValueError, match="table_optimizer=rowwise"):
         build_table_optimizer(model, OptimConfig(table_optimizer="adam"))
-    assert build_table_optimizer(tiny_model(), OptimConfig(table_optimizer="adam")) is None   # device: Adam is fine
+    assert build_table_optimizer(tiny_model(), OptimConfig(table_optimizer="adam")) is None  # device: Adam is fine

@@ -24,8 +24,11 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_trajectory(tmp_path, tiny
     assert second.final["val_loss"] == full.final["val_loss"]
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, second.model.state_dict()[k]), k
-    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["kind"] == "train"]
+    steps = [
+        json.loads(l)["step"]
+        for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(l)["kind"] == "train"
+    ]
     assert steps == sorted(set(steps)), "metrics after the resume point must not be duplicated"
 
 
@@ -69,8 +72,9 @@ def test_bad_data_gets_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="(?i)no .*text|empty"):
         prepare_data(TrainConfig(data=str(empty), cache_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="unknown tokenizer"):
-        prepare_data(TrainConfig(data=None, max_bytes=50_000, tokenizer="no-such-tokenizer-xyz",
-                                 cache_dir=str(tmp_path)))
+        prepare_data(
+            TrainConfig(data=None, max_bytes=50_000, tokenizer="no-such-tokenizer-xyz", cache_dir=str(tmp_path))
+        )
 
 
 def test_cli_train_eval_generate_alloc(tmp_path, corpus_dir, capsys, tiny_run):
@@ -79,14 +83,37 @@ def test_cli_train_eval_generate_alloc(tmp_path, corpus_dir, capsys, tiny_run):
     run = tiny_run(tmp_path / "run")
     cfg = tmp_path / "run.yaml"
     import yaml
+
     cfg.write_text(yaml.safe_dump(run.to_dict()))
     main(["train", "--config", str(cfg), "--set", "train.steps=6", "optim.lr=2e-3"])
     assert "done: step 6" in capsys.readouterr().out
-    main(["eval", "--model", str(tmp_path / "run" / "model"), "--data", str(corpus_dir), "--seq-len", "32",
-          "--max-batches", "2"])
+    main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "run" / "model"),
+            "--data",
+            str(corpus_dir),
+            "--seq-len",
+            "32",
+            "--max-batches",
+            "2",
+        ]
+    )
     assert json.loads(capsys.readouterr().out)["loss"] > 0
-    main(["generate", "--model", str(tmp_path / "run" / "model"), "--prompt", "def ", "--max-new-tokens", "4",
-          "--seed", "0"])
+    main(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "run" / "model"),
+            "--prompt",
+            "def ",
+            "--max-new-tokens",
+            "4",
+            "--seed",
+            "0",
+        ]
+    )
     assert capsys.readouterr().out.startswith("def ")
     main(["alloc", "--set", "model.family=moe", "model.n_routed_experts=16", "--rhos", "1,0.5"])
     table = capsys.readouterr().out

@@ -16,12 +16,13 @@ from engram.train.trainer import TrainConfig, build_model, offloaded_table_facto
 @pytest.fixture
 def offload_run(tiny_run):
     """``tiny_run`` with the table optimizer that host and disk tables can hold (row-wise Adam)."""
-    return lambda out, **train_kw: dataclasses.replace(tiny_run(out, **train_kw),
-                                                       optim=OptimConfig(table_optimizer="rowwise"))
+    return lambda out, **train_kw: dataclasses.replace(
+        tiny_run(out, **train_kw), optim=OptimConfig(table_optimizer="rowwise")
+    )
 
 
 def table_rows(model):
-    (_, table), = offloaded_tables(model).values()
+    ((_, table),) = offloaded_tables(model).values()
     return table, table.store.read_range(0, table.num_rows).clone()
 
 
@@ -36,14 +37,14 @@ def test_resumed_offloaded_run_reproduces_the_uninterrupted_loss_trajectory(tmp_
     assert [h["loss"] for h in second.history] == [h["loss"] for h in full.history]
     assert second.final["val_loss"] == full.final["val_loss"]
     full_state, second_state = full.model.state_dict(), second.model.state_dict()
-    assert any(k.endswith("table.weight") for k in full_state)   # the table rows are compared too
+    assert any(k.endswith("table.weight") for k in full_state)  # the table rows are compared too
     for k, v in full_state.items():
         assert torch.equal(v, second_state[k]), k
     if tier == "disk":
         assert (tmp_path / "resumed" / "tables" / "layer01.rows").is_file()
     # the saved model opens its tables in their tier and is the trained model
     loaded = load_model(tmp_path / "resumed" / "model")
-    (_, table), = offloaded_tables(loaded).values()
+    ((_, table),) = offloaded_tables(loaded).values()
     assert table.store.kind == tier
     assert torch.equal(table_rows(loaded)[1], table_rows(second.model)[1])
 
