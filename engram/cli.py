@@ -31,13 +31,12 @@ import logging
 import os
 import sys
 import traceback
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, ConfigError, DataError, EngramError, ModelLoadError
-from .yamlio import load_yaml, read_yaml
+from .yamlio import coerce_value, load_yaml, read_yaml, type_name
 
 # ---------------------------------------------------------------------------------------------------- configs
 
@@ -55,51 +54,6 @@ def _override_schema() -> dict[str, type]:
     from .train.trainer import RunConfig
 
     return typing.get_type_hints(RunConfig)
-
-
-def _type_name(hint: Any) -> str:
-    if hint is type(None):
-        return "null"
-    if dataclasses.is_dataclass(hint):
-        return "a section of fields"
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin in (list, tuple):
-        return f"a list of {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
-
-
-def _coerce(value: Any, raw: str, hint: Any) -> tuple[bool, Any]:
-    """(matches, value converted to ``hint``) for a ``--set`` value parsed from ``raw``."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return True, None
-        for a in args:
-            ok, v = _coerce(value, raw, a)
-            if ok and a is not str:
-                return True, v
-        return (True, raw) if str in args else (False, value)
-    if hint is type(None):
-        return value is None, value
-    if hint is str:
-        return True, raw if not isinstance(value, str) else value  # "train.data=123" names a file called 123
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool), value
-    if origin in (list, tuple):
-        if not isinstance(value, list):
-            return False, value
-        elem = args[0] if args else Any
-        items = [_coerce(v, str(v), elem) for v in value]
-        return all(ok for ok, _ in items), [v for _, v in items]
-    return True, value  # dict, Any: taken as written
 
 
 def _checked_override(item: str, keys: list[str], raw: str, value: Any) -> Any:
@@ -125,9 +79,9 @@ def _checked_override(item: str, keys: list[str], raw: str, value: Any) -> Any:
             continue
         if nested and isinstance(value, dict):
             return value
-        ok, converted = _coerce(value, raw, hint)
+        ok, converted = coerce_value(value, raw, hint)
         if not ok:
-            raise ConfigError(f"--set {item}: {path} expects {_type_name(hint)}, got {raw!r}")
+            raise ConfigError(f"--set {item}: {path} expects {type_name(hint)}, got {raw!r}")
         return converted
     return value
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,9 +77,14 @@ def dataclass_from_dict(cls: type[T], d: Any, name: str | None = None) -> T:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in d.items():
-        nested = _dataclass_in(hints.get(key))
+        hint = hints.get(key)
+        nested = _dataclass_in(hint)
         if nested is not None and value is not None and not isinstance(value, nested):
             value = dataclass_from_dict(nested, value, f"{name}.{key}" if name else key)
+        elif nested is None and hint is not None:
+            ok, value = coerce_value(value, str(value), hint)
+            if not ok:
+                raise ConfigError(f"{label}.{key} expects {type_name(hint)}, got {value!r}")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -91,3 +97,49 @@ def _dataclass_in(hint: Any) -> type | None:
     if len(options) == 1 and dataclasses.is_dataclass(options[0]):
         return options[0]
     return None
+
+
+def type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if dataclasses.is_dataclass(hint):
+        return "a section of fields"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def coerce_value(value: Any, raw: str, hint: Any) -> tuple[bool, Any]:
+    """(matches, ``value`` converted to ``hint``); ``raw`` is the text it was parsed from (a ``--set`` value, or
+    ``str(value)`` for a config file), which a string field takes as written."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            ok, v = coerce_value(value, raw, a)
+            if ok and a is not str:
+                return True, v
+        return (True, raw) if str in args else (False, value)
+    if hint is type(None):
+        return value is None, value
+    if hint is str:
+        return True, raw if not isinstance(value, str) else value  # "train.data=123" names a file called 123
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        elem = args[0] if args else Any
+        items = [coerce_value(v, str(v), elem) for v in value]
+        return all(ok for ok, _ in items), (tuple if origin is tuple else list)(v for _, v in items)
+    return True, value  # dict, Any: taken as written

@@ -46,3 +46,17 @@ def test_every_command_reads_the_run_schema_and_the_old_top_level_engram_section
     assert backbone.family == "moe" and backbone.engram is None and engram.layer_ids == [1]
     with pytest.raises(ValueError, match="set model.family=moe"):
         parse_spec({"model": {"family": "engram", "engram": {"layer_ids": [1]}}})
+
+
+def test_config_file_values_of_the_wrong_type_are_refused_by_field():
+    from engram.errors import ConfigError
+    from engram.train.trainer import RunConfig
+
+    with pytest.raises(ConfigError, match=r"train\.steps expects an integer, got 'many'"):
+        RunConfig.from_dict({"train": {"steps": "many"}})
+    with pytest.raises(ConfigError, match=r"engram\.layer_ids expects a list of integers"):
+        RunConfig.from_dict({"model": {"family": "engram", "engram": {"layer_ids": ["one"]}}})
+    with pytest.raises(ConfigError, match=r"train\.resume expects true or false"):
+        RunConfig.from_dict({"train": {"resume": "yes"}})
+    run = RunConfig.from_dict({"train": {"steps": 30.0, "data": 123}, "optim": {"lr": 1}})
+    assert run.train.steps == 30 and isinstance(run.train.steps, int) and run.train.data == "123"
