@@ -121,8 +121,11 @@ class SparseRowOptimizer:
                 raise TypeError(f"SparseRowOptimizer optimises OffloadedEmbedding tables, got {type(t).__name__}")
         check_rowwise_hyperparameters(lr, beta2, eps, weight_decay)
         self.tables = tables
-        self.param_groups = [{"name": "tables", "lr": lr, "base_lr": lr}]
-        self.beta2, self.eps, self.weight_decay = beta2, eps, weight_decay
+        # every hyper-parameter lives in the one param group, like torch optimizers': the trainer re-applies a
+        # group's values after a resume, so a changed eps / beta2 / weight decay is honoured, not overwritten
+        self.param_groups = [
+            {"name": "tables", "lr": lr, "base_lr": lr, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
+        ]
         self.row_state: list[RowStore] = [self._new_state(t, i, state_dir) for i, t in enumerate(tables)]
 
     @property
@@ -132,6 +135,18 @@ class SparseRowOptimizer:
     @lr.setter
     def lr(self, value: float) -> None:
         self.param_groups[0]["lr"] = value
+
+    @property
+    def beta2(self) -> float:
+        return self.param_groups[0]["beta2"]
+
+    @property
+    def eps(self) -> float:
+        return self.param_groups[0]["eps"]
+
+    @property
+    def weight_decay(self) -> float:
+        return self.param_groups[0]["weight_decay"]
 
     @staticmethod
     def _new_state(table: OffloadedEmbedding, index: int, state_dir: str | os.PathLike | None) -> RowStore:
@@ -217,8 +232,8 @@ class SparseRowOptimizer:
                 chunk_rows_for(state.row_bytes),
             )
             state.flush()
-        self.lr, self.beta2, self.eps = state_dict["lr"], state_dict["beta2"], state_dict["eps"]
-        self.weight_decay = state_dict["weight_decay"]
+        for key in ("lr", "beta2", "eps", "weight_decay"):
+            self.param_groups[0][key] = state_dict[key]
 
     def __repr__(self) -> str:
         return (

@@ -79,3 +79,25 @@ def test_asking_for_fewer_steps_than_the_checkpoint_is_refused(tmp_path, tiny_ru
     train(tiny_run(tmp_path / "run"), stop_after=8)
     with pytest.raises(ValueError, match="checkpoint is at step 8 but train.steps is 4"):
         train(tiny_run(tmp_path / "run", steps=4))
+
+
+def test_a_changed_table_weight_decay_is_honoured_on_resume_for_host_tables(tmp_path, tiny_run):
+    """The row optimizer of offloaded tables keeps its hyper-parameters in its param group, so a resume with a
+    changed optim.table_weight_decay (which only that optimizer reads) trains the rest of the run with it; if the
+    saved value were restored instead, both resumed runs below would end with the same table rows."""
+    from engram.storage import offloaded_tables
+
+    def run_in(folder, wd):
+        run = tiny_run(tmp_path / folder, table_tier="host")
+        return dataclasses.replace(run, optim=OptimConfig(table_optimizer="rowwise", table_weight_decay=wd))
+
+    rows = {}
+    for folder, wd in (("same", 0.0), ("larger", 0.5)):
+        train(run_in(folder, 0.0), stop_after=6)
+        r = train(run_in(folder, wd))
+        assert r.steps_done == 12
+        ((_, table),) = offloaded_tables(r.model).values()
+        rows[folder] = table.store.read_range(0, table.num_rows).clone()
+    saved = json.loads((tmp_path / "larger" / "config.json").read_text())
+    assert saved["optim"]["table_weight_decay"] == 0.5
+    assert not bool((rows["same"] == rows["larger"]).all())
