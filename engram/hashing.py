@@ -191,11 +191,10 @@ class NgramHasher:
         # s_i = the token i positions back, for every output position: [1, B, T] views, no copies
         shifted = [context[None, :, total - t_out - i : total - i] for i in range(n_max)]
         # mix[..., n-2] = mix_n of every layer [L, B, T]; each order's XOR builds on the previous one
-        mix = torch.empty((len(self.config.layer_ids), b, t_out, n_max - 1), dtype=torch.int64, device=context.device)
-        acc = shifted[0] * mult[:, 0, None, None]
+        mixes = [shifted[0] * mult[:, 0, None, None]]
         for n in range(2, n_max + 1):
-            acc = torch.bitwise_xor(acc, shifted[n - 1] * mult[:, n - 1, None, None])
-            mix[..., n - 2] = acc
+            mixes.append(torch.bitwise_xor(mixes[-1], shifted[n - 1] * mult[:, n - 1, None, None]))
+        mix = torch.stack(mixes[1:], dim=-1)  # [L, B, T, N-1]
         if self._mod is not None:  # z_{n,k} of every layer and head in one fused kernel: [L, B, T, N-1, K]
             heads = self._mod(mix[..., None], primes[:, None, None], inv[:, None, None])
             return {l: heads[li].view(b, t_out, (n_max - 1) * k) for li, l in enumerate(self.config.layer_ids)}
@@ -241,7 +240,15 @@ class NgramHasher:
             )
         history = history.to(new_ids.device)
         self._check_range({"history": history, "new_ids": new_ids}, self.compressed_vocab_size, "compressed")
-        return self._hash_context(torch.cat([history, new_ids], dim=1), new_ids.shape[1])
+        return self.hash_continued(history, new_ids)[0]
+
+    def hash_continued(
+        self, history: torch.Tensor, new_ids: torch.Tensor
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """:meth:`hash_incremental` and :meth:`advance_history` in one pass over one concatenation, for callers
+        that have checked both int64 tensors already (a decode step): ``(hash ids, next history)``."""
+        context = torch.cat([history, new_ids], dim=1)
+        return self._hash_context(context, new_ids.shape[1]), context[:, context.shape[1] - history.shape[1] :]
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The decoding state of empty sequences: N-1 compressed pad ids each."""
@@ -261,9 +268,9 @@ class NgramHasher:
             raise RuntimeError("this hasher has no CompressedTokenizer; build it with NgramHasher.from_tokenizer")
         return self.tokenizer
 
-    def compress(self, raw_ids: torch.Tensor) -> torch.Tensor:
-        """RAW token ids -> compressed ids (:meth:`CompressedTokenizer.compress`)."""
-        return self._require_tokenizer().compress(raw_ids)
+    def compress(self, raw_ids: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """RAW token ids -> compressed ids (:meth:`CompressedTokenizer.compress`; ``check=False`` for checked ids)."""
+        return self._require_tokenizer().compress(raw_ids, check=check)
 
     def hash_tokens(self, raw_ids: torch.Tensor) -> dict[int, torch.Tensor]:
         """Compress RAW token ids [B, T], then hash them as :meth:`hash` does (ids checked once, here)."""

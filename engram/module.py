@@ -15,14 +15,47 @@ The block then does ``H <- H + Y`` before its attention.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._compat import tensor_version
 from .config import EngramConfig
 from .hashing import NgramHasher
 from .table import EngramTable
+
+
+class ParameterDerived:
+    """Tensors computed from parameters alone (a weight concatenation, a product of gains), kept between calls
+    while no gradient is recorded, so a decode step does not rebuild them: at the demo size each rebuild is a
+    few microseconds of dispatch, a sizeable part of an Engram layer's decode step.
+
+    An entry is reused only while its parameters are the same objects, with the same storage and the same
+    in-place version counter (an optimizer step, ``load_state_dict`` or ``.to()`` all change one of these),
+    and the extra key (e.g. the compute dtype) matches. With gradients on, under ``torch.compile`` or for
+    inference tensors (no version counter) it just builds the tensor, so autograd sees every op.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+
+    def get(
+        self, name: str, params: tuple[torch.Tensor, ...], build: Callable[[], torch.Tensor], extra: object = None
+    ) -> torch.Tensor:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return build()
+        versions = tuple(tensor_version(p) for p in params)
+        if None in versions:
+            return build()
+        key = (tuple(p.data_ptr() for p in params), versions, extra)
+        entry = self._entries.get(name)
+        if entry is not None and entry[0] == key and all(a is b for a, b in zip(entry[2], params)):
+            return entry[1]
+        value = build()
+        self._entries[name] = (key, value, params)
+        return value
 
 
 class MultiHeadEmbedding(EngramTable):
@@ -72,7 +105,11 @@ class ShortConv(nn.Module):
         channels = hidden_size * hc_mult
         # holds the depthwise kernel [M*D, 1, w]; its forward is not used (see the class docstring)
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False, dilation=dilation)
+        self._derived = ParameterDerived()
         self.reset_parameters()
+
+    def _gains(self) -> torch.Tensor:
+        return torch.stack([norm.weight for norm in self.norms])
 
     def reset_parameters(self) -> None:
         # Paper: conv parameters start at zero so that Y = v~ at initialisation (identity fusion).
@@ -100,16 +137,19 @@ class ShortConv(nn.Module):
                 f"ShortConv state must be [B, (kernel-1)*dilation, M*D] = {[b, self.state_len, m * d]} "
                 f"(the state returned by the previous call for this batch), got {tuple(state.shape)}"
             )
-        gains = torch.stack([norm.weight for norm in self.norms])  # [M, D]
+        gains = self._derived.get("gains", tuple(n.weight for n in self.norms), self._gains)  # [M, D]
         normed = (F.rms_norm(x, (d,), eps=self.eps) * gains).reshape(b, t, m * d)
         if state is None:
             full = F.pad(normed, (0, 0, self.state_len, 0))  # zeros before the start
         else:
             full = torch.cat([state.to(normed.dtype), normed], dim=1)  # [B, state_len + T, M*D]
-        taps = self.conv.weight[:, 0, :].to(normed.dtype)  # [M*D, w]
         if t == 1:  # a decode step: the w taps read exactly every N-th position of full, in one strided product
-            y = (full[:, :: self.dilation] * taps.t()).sum(1, keepdim=True)
+            taps_t = self._derived.get(
+                "taps_t", (self.conv.weight,), lambda: self.conv.weight[:, 0, :].to(normed.dtype).t(), normed.dtype
+            )  # [w, M*D]
+            y = (full[:, :: self.dilation] * taps_t).sum(1, keepdim=True)
         else:
+            taps = self.conv.weight[:, 0, :].to(normed.dtype)  # [M*D, w]
             y = full[:, :t] * taps[:, 0]
             for j in range(1, self.kernel_size):
                 y = torch.addcmul(y, full[:, j * self.dilation : j * self.dilation + t], taps[:, j])
@@ -193,8 +233,15 @@ class Engram(nn.Module):
         )
         self.last_gate: torch.Tensor | None = None  # [B, T, M] of the last forward, for analysis
         self.record_gate = False
+        self._derived = ParameterDerived()
 
     # ------------------------------------------------------------------ pieces
+    def _gate_gains(self) -> torch.Tensor:
+        """g_q * g_k of every branch's gate norms ([D] for one branch, else [M, D])."""
+        if len(self.query_norms) == 1:
+            return self.query_norms[0].weight * self.key_norms[0].weight
+        return torch.stack([q.weight for q in self.query_norms]) * torch.stack([n.weight for n in self.key_norms])
+
     def retrieve(self, hash_ids: torch.Tensor) -> torch.Tensor:
         """e_t: [B, T, (N-1)K] per-head ids -> [B, T, d_mem] (one gather over all heads of the fused table)."""
         rows = self.table(hash_ids)
@@ -203,11 +250,13 @@ class Engram(nn.Module):
     def project(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(v [B, T, 1, D], keys [B, T, M, D] or None without gating) from e [B, T, d_mem], in one matmul."""
         projs = [self.value_proj, *self.key_projs]
-        weight = torch.cat([p.weight for p in projs]) if len(projs) > 1 else self.value_proj.weight
+        weights = tuple(p.weight for p in projs)
+        weight = weights[0] if len(projs) == 1 else self._derived.get("weight", weights, lambda: torch.cat(weights))
         if self.value_proj.bias is None:  # EngramConfig.projection_bias = False
             bias = None
         else:
-            bias = torch.cat([p.bias for p in projs]) if len(projs) > 1 else self.value_proj.bias
+            biases = tuple(p.bias for p in projs)
+            bias = biases[0] if len(projs) == 1 else self._derived.get("bias", biases, lambda: torch.cat(biases))
         vk = F.linear(e, weight, bias).unflatten(-1, (len(projs), self.hidden_size))  # [B, T, 1 + M, D]
         return vk[:, :, :1], (vk[:, :, 1:] if self.key_projs else None)
 
@@ -223,11 +272,13 @@ class Engram(nn.Module):
         eps_k = self.key_norms[0].eps if self.key_norms[0].eps is not None else torch.finfo(keys.dtype).eps
         compute = torch.promote_types(hidden.dtype, torch.float32)
         h, k = hidden.to(compute), keys.to(compute)
-        if len(self.query_norms) == 1:
-            gains = self.query_norms[0].weight * self.key_norms[0].weight
-        else:
-            gains = torch.stack([q.weight for q in self.query_norms]) * torch.stack([n.weight for n in self.key_norms])
-        dot = (h * k * gains.to(compute)).sum(-1, keepdim=True)
+        gains = self._derived.get(
+            "gate_gains",
+            tuple(n.weight for n in (*self.query_norms, *self.key_norms)),
+            lambda: self._gate_gains().to(compute),
+            compute,
+        )
+        dot = (h * k * gains).sum(-1, keepdim=True)
         inv_rms_h = torch.rsqrt(h.square().mean(-1, keepdim=True) + eps_q)
         inv_rms_k = torch.rsqrt(k.square().mean(-1, keepdim=True) + eps_k)
         score = dot * inv_rms_h * inv_rms_k / math.sqrt(self.hidden_size)

@@ -343,18 +343,15 @@ class EngramLM(nn.Module):
                 key_mask_arg = token_mask
 
         if self.hasher is not None and (hash_ids is None or state is not None):
-            compressed = self.hasher.compress(input_ids)
-            history = None if state is None else state.history
-            if hash_ids is None:
-                hash_ids = (
-                    self.hasher.hash(compressed)
-                    if history is None
-                    else self.hasher.hash_incremental(history, compressed)
-                )
-            if state is not None:
-                state.history = self.hasher.advance_history(
-                    history if history is not None else self.hasher.initial_history(b, dev), compressed
-                )
+            compressed = self.hasher.compress(input_ids, check=False)  # the caller has checked the ids
+            if state is None:
+                hash_ids = self.hasher.hash(compressed)
+            else:
+                history = state.history if state.history is not None else self.hasher.initial_history(b, dev)
+                if hash_ids is None:  # a decode step: hash and roll the history in one pass
+                    hash_ids, state.history = self.hasher.hash_continued(history, compressed)
+                else:
+                    state.history = self.hasher.advance_history(history, compressed)
         for blk in self.blocks:  # addresses are known now: start fetching offloaded rows
             if blk.engram is not None:
                 blk.engram.table.prefetch(hash_ids[blk.idx])
