@@ -195,8 +195,13 @@ class NgramHasher:
         for n in range(2, n_max + 1):
             mixes.append(torch.bitwise_xor(mixes[-1], shifted[n - 1] * mult[:, n - 1, None, None]))
         mix = torch.stack(mixes[1:], dim=-1)  # [L, B, T, N-1]
-        if self._mod is not None:  # z_{n,k} of every layer and head in one fused kernel: [L, B, T, N-1, K]
-            heads = self._mod(mix[..., None], primes[:, None, None], inv[:, None, None])
+        if self._mod is not None or torch.compiler.is_compiling():
+            # z_{n,k} of every layer and head in one op: [L, B, T, N-1, K] (one fused kernel with compile=True; a
+            # broadcast remainder inside a caller's torch.compile, where the out= writes below would break the graph)
+            if self._mod is not None:
+                heads = self._mod(mix[..., None], primes[:, None, None], inv[:, None, None])
+            else:
+                heads = torch.remainder(mix[..., None], primes[:, None, None])
             return {l: heads[li].view(b, t_out, (n_max - 1) * k) for li, l in enumerate(self.config.layer_ids)}
         out: dict[int, torch.Tensor] = {}
         for li, layer_id in enumerate(self.config.layer_ids):

@@ -71,12 +71,12 @@ def loss_and_grads(model: torch.nn.Module, params: dict, *args) -> tuple[torch.T
 
 @pytest.mark.parametrize("attention,hc", [("mha", 1), ("mha", 4), ("mla", 1), ("mla", 4)])
 def test_compiled_model_is_one_graph_and_equals_eager(attention, hc):
-    """Whole-model compile equals eager. (The hasher's ``out=`` writes into views currently break the graph once,
-    before the first block; the blocks themselves compile with fullgraph=True, see the inductor test.)"""
+    """The whole model, hashing included, compiles into one graph (fullgraph=True: any break is an error) and
+    equals eager."""
     model = make(attention, hc)
     params = dict(model.named_parameters())
     x = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(1))
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     loss_c, grads_c = loss_and_grads(compiled, params, x[:, :-1], x[:, 1:])
     loss_e, grads_e = loss_and_grads(model, params, x[:, :-1], x[:, 1:])
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
