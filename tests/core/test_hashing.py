@@ -387,6 +387,21 @@ def test_incremental_token_by_token_from_prefix_history():
         assert torch.equal(torch.cat(step, dim=1), full[:, split:])
 
 
+def test_hash_continued_equals_hash_incremental_and_advance_history():
+    """The decode step's one-pass form gives the same ids and next history as the two checked calls."""
+    cfg = small_config(n=4, k=3, sizes=[200, 300, 400], layer_ids=(0, 2))
+    hasher = NgramHasher(cfg, 500, 1)
+    ids = torch.randint(0, 500, (3, 9), generator=torch.Generator().manual_seed(2))
+    history = hasher.initial_history(3)
+    for lo, hi in ((0, 1), (1, 5), (5, 6), (6, 9)):
+        got, next_history = hasher.hash_continued(history, ids[:, lo:hi])
+        want = hasher.hash_incremental(history, ids[:, lo:hi])
+        assert got.keys() == want.keys() and all(torch.equal(got[l], want[l]) for l in want)
+        history_want = hasher.advance_history(history, ids[:, lo:hi])
+        assert torch.equal(next_history, history_want)
+        history = next_history
+
+
 def test_incremental_history_shape_checked():
     hasher = NgramHasher(small_config(n=3), 50, 0)
     with pytest.raises(ValueError, match="history"):

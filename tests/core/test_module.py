@@ -355,6 +355,29 @@ def test_chunked_decoding_with_state_equals_full_pass(kernel_size):
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_no_grad_calls_see_every_parameter_update(m):
+    """The fused parameter tensors kept between no-grad calls (weight concatenation, gate gains, conv taps) are
+    rebuilt after an in-place update (an optimizer step) and after a new parameter is assigned: each no-grad
+    output equals the output with gradients on, which rebuilds them every call."""
+    mod, _ = make(m)
+    gen = torch.Generator().manual_seed(3)
+    randomize_norms(mod, gen)
+    randomize_conv(mod, gen)
+    _, hidden, hash_ids = inputs(mod, t=1)
+    with torch.no_grad():
+        before = mod(hidden, hash_ids=hash_ids, state={"conv": torch.ones(2, 9, m * mod.hidden_size).double()})
+        for p in mod.parameters():
+            p.add_(torch.rand(p.shape, generator=gen, dtype=p.dtype))
+        mod.key_norms[-1].weight = torch.nn.Parameter(mod.key_norms[-1].weight * 2)
+        state = {"conv": torch.ones(2, 9, m * mod.hidden_size).double()}
+        after = mod(hidden, hash_ids=hash_ids, state=state)
+    state = {"conv": torch.ones(2, 9, m * mod.hidden_size).double()}
+    want = mod(hidden, hash_ids=hash_ids, state=state).detach()
+    assert not torch.equal(after, before)
+    assert torch.equal(after, want)
+
+
 def test_hash_ids_and_input_ids_paths_agree():
     mod, hasher = make(2)
     raw, hidden, _ = inputs(mod)
