@@ -1,7 +1,12 @@
-"""Fixtures every test area shares: a tiny code corpus and a tiny Engram run that trains in seconds on a CPU."""
+"""Fixtures every test area shares: a tiny code corpus, a tiny Engram run that trains in seconds on a CPU, and a
+counter of device-to-host reads."""
+
+import contextlib
 
 import pytest
+import torch
 
+import engram
 from engram import EngramConfig
 from engram.model import ModelConfig
 from engram.train.trainer import RunConfig, TrainConfig
@@ -66,3 +71,44 @@ def tiny_engram_run(out, corpus_dir, cache, **train_kw) -> RunConfig:
 def tiny_run(corpus_dir, tmp_path):
     """``tiny_run(out, **train_kw)``: :func:`tiny_engram_run` with the shared corpus and a per-test token cache."""
     return lambda out, **train_kw: tiny_engram_run(out, corpus_dir, tmp_path / "cache", **train_kw)
+
+
+# Every Python-level way a tensor value reaches the host; on a GPU each one is a stream synchronisation, and on
+# the CPU the same calls happen, so CPU tests can count them.
+HOST_READS = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__int__",
+    "__index__",
+    "__float__",
+    "__complex__",
+    "__array__",
+    "__iter__",
+)
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Yield a list that collects the name of every host read (:data:`HOST_READS`) made meanwhile."""
+    seen: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name in HOST_READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _name=name, _original=original, **kwargs):
+                seen.append(_name)
+                return _original(self, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, name, counted)
+        yield seen
+
+
+@pytest.fixture
+def no_validation():
+    """Value checks off for one test (``engram.set_validation(False)``), back on afterwards."""
+    engram.set_validation(False)
+    yield
+    engram.set_validation(True)

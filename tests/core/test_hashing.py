@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +12,7 @@ import engram
 from engram import CompressedTokenizer, EngramConfig, NgramHasher
 from engram.hashing import is_prime, layer_multipliers, mod_primes_by_reciprocal, table_primes
 
+from ..conftest import count_host_reads
 from .reference_numpy import (
     INT64_MAX,
     is_prime_trial,
@@ -566,24 +565,6 @@ def test_errors_vocab_and_pad():
 
 
 # ---------------------------------------------------------------------------------------------- host reads
-
-_HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__index__", "__float__")
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    """Count the Python-level ways a tensor's values reach the host (each one is a device sync on a GPU)."""
-    calls: list[str] = []
-    with pytest.MonkeyPatch.context() as patch:
-        for name in _HOST_READS:
-            original = getattr(torch.Tensor, name)
-
-            def counted(self, *args, _original=original, _name=name, **kwargs):
-                calls.append(_name)
-                return _original(self, *args, **kwargs)
-
-            patch.setattr(torch.Tensor, name, counted)
-        yield calls
 
 
 @pytest.fixture

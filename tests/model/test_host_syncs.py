@@ -7,54 +7,14 @@ On a GPU each one is a stream synchronisation; on the CPU the count is the same,
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
-import engram
 from engram import CompressedTokenizer, EngramConfig
 from engram.model import EngramLM, ModelConfig
 from engram.model.generate import SamplingConfig, generate
 
-READS = (
-    "item",
-    "tolist",
-    "cpu",
-    "numpy",
-    "__bool__",
-    "__int__",
-    "__index__",
-    "__float__",
-    "__complex__",
-    "__array__",
-    "__iter__",
-)
-
-
-@contextlib.contextmanager
-def count_host_reads(monkeypatch: pytest.MonkeyPatch):
-    """Yield a list that collects the name of every device-to-host read made through torch.Tensor meanwhile."""
-    seen: list[str] = []
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, _name=name, _original=original, **kwargs):
-            seen.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    try:
-        yield seen
-    finally:
-        monkeypatch.undo()
-
-
-@pytest.fixture
-def no_validation():
-    engram.set_validation(False)
-    yield
-    engram.set_validation(True)
+from ..conftest import count_host_reads
 
 
 def base_cfg(**kw) -> ModelConfig:
@@ -97,7 +57,7 @@ def build(cfg: ModelConfig) -> EngramLM:
 def reads_in_step(model: EngramLM, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     x = torch.randint(0, model.cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
     model(x[:, :-1], x[:, 1:])  # warm-up (first-call caches)
-    with count_host_reads(monkeypatch) as seen:
+    with count_host_reads() as seen:
         loss = model(x[:, :-1], x[:, 1:]).loss
         loss.backward()
     return seen
@@ -117,7 +77,7 @@ def test_engram_and_moe_forward_backward_read_nothing_back(no_validation, monkey
 def test_the_counter_sees_reads_and_validation_costs_one_read_per_entry(monkeypatch):
     """The counter is not blind: with validation on, the model's entry check is counted (once for the forward),
     and so are the hasher's and the table's checks of their own public entry points."""
-    with count_host_reads(monkeypatch) as seen:
+    with count_host_reads() as seen:
         torch.ones(2).sum().item()
         bool(torch.ones(1))
     assert seen == ["item", "__bool__"]
@@ -131,7 +91,7 @@ def test_greedy_decoding_reads_back_once(no_validation, monkeypatch):
     model = build(engram_cfg()).eval()
     prompts = [[3, 4, 5], [7, 8, 9]]
     generate(model, prompts, SamplingConfig(max_new_tokens=2, temperature=0.0))
-    with count_host_reads(monkeypatch) as seen:
+    with count_host_reads() as seen:
         out = generate(model, prompts, SamplingConfig(max_new_tokens=6, temperature=0.0))
     assert [len(o) for o in out] == [6, 6]
     assert seen == ["tolist"]
