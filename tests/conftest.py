@@ -112,3 +112,32 @@ def no_validation():
     engram.set_validation(False)
     yield
     engram.set_validation(True)
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """A width-32, 2-block Engram MoE (vocab 96, 4 routed experts, one Engram module at block 1) for unit tests of
+    the model; ``overrides`` replace any ModelConfig field (``family="moe"``, ``attention="mla"``, ...)."""
+    args = dict(
+        family="engram",
+        vocab_size=96,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        max_seq_len=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        first_k_dense=1,
+        engram=EngramConfig(
+            engram_vocab_size=[61, 67],
+            max_ngram_size=3,
+            n_embed_per_ngram=16,
+            n_head_per_ngram=2,
+            layer_ids=[1],
+            pad_id=0,
+        ),
+    )
+    args.update(overrides)
+    return ModelConfig(**args)

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import engram
-from engram import CompressedTokenizer, EngramConfig
-from engram.model import EngramLM, ModelConfig
+from engram import CompressedTokenizer
+from engram.model import EngramLM
 from engram.model.mhc import expand_streams
+
+from ..conftest import tiny_model_config
 
 
 @pytest.fixture(autouse=True)
@@ -30,29 +32,7 @@ def make(attention: str, hc: int) -> EngramLM:
     kw = dict(attention=attention, hc_mult=hc, hc_sinkhorn_iters=3)
     if attention == "mla":
         kw.update(kv_lora_rank=16, q_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
-    cfg = ModelConfig(
-        family="engram",
-        vocab_size=96,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        max_seq_len=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        n_shared_experts=1,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        first_k_dense=1,
-        engram=EngramConfig(
-            engram_vocab_size=[61, 67],
-            max_ngram_size=3,
-            n_embed_per_ngram=16,
-            n_head_per_ngram=2,
-            layer_ids=[1],
-            pad_id=0,
-        ),
-        **kw,
-    )
+    cfg = tiny_model_config(**kw)
     torch.manual_seed(0)
     model = EngramLM(cfg, CompressedTokenizer.identity(cfg.vocab_size)).train()
     with torch.no_grad():  # non-zero ShortConv taps, so the conv path is exercised

@@ -7,45 +7,25 @@ On a GPU each one is a stream synchronisation; on the CPU the count is the same,
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from engram import CompressedTokenizer, EngramConfig
+from engram import CompressedTokenizer
 from engram.model import EngramLM, ModelConfig
 from engram.model.generate import SamplingConfig, generate
 
-from ..conftest import count_host_reads
+from ..conftest import count_host_reads, tiny_model_config
 
 
 def base_cfg(**kw) -> ModelConfig:
-    args = dict(
-        family="moe",
-        vocab_size=96,
-        hidden_size=32,
-        num_layers=3,
-        num_heads=2,
-        max_seq_len=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        n_shared_experts=1,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        first_k_dense=1,
-    )
-    args.update(kw)
-    return ModelConfig(**args)
+    return tiny_model_config(family="moe", num_layers=3, engram=None, **kw)
 
 
 def engram_cfg(**kw) -> ModelConfig:
-    eng = EngramConfig(
-        engram_vocab_size=[61, 67],
-        max_ngram_size=3,
-        n_embed_per_ngram=16,
-        n_head_per_ngram=2,
-        layer_ids=[1, 2],
-        pad_id=0,
-    )
-    return base_cfg(family="engram", engram=eng, **kw)
+    eng = dataclasses.replace(tiny_model_config().engram, layer_ids=[1, 2])
+    return tiny_model_config(num_layers=3, engram=eng, **kw)
 
 
 def build(cfg: ModelConfig) -> EngramLM:

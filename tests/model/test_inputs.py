@@ -7,37 +7,18 @@ import pytest
 import torch
 
 import engram
-from engram import CompressedTokenizer, EngramConfig, ShortConv
-from engram.model import EngramLM, ModelConfig
+from engram import CompressedTokenizer, ShortConv
+from engram.model import EngramLM
 from engram.model.generate import SamplingConfig, generate, sample_next
+
+from ..conftest import tiny_model_config
 
 V, B, T = 96, 2, 6
 
 
 @pytest.fixture(scope="module")
 def model() -> EngramLM:
-    cfg = ModelConfig(
-        family="engram",
-        vocab_size=V,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        max_seq_len=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        first_k_dense=1,
-        hc_mult=2,
-        engram=EngramConfig(
-            engram_vocab_size=[61, 67],
-            max_ngram_size=3,
-            n_embed_per_ngram=16,
-            n_head_per_ngram=2,
-            layer_ids=[1],
-            pad_id=0,
-        ),
-    )
+    cfg = tiny_model_config(vocab_size=V, hc_mult=2)
     torch.manual_seed(0)
     return EngramLM(cfg, CompressedTokenizer.identity(V)).eval()
 
