@@ -302,14 +302,16 @@ class OffloadedEmbedding(EngramTable):
         if store.device == device:
             return store.gather(rows, check=False), None
         if device.type == "cuda" and store.device.type == "cpu":
-            staging = torch.empty(rows.numel(), store.dim, dtype=store.dtype, pin_memory=True)
-            store.gather(rows, out=staging, check=False)
+            # rows cross PCIe as stored (an fp8 row is ~1/4 of its float32 values) and are decoded on the device
+            width = store.format.width(store.dim)
+            staging = torch.empty(rows.numel(), width, dtype=store.format.storage_dtype, pin_memory=True)
+            store.gather_stored(rows, out=staging)
             with torch.cuda.device(device):
                 stream = self._streams.get(device)
                 if stream is None:
                     stream = self._streams[device] = torch.cuda.Stream(device)
                 with torch.cuda.stream(stream):
-                    values = staging.to(device, non_blocking=True)
+                    values = store.format.decode(staging.to(device, non_blocking=True), store.dtype)
                     event = torch.cuda.Event()
                     event.record(stream)
             return values, event
