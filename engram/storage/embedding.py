@@ -201,6 +201,7 @@ class OffloadedEmbedding(EngramTable):
         *,
         tier: str = "host",
         dtype: torch.dtype = torch.float32,
+        fmt: str | None = None,
         init_std: float = 0.02,
         seed: int = 0,
         device: torch.device | str | None = None,
@@ -211,12 +212,14 @@ class OffloadedEmbedding(EngramTable):
         progress: bool | None = None,
     ) -> OffloadedEmbedding:
         """A new table created directly in ``tier`` (a host or disk table never touches the accelerator).
-        ``device`` is the compute device, and also where a device-tier table is allocated."""
+        ``device`` is the compute device, and also where a device-tier table is allocated; rows are gathered as
+        ``dtype`` and stored in the row format ``fmt`` (default: as ``dtype``)."""
         store = create_row_store(
             tier,
             sum(int(s) for s in head_sizes),
             head_dim,
             dtype=dtype,
+            fmt=fmt,
             init_std=init_std,
             seed=seed,
             device=device if tier == "device" else None,
