@@ -10,7 +10,7 @@ import torch
 
 from engram.cli import main
 from engram.errors import ConfigError
-from engram.storage import OffloadedEmbedding, SparseRowOptimizer, create_row_store
+from engram.storage import OffloadedEmbedding, SparseRowOptimizer, create_row_store, offloaded_tables
 from engram.storage.formats import FORMATS
 from engram.train.trainer import TrainConfig, train
 
@@ -23,6 +23,25 @@ def test_fp8_training_is_refused_with_the_reason():
     table = OffloadedEmbedding([64], 32, create_row_store("host", 64, 32, fmt="fp8"))
     with pytest.raises(ValueError, match="stores its rows as fp8_e4m3, which cannot be trained"):
         SparseRowOptimizer(table, lr=1e-3)
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_a_resumed_bf16_table_run_ends_with_the_uninterrupted_runs_rows(tmp_path, tiny_run, tier):
+    def run(out):
+        r = tiny_run(out, table_tier=tier, table_format="bfloat16")
+        return dataclasses.replace(r, optim=dataclasses.replace(r.optim, table_optimizer="rowwise"))
+
+    full = train(run(tmp_path / "full"))
+    assert train(run(tmp_path / "resumed"), stop_after=5).interrupted
+    second = train(run(tmp_path / "resumed"))
+    assert [h["loss"] for h in second.history] == [h["loss"] for h in full.history]
+    ((_, table),) = offloaded_tables(second.model).values()
+    ((_, reference),) = offloaded_tables(full.model).values()
+    assert table.store.format is FORMATS["bfloat16"] and table.store.rows.dtype == torch.bfloat16
+    assert torch.equal(table.store.rows, reference.store.rows)
+    with pytest.raises(ValueError, match="table_format"):
+        r = tiny_run(tmp_path / "resumed", table_tier=tier, steps=14)
+        train(dataclasses.replace(r, optim=dataclasses.replace(r.optim, table_optimizer="rowwise")))
 
 
 def test_bf16_host_tables_train_and_the_fp8_copy_serves_eval_and_generate(tiny_run, tmp_path, corpus_dir, capsys):
