@@ -413,7 +413,8 @@ class HostRowStore(RowStore):
         super().__init__(rows, fmt, dtype)
 
     @staticmethod
-    def _allocate(num_rows: int, dim: int, fmt: RowFormat, pin: bool | None) -> torch.Tensor:
+    def _allocate(num_rows: int, dim: int, fmt: RowFormat | torch.dtype, pin: bool | None) -> torch.Tensor:
+        fmt = row_format(fmt)
         pin = cuda_pinning_default() if pin is None else pin
         return torch.empty(num_rows, fmt.width(dim), dtype=fmt.storage_dtype, pin_memory=pin)
 
@@ -594,7 +595,8 @@ def _as_numpy(values: torch.Tensor) -> np.ndarray:
     return values.numpy()
 
 
-def _write_empty_disk_file(path: Path, num_rows: int, dim: int, fmt: RowFormat) -> None:
+def _write_empty_disk_file(path: Path, num_rows: int, dim: int, fmt: RowFormat | torch.dtype) -> None:
+    fmt = row_format(fmt)
     meta = {"format_version": DISK_FORMAT_VERSION, "num_rows": num_rows, "dim": dim, "dtype": fmt.name}
     header = DISK_MAGIC + json.dumps(meta).encode() + b"\n"
     assert len(header) < DISK_HEADER_BYTES
