@@ -110,9 +110,10 @@ class Fp8BlockFormat(RowFormat):
     storage_dtype = torch.uint8
     numpy_dtype = np.uint8
     default_dtype = torch.float32
-    # A row-wise Adam step moves a value by about lr (and lr decays toward 0), while E4M3 rounds to 2^-4 of a
-    # value's magnitude (the scale is set by the largest of its 32): most steps would round away, and every write
-    # would re-derive the scale of each touched block. fp8 rows serve a trained table; they do not train one.
+    # A row-wise Adam step moves a value by about lr (and lr decays), while E4M3 rounds to within 2^-4 of a value's
+    # magnitude (coarser below its block's largest): a step is at most about one rounding error and smaller ones
+    # round away, and every write would re-derive the scale of each touched block. fp8 rows serve a trained
+    # table; they do not train one.
     trainable = False
 
     def check_dim(self, dim: int) -> None:
@@ -201,7 +202,7 @@ def check_trainable(fmt: RowFormat, what: str) -> None:
     if not fmt.trainable:
         raise ValueError(
             f"{what} stores its rows as {fmt.name}, which cannot be trained: a row-wise Adam step moves a value by "
-            f"about lr, while FP8 E4M3 rounds to 2^-4 of its magnitude (so most steps would round away), and every "
-            f"write would re-derive the scale of each 32 values. Train with float32 or bfloat16 rows and convert "
-            f"the trained model with `engram quantize --format fp8`"
+            f"about lr, while FP8 E4M3 rounds to within 2^-4 of its magnitude (a step is at most about one rounding "
+            f"error, smaller ones round away), and every write would re-derive the scale of each 32 values. Train "
+            f"with float32 or bfloat16 rows and convert the trained model with `engram quantize --format fp8`"
         )
