@@ -6,6 +6,7 @@
     engram eval --model runs/x/model [--data PATH]
     engram eval --model runs/x/model --tasks engram_text,engram_choice   # lm-eval, offline (hf extra)
     engram export --model runs/x/model --out hf/x                      # a transformers folder (hf extra)
+    engram quantize --model runs/x/model --format fp8 --out runs/x/model-fp8   # tables as FP8 E4M3 rows
     engram generate --model runs/x/model --prompt "def main(" [--temperature 0.8 --top-p 0.9]
     engram compare --config base.yaml --rho 0.75
     engram alloc --config configs/paper/moe-27b.yaml --rhos 1,0.9,0.8,0.7
@@ -690,6 +691,37 @@ def add_export(sub: Any) -> None:
     s.set_defaults(func=cmd_export)
 
 
+# ---------------------------------------------------------------------------------------------------- quantize
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .model.quantize import quantize_model
+    from .model.tables import TableFiles
+
+    out = quantize_model(args.model, args.out, args.format, overwrite=args.overwrite, progress=None)
+    tables = TableFiles.open(out)
+    for layer, e in sorted(tables.entries.items()):
+        print(f"layer {layer}: {e['num_rows']} rows x {e['dim']} as {e['dtype']} ({e['tier']} table)")
+    print(f"wrote {out}: load it like any model (engram eval --model {out})")
+
+
+def add_quantize(sub: Any) -> None:
+    s = _subparser(
+        sub,
+        "quantize",
+        "copy a saved model with its Engram tables stored as fp8 (E4M3 + E8M0 scale per 32) or bf16 rows",
+        "engram quantize --model runs/small/model --format fp8 --out runs/small/model-fp8",
+    )
+    s.add_argument("--model", required=True, help="the model folder a finished run writes (runs/NAME/model)")
+    s.add_argument(
+        "--format",
+        required=True,
+        help="row format of the copy's tables: fp8 (FP8 E4M3, one power-of-two scale per 32 values; row width "
+        "must be a multiple of 32), bf16, or float32",
+    )
+    s.add_argument("--out", required=True, help="the model folder to write (must not exist unless --overwrite)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists (once the copy is complete)")
+    s.set_defaults(func=cmd_quantize)
+
+
 # ---------------------------------------------------------------------------------------------------- finetune
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .hf.finetune import FinetuneConfig, finetune_adapter
@@ -779,6 +811,7 @@ SUBCOMMANDS = (
     add_sweep,
     add_analyze,
     add_export,
+    add_quantize,
     add_finetune,
 )
 

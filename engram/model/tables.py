@@ -11,6 +11,7 @@ file, never through the safetensors file of the whole state dict::
     model.safetensors        every other tensor
     tables.json              {"format": 1, "tables": {"<layer>": {"file", "tier", "state_key", "num_rows",
                                                                    "dim", "dtype", "head_sizes"}}}
+                             ("dtype" names the row format: float32, bfloat16, ..., fp8_e4m3)
     tables/layerNN.rows      a disk table: the row file itself (left in place when the table already lives
                              there, else copied chunk by chunk)
     tables/layerNN.safetensors  a host or device table
@@ -34,7 +35,7 @@ from ..errors import ModelLoadError
 from ..files import atomic_write
 from ..storage import OffloadedEmbedding, offloaded_tables, table_factory
 from ..storage.tables import table_file_name
-from ..storage.tiers import TIERS, DiskRowStore, dtype_name, load_row_store
+from ..storage.tiers import TIERS, DiskRowStore, load_row_store
 from ..tokenizer import CompressedTokenizer
 from .config import ModelConfig
 from .model import EngramLM
@@ -98,18 +99,28 @@ def save_table_files(model: nn.Module, directory: str | os.PathLike) -> set[str]
             store.flush()  # the table already lives in the model folder: keep it in place
         else:
             atomic_write(target, store.save)
-        entries[str(layer_id)] = {
-            "file": rel,
-            "tier": store.kind,
-            "state_key": key,
-            "num_rows": store.num_rows,
-            "dim": store.dim,
-            "dtype": dtype_name(store.dtype),
-            "head_sizes": table.head_sizes,
-        }
-    text = json.dumps({"format": TABLES_FORMAT, "tables": entries}, indent=1)
-    atomic_write(manifest_path, text)
+        entries[layer_id] = manifest_entry(rel, store.kind, key, table.head_sizes, store.dim, store.format.name)
+    write_manifest(d, entries)
     return set(tables)
+
+
+def manifest_entry(file: str, tier: str, state_key: str, head_sizes: list[int], dim: int, fmt: str) -> dict:
+    """One table's entry in ``tables.json`` (module docstring)."""
+    return {
+        "file": file,
+        "tier": tier,
+        "state_key": state_key,
+        "num_rows": sum(head_sizes),
+        "dim": dim,
+        "dtype": fmt,
+        "head_sizes": list(head_sizes),
+    }
+
+
+def write_manifest(directory: str | os.PathLike, entries: dict[int, dict]) -> None:
+    """Write ``tables.json`` for ``{layer_id: manifest_entry(...)}``."""
+    text = json.dumps({"format": TABLES_FORMAT, "tables": {str(k): v for k, v in entries.items()}}, indent=1)
+    atomic_write(Path(directory) / TABLES_MANIFEST, text)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -192,9 +203,9 @@ class TableFiles:
             )
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot open the table of Engram layer {layer_id}: {e}") from e
-        if (store.num_rows, store.dim) != want or dtype_name(store.dtype) != entry["dtype"]:
+        if (store.num_rows, store.dim) != want or store.format.name != entry["dtype"]:
             raise ModelLoadError(
-                f"{path} holds a [{store.num_rows}, {store.dim}] {dtype_name(store.dtype)} table, "
+                f"{path} holds a [{store.num_rows}, {store.dim}] {store.format.name} table, "
                 f"the manifest and layer {layer_id} need [{want[0]}, {want[1]}] {entry['dtype']}"
             )
         return OffloadedEmbedding(head_sizes, head_dim, store, init_std=init_std, cache_bytes=self.cache_bytes)

@@ -2,6 +2,8 @@
 
 * :mod:`~engram.storage.tiers`: :class:`RowStore`, one interface over device, host (pinned) and disk
   (memory-mapped) tables; created directly in their tier, converted and saved chunk by chunk.
+* :mod:`~engram.storage.formats`: row formats (float32, bfloat16, FP8 E4M3 with one E8M0 scale per 32 values),
+  how every tier stores its rows and decodes them on gather.
 * :mod:`~engram.storage.embedding`: :class:`OffloadedEmbedding`, an :class:`~engram.table.EngramTable` over
   any store, with deduplicated gathers, asynchronous
   ``prefetch`` (side stream + pinned staging on CUDA) and captured row gradients. Its docstring gives the
@@ -17,6 +19,7 @@
 
 from .cache import CacheStats, HotRowCache
 from .embedding import OffloadedEmbedding, fetch_seconds, offload_tables
+from .formats import FORMATS, RowFormat, row_format
 from .optim import SparseRowOptimizer, rowwise_adam
 from .profile import (
     ZipfProfile,
@@ -44,10 +47,12 @@ __all__ = [
     "TIERS",
     "CacheStats",
     "DeviceRowStore",
+    "FORMATS",
     "DiskRowStore",
     "HostRowStore",
     "HotRowCache",
     "OffloadedEmbedding",
+    "RowFormat",
     "RowStore",
     "SparseRowOptimizer",
     "ZipfProfile",
@@ -65,6 +70,7 @@ __all__ = [
     "simulate_cache",
     "table_factory",
     "read_disk_header",
+    "row_format",
     "to_tier",
     "zipf_profile",
 ]

@@ -201,6 +201,7 @@ class OffloadedEmbedding(EngramTable):
         *,
         tier: str = "host",
         dtype: torch.dtype = torch.float32,
+        fmt: str | None = None,
         init_std: float = 0.02,
         seed: int = 0,
         device: torch.device | str | None = None,
@@ -211,12 +212,14 @@ class OffloadedEmbedding(EngramTable):
         progress: bool | None = None,
     ) -> OffloadedEmbedding:
         """A new table created directly in ``tier`` (a host or disk table never touches the accelerator).
-        ``device`` is the compute device, and also where a device-tier table is allocated."""
+        ``device`` is the compute device, and also where a device-tier table is allocated; rows are gathered as
+        ``dtype`` and stored in the row format ``fmt`` (default: as ``dtype``)."""
         store = create_row_store(
             tier,
             sum(int(s) for s in head_sizes),
             head_dim,
             dtype=dtype,
+            fmt=fmt,
             init_std=init_std,
             seed=seed,
             device=device if tier == "device" else None,
@@ -302,14 +305,16 @@ class OffloadedEmbedding(EngramTable):
         if store.device == device:
             return store.gather(rows, check=False), None
         if device.type == "cuda" and store.device.type == "cpu":
-            staging = torch.empty(rows.numel(), store.dim, dtype=store.dtype, pin_memory=True)
-            store.gather(rows, out=staging, check=False)
+            # rows cross PCIe as stored (an fp8 row is ~1/4 of its float32 values) and are decoded on the device
+            width = store.format.width(store.dim)
+            staging = torch.empty(rows.numel(), width, dtype=store.format.storage_dtype, pin_memory=True)
+            store.gather_stored(rows, out=staging)
             with torch.cuda.device(device):
                 stream = self._streams.get(device)
                 if stream is None:
                     stream = self._streams[device] = torch.cuda.Stream(device)
                 with torch.cuda.stream(stream):
-                    values = staging.to(device, non_blocking=True)
+                    values = store.format.decode(staging.to(device, non_blocking=True), store.dtype)
                     event = torch.cuda.Event()
                     event.record(stream)
             return values, event

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .embedding import OffloadedEmbedding
+from .formats import check_trainable
 from .tiers import (
     DiskRowStore,
     RowStore,
@@ -119,6 +120,7 @@ class SparseRowOptimizer:
         for t in tables:
             if not isinstance(t, OffloadedEmbedding):
                 raise TypeError(f"SparseRowOptimizer optimises OffloadedEmbedding tables, got {type(t).__name__}")
+            check_trainable(t.store.format, f"a {t.store.kind} table of {t.num_rows} rows")
         check_rowwise_hyperparameters(lr, beta2, eps, weight_decay)
         self.tables = tables
         # every hyper-parameter lives in the one param group, like torch optimizers': the trainer re-applies a

@@ -38,6 +38,7 @@ def table_factory(
     path_dir: str | os.PathLike | None = None,
     cache_bytes: int = 0,
     dtype: torch.dtype = torch.float32,
+    fmt: str | None = None,
     seed: int = 0,
     pin: bool | None = None,
     device: torch.device | str | None = None,
@@ -47,8 +48,9 @@ def table_factory(
     """A ``table_factory`` for :class:`~engram.model.EngramLM` that creates every Engram table in ``tier``.
 
     ``path_dir`` (disk tier only) receives ``layerNN.rows``; ``cache_bytes`` sizes each table's
-    :class:`~engram.storage.HotRowCache`; ``device`` is where a device-tier table is allocated. Layer ``l``'s rows
-    are drawn from seed ``seed + l``.
+    :class:`~engram.storage.HotRowCache`; ``device`` is where a device-tier table is allocated; rows are gathered as
+    ``dtype`` and stored in the row format ``fmt`` (default: as ``dtype``). Layer ``l``'s rows are drawn from seed
+    ``seed + l``.
     """
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
@@ -66,6 +68,7 @@ def table_factory(
             head_dim,
             tier=tier,
             dtype=dtype,
+            fmt=fmt,
             init_std=init_std,
             seed=seed + layer_id,
             device=device,

@@ -24,10 +24,15 @@ accelerator memory, and a device table is filled chunk by chunk. Initialisation 
 generated on the CPU in fixed blocks of rows, each from its own seed derived from ``(seed, block)``, so the
 same ``(num_rows, dim, init_std, seed)`` gives bit-identical tables in every tier.
 
-File formats: device and host tables save to safetensors (one tensor ``"rows"`` plus metadata); a disk table
-*is* its file: a 4096-byte header (magic ``ENGRAMRS``, then JSON with format version, shape and dtype) followed
-by the rows, row-major. Opening checks the magic, the version and that the file size is exactly header + rows,
-so a truncated file or a header that does not match the data is refused before any row is served.
+Row formats (:mod:`~engram.storage.formats`): every tier keeps its rows encoded in one row format (float32,
+bfloat16, ..., or FP8 E4M3 with E8M0 block scales) and ``gather`` / ``read_range`` decode them to the store's compute
+dtype :attr:`RowStore.dtype`; writes encode. For a float format whose dtype is the compute dtype both are no-ops.
+
+File formats: device and host tables save to safetensors (one tensor ``"rows"``, the encoded rows, plus metadata);
+a disk table *is* its file: a 4096-byte header (magic ``ENGRAMRS``, then JSON with format version, shape and
+``dtype``, the name of the row format) followed by the encoded rows, row-major. Opening checks the magic, the
+version, the row format and that the file size is exactly header + rows, so a truncated file, a header that does
+not match the data or a format this engram does not know is refused before any row is served.
 
 Every write bumps :attr:`RowStore.version`; readers that keep copies of rows (the hot-row cache, in-flight
 prefetches) compare it to know whether their copies may be stale.
@@ -47,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..files import FileLock, lock_path_for
+from .formats import FloatFormat, RowFormat, row_format
 
 TIERS = ("device", "host", "disk")
 
@@ -55,14 +61,8 @@ DISK_FORMAT_VERSION = 1
 DISK_HEADER_BYTES = 4096
 SAFETENSORS_KEY = "rows"
 
+# the compute dtypes rows are gathered in
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-# numpy has no bfloat16: disk rows of that dtype are mapped as uint16 and viewed as bfloat16 by torch.
-_NUMPY_STORAGE = {
-    torch.float32: np.float32,
-    torch.float16: np.float16,
-    torch.bfloat16: np.uint16,
-    torch.float64: np.float64,
-}
 _INIT_BLOCK_ELEMENTS = 1 << 20  # rows are initialised in blocks of ~1M values (4 MB in float32)
 _COPY_CHUNK_BYTES = 64 << 20  # chunk size for copies between tiers
 
@@ -72,12 +72,6 @@ def dtype_name(dtype: torch.dtype) -> str:
         if d == dtype:
             return name
     raise TypeError(f"unsupported table dtype {dtype}; use one of {sorted(_DTYPES)}")
-
-
-def _dtype_from_name(name: str, source: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"{source}: unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
 
 
 def cuda_pinning_default() -> bool:
@@ -94,11 +88,18 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device)
 
 
-def _check_shape(num_rows: int, dim: int, dtype: torch.dtype) -> tuple[int, int, torch.dtype]:
+def _check_shape(num_rows: int, dim: int, dtype: torch.dtype, fmt: RowFormat) -> tuple[int, int, torch.dtype]:
     if int(num_rows) <= 0 or int(dim) <= 0:
         raise ValueError(f"a table needs num_rows > 0 and dim > 0, got num_rows={num_rows}, dim={dim}")
     dtype_name(dtype)
+    fmt.check_dim(int(dim))
     return int(num_rows), int(dim), dtype
+
+
+def _formats(dtype: torch.dtype, fmt: str | RowFormat | None) -> tuple[torch.dtype, RowFormat]:
+    """``(compute dtype, row format)`` of a new table: rows are stored as ``dtype`` unless ``fmt`` names a format."""
+    dtype_name(dtype)
+    return dtype, row_format(dtype if fmt is None else fmt)
 
 
 def check_rows(rows: torch.Tensor, num_rows: int, unique: bool = False) -> torch.Tensor:
@@ -176,7 +177,7 @@ def chunk_rows_for(row_bytes: int) -> int:
 
 def _fill_initial(store: RowStore, init_std: float, seed: int, progress: bool | None) -> None:
     copy_in_chunks(
-        lambda start, stop: init_rows(start, stop, store.dim, init_std, seed).to(store.dtype),
+        lambda start, stop: init_rows(start, stop, store.dim, init_std, seed),
         store.write_range,
         store.num_rows,
         init_block_rows(store.dim),
@@ -190,7 +191,9 @@ class RowStore:
     """A ``[num_rows, dim]`` table accessed by row, held in the tensor :attr:`rows`. See the module docstring.
 
     Every tier keeps its rows in a tensor (on the device, in host memory, or mapping a file), so the row
-    operations are implemented here once; a tier adds how it is created, loaded and saved. ``gather`` returns
+    operations are implemented here once; a tier adds how it is created, loaded and saved. :attr:`rows` holds
+    the rows encoded in :attr:`format` (``[num_rows, format.width(dim)]``); :attr:`dtype` is what they decode to
+    (default: the format's own dtype for a float format, float32 for fp8). ``gather`` returns
     rows on :attr:`device`: the CPU for host and disk tables (page-locked when CUDA is present), the table's
     device for a device table, so that a device table's rows never make a round trip through the host. Moving
     host rows to the compute device is the caller's business (:class:`~engram.storage.OffloadedEmbedding` does
@@ -199,17 +202,26 @@ class RowStore:
 
     kind: str = ""
 
-    def __init__(self, rows: torch.Tensor):
+    def __init__(self, rows: torch.Tensor, fmt: str | RowFormat | None = None, dtype: torch.dtype | None = None):
         if rows.dim() != 2:
-            raise ValueError(f"a table is a 2-D [num_rows, dim] tensor, got shape {tuple(rows.shape)}")
-        self.num_rows, self.dim, self.dtype = _check_shape(rows.shape[0], rows.shape[1], rows.dtype)
+            raise ValueError(f"a table is a 2-D [num_rows, width] tensor, got shape {tuple(rows.shape)}")
+        self.format = row_format(rows.dtype if fmt is None else fmt)
+        if rows.dtype != self.format.storage_dtype:
+            raise TypeError(f"{self.format.name} rows are stored as {self.format.storage_dtype}, got {rows.dtype}")
+        dtype = self.format.default_dtype if dtype is None else dtype
+        self.num_rows, self.dim, self.dtype = _check_shape(
+            rows.shape[0], self.format.dim_of(rows.shape[1]), dtype, self.format
+        )
         self.rows = rows
         self.version = 0
+        # rows stored exactly as they are gathered: no decoding, and read_range may return a view
+        self._plain = isinstance(self.format, FloatFormat) and self.format.storage_dtype == self.dtype
 
     # ------------------------------------------------------------------ sizes
     @property
     def row_bytes(self) -> int:
-        return self.dim * torch.empty((), dtype=self.dtype).element_size()
+        """Bytes of one stored row (264 for a 256-wide fp8 row)."""
+        return self.format.row_bytes(self.dim)
 
     @property
     def nbytes(self) -> int:
@@ -226,18 +238,35 @@ class RowStore:
         if check:
             check_rows(rows, self.num_rows)
         rows = to_device(rows, self.device)
+        if not self._plain:
+            values = self.format.decode(torch.index_select(self.rows, 0, rows), self.dtype)
+            if out is None:
+                return values.pin_memory() if self.device.type == "cpu" and cuda_pinning_default() else values
+            self._check_out(out, rows.numel())
+            return out.copy_(values)
         if out is None:
             if self.device.type == "cpu" and cuda_pinning_default():
                 # host rows are returned page-locked so that the copy to the GPU can be asynchronous
                 out = torch.empty(rows.numel(), self.dim, dtype=self.dtype, pin_memory=True)
                 return torch.index_select(self.rows, 0, rows, out=out)
             return torch.index_select(self.rows, 0, rows)
-        if out.shape != (rows.numel(), self.dim) or out.dtype != self.dtype or out.device != self.device:
+        self._check_out(out, rows.numel())
+        return torch.index_select(self.rows, 0, rows, out=out)
+
+    def gather_stored(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoded rows ``[n, format.width(dim)]`` on :attr:`device` (into ``out`` when given), unchecked: to
+        move fewer bytes and decode after the copy with ``format.decode``."""
+        rows = to_device(rows, self.device)
+        return (
+            torch.index_select(self.rows, 0, rows) if out is None else torch.index_select(self.rows, 0, rows, out=out)
+        )
+
+    def _check_out(self, out: torch.Tensor, n: int) -> None:
+        if out.shape != (n, self.dim) or out.dtype != self.dtype or out.device != self.device:
             raise ValueError(
-                f"out must be a [{rows.numel()}, {self.dim}] {self.dtype} tensor on {self.device}, "
+                f"out must be a [{n}, {self.dim}] {self.dtype} tensor on {self.device}, "
                 f"got {tuple(out.shape)} {out.dtype} on {out.device}"
             )
-        return torch.index_select(self.rows, 0, rows, out=out)
 
     def scatter(self, rows: torch.Tensor, values: torch.Tensor, check: bool = True) -> None:
         """``values[rows] = values``; rows must not repeat."""
@@ -245,17 +274,17 @@ class RowStore:
         if check:
             check_rows(rows, self.num_rows, unique=True)
             self._check_values(values, rows.numel())
-        self.rows.index_copy_(0, to_device(rows, self.device), to_device(values, self.device).to(self.dtype))
+        self.rows.index_copy_(0, to_device(rows, self.device), self.format.encode(to_device(values, self.device)))
         self._bump()
 
     def apply_update(
         self, rows: torch.Tensor, delta: torch.Tensor, scale: float | torch.Tensor | None = None, check: bool = True
     ) -> torch.Tensor:
-        """``values[rows] = scale * values[rows] + delta`` computed in float32, stored in :attr:`dtype`.
+        """``values[rows] = scale * values[rows] + delta`` computed in float32, stored in :attr:`format`.
 
         ``scale`` is a number or one factor per row (``[n, 1]``). Rows must not repeat. Returns the new values of
-        ``rows`` (on :attr:`device`), so that callers holding copies (a cache, a prefetch) can refresh them
-        without reading the table again.
+        ``rows`` as stored (decoded to :attr:`dtype`, on :attr:`device`), so that callers holding copies (a cache, a
+        prefetch) can refresh them without reading the table again.
         """
         if check:
             check_rows(rows, self.num_rows, unique=True)
@@ -265,21 +294,38 @@ class RowStore:
         new = self.gather(rows, check=False).float()
         if scale is not None:
             new.mul_(to_device(scale, self.device) if isinstance(scale, torch.Tensor) else scale)
-        new = new.add_(to_device(delta, self.device).float()).to(self.dtype)
-        self.scatter(rows, new, check=False)
-        return new
+        stored = self.format.encode(new.add_(to_device(delta, self.device).float()))
+        self._writable()
+        self.rows.index_copy_(0, rows, stored)
+        self._bump()
+        return self.format.decode(stored, self.dtype)
 
     def read_range(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` on :attr:`device` (may be a view; copy before keeping it)."""
+        """Rows ``[start, stop)`` on :attr:`device`, decoded to :attr:`dtype` (may be a view; copy before keeping
+        it)."""
+        stored = self.read_stored(start, stop)
+        return stored if self._plain else self.format.decode(stored, self.dtype)
+
+    def write_range(self, start: int, values: torch.Tensor) -> None:
+        """Rows ``[start, start + len(values))`` = values (encoded in :attr:`format`)."""
+        self._check_values(values, values.shape[0])
+        self.write_stored(start, self.format.encode(to_device(values, self.device)))
+
+    def read_stored(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` as stored (encoded in :attr:`format`; a view)."""
         self._check_range(start, stop)
         return self.rows[start:stop]
 
-    def write_range(self, start: int, values: torch.Tensor) -> None:
-        """Rows ``[start, start + len(values))`` = values."""
+    def write_stored(self, start: int, stored: torch.Tensor) -> None:
+        """Rows ``[start, start + len(stored))`` = rows already encoded in :attr:`format`."""
         self._writable()
-        self._check_range(start, start + values.shape[0])
-        self._check_values(values, values.shape[0])
-        self.rows[start : start + values.shape[0]].copy_(values)
+        self._check_range(start, start + stored.shape[0])
+        if stored.shape[1:] != self.rows.shape[1:] or stored.dtype != self.rows.dtype:
+            raise ValueError(
+                f"stored {self.format.name} rows must be [n, {self.rows.shape[1]}] {self.rows.dtype}, "
+                f"got {tuple(stored.shape)} {stored.dtype}"
+            )
+        self.rows[start : start + stored.shape[0]].copy_(stored)
         self._bump()
 
     # ------------------------------------------------------------------ persistence
@@ -311,8 +357,8 @@ class RowStore:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(num_rows={self.num_rows}, dim={self.dim}, dtype={dtype_name(self.dtype)}, "
-            f"device={self.device}, {self.nbytes / 2**20:.1f} MiB)"
+            f"{type(self).__name__}(num_rows={self.num_rows}, dim={self.dim}, format={self.format.name}, "
+            f"dtype={dtype_name(self.dtype)}, device={self.device}, {self.nbytes / 2**20:.1f} MiB)"
         )
 
 
@@ -328,22 +374,29 @@ class DeviceRowStore(RowStore):
         dim: int,
         *,
         dtype: torch.dtype = torch.float32,
+        fmt: str | RowFormat | None = None,
         init_std: float = 0.02,
         seed: int = 0,
         device: torch.device | str | None = None,
         progress: bool | None = None,
     ) -> DeviceRowStore:
-        num_rows, dim, dtype = _check_shape(num_rows, dim, dtype)
+        dtype, fmt = _formats(dtype, fmt)
+        num_rows, dim, dtype = _check_shape(num_rows, dim, dtype, fmt)
         device = torch.device(device) if device is not None else _default_device()
-        store = cls(torch.empty(num_rows, dim, dtype=dtype, device=device))
+        store = cls(torch.empty(num_rows, fmt.width(dim), dtype=fmt.storage_dtype, device=device), fmt, dtype)
         _fill_initial(store, init_std, seed, progress)
         return store
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> DeviceRowStore:
+    def load(
+        cls, path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> DeviceRowStore:
         device = torch.device(device) if device is not None else _default_device()
         reader = _SafetensorsReader(path)
-        store = cls(torch.empty(reader.num_rows, reader.dim, dtype=reader.dtype, device=device))
+        fmt = reader.format
+        store = cls(
+            torch.empty(reader.num_rows, fmt.width(reader.dim), dtype=fmt.storage_dtype, device=device), fmt, dtype
+        )
         reader.copy_into(store)
         return store
 
@@ -354,15 +407,16 @@ class HostRowStore(RowStore):
 
     kind = "host"
 
-    def __init__(self, rows: torch.Tensor):
+    def __init__(self, rows: torch.Tensor, fmt: str | RowFormat | None = None, dtype: torch.dtype | None = None):
         if rows.device.type != "cpu":
             raise ValueError(f"a host table lives on the CPU, got a tensor on {rows.device}; use DeviceRowStore")
-        super().__init__(rows)
+        super().__init__(rows, fmt, dtype)
 
     @staticmethod
-    def _allocate(num_rows: int, dim: int, dtype: torch.dtype, pin: bool | None) -> torch.Tensor:
+    def _allocate(num_rows: int, dim: int, fmt: RowFormat | torch.dtype, pin: bool | None) -> torch.Tensor:
+        fmt = row_format(fmt)
         pin = cuda_pinning_default() if pin is None else pin
-        return torch.empty(num_rows, dim, dtype=dtype, pin_memory=pin)
+        return torch.empty(num_rows, fmt.width(dim), dtype=fmt.storage_dtype, pin_memory=pin)
 
     @classmethod
     def create(
@@ -371,20 +425,22 @@ class HostRowStore(RowStore):
         dim: int,
         *,
         dtype: torch.dtype = torch.float32,
+        fmt: str | RowFormat | None = None,
         init_std: float = 0.02,
         seed: int = 0,
         pin: bool | None = None,
         progress: bool | None = None,
     ) -> HostRowStore:
-        num_rows, dim, dtype = _check_shape(num_rows, dim, dtype)
-        store = cls(cls._allocate(num_rows, dim, dtype, pin))
+        dtype, fmt = _formats(dtype, fmt)
+        num_rows, dim, dtype = _check_shape(num_rows, dim, dtype, fmt)
+        store = cls(cls._allocate(num_rows, dim, fmt, pin), fmt, dtype)
         _fill_initial(store, init_std, seed, progress)
         return store
 
     @classmethod
-    def load(cls, path: str | os.PathLike, pin: bool | None = None) -> HostRowStore:
+    def load(cls, path: str | os.PathLike, pin: bool | None = None, dtype: torch.dtype | None = None) -> HostRowStore:
         reader = _SafetensorsReader(path)
-        store = cls(cls._allocate(reader.num_rows, reader.dim, reader.dtype, pin))
+        store = cls(cls._allocate(reader.num_rows, reader.dim, reader.format, pin), reader.format, dtype)
         reader.copy_into(store)
         return store
 
@@ -396,8 +452,9 @@ class HostRowStore(RowStore):
 class DiskRowStore(RowStore):
     """Rows in a memory-mapped file (see the module docstring for the layout).
 
-    ``DiskRowStore(path)`` opens an existing file and checks it; pass ``num_rows`` / ``dim`` / ``dtype`` to also
-    require a shape (a table built for another config is refused). :meth:`create` makes a new file.
+    ``DiskRowStore(path)`` opens an existing file and checks it; pass ``num_rows`` / ``dim`` / ``fmt`` to also
+    require a shape and row format (a table built for another config is refused); ``dtype`` is the compute dtype
+    rows are gathered in (default: the format's). :meth:`create` makes a new file.
     Reads touch only the pages that hold the requested rows (one 4 KiB page per row at least, so on NVMe the
     cost is in IOPS, not bytes, for rows smaller than a page).
     """
@@ -411,19 +468,20 @@ class DiskRowStore(RowStore):
         readonly: bool = False,
         num_rows: int | None = None,
         dim: int | None = None,
+        fmt: str | RowFormat | None = None,
         dtype: torch.dtype | None = None,
     ):
         self.path = Path(path)
         header = read_disk_header(self.path)
-        expected = (num_rows, dim, dtype)
-        found = (header["num_rows"], header["dim"], header["dtype"])
+        expected = (num_rows, dim, None if fmt is None else row_format(fmt))
+        found = (header["num_rows"], header["dim"], header["format"])
         if any(e is not None and e != f for e, f in zip(expected, found)):
             want = (
                 f"[{'*' if num_rows is None else num_rows}, {'*' if dim is None else dim}] "
-                f"{'any dtype' if dtype is None else dtype_name(dtype)}"
+                f"{'any format' if fmt is None else expected[2].name}"
             )
             raise ValueError(
-                f"{self.path} holds a [{found[0]}, {found[1]}] {dtype_name(found[2])} table, "
+                f"{self.path} holds a [{found[0]}, {found[1]}] {found[2].name} table, "
                 f"expected {want}; it was built for another table config"
             )
         self.readonly = readonly
@@ -431,13 +489,14 @@ class DiskRowStore(RowStore):
         # Python's own map of the whole file (public, and it has madvise); the rows start after the header
         with open(self.path, "rb" if readonly else "r+b") as f:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
+        width = found[2].width(found[1])
         values = np.frombuffer(
-            self._mmap, dtype=_NUMPY_STORAGE[found[2]], count=found[0] * found[1], offset=DISK_HEADER_BYTES
-        ).reshape(found[0], found[1])
+            self._mmap, dtype=found[2].numpy_dtype, count=found[0] * width, offset=DISK_HEADER_BYTES
+        ).reshape(found[0], width)
         with warnings.catch_warnings():
             # a read-only map gives a non-writable array; torch warns, we refuse writes ourselves
             warnings.simplefilter("ignore", UserWarning)
-            super().__init__(torch.from_numpy(values).view(found[2]))
+            super().__init__(torch.from_numpy(values).view(found[2].storage_dtype), found[2], dtype)
         # Rows are read at random: without this hint every page fault also reads the pages around it (hundreds
         # of KiB for one 4 KiB page), which on a table much larger than the page cache multiplies the bytes
         # read, and the time, many times over. Sequential copies ask for their range explicitly (read_range).
@@ -451,22 +510,25 @@ class DiskRowStore(RowStore):
         dim: int,
         *,
         dtype: torch.dtype = torch.float32,
+        fmt: str | RowFormat | None = None,
         init_std: float = 0.02,
         seed: int = 0,
         overwrite: bool = False,
         progress: bool | None = None,
     ) -> DiskRowStore:
         """A new table file, initialised chunk by chunk. ``init_std=0`` gives an all-zero table without writing
-        any row (a sparse file: instant, and it takes no disk space until rows are written)."""
-        num_rows, dim, dtype = _check_shape(num_rows, dim, dtype)
+        any row (a sparse file: instant, and it takes no disk space until rows are written; zero bytes are zero
+        rows in every format)."""
+        dtype, fmt = _formats(dtype, fmt)
+        num_rows, dim, dtype = _check_shape(num_rows, dim, dtype, fmt)
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         lock = FileLock(lock_path_for(path), f"table file {path}")  # before touching a file another run may own
-        _write_empty_disk_file(path, num_rows, dim, dtype)
+        _write_empty_disk_file(path, num_rows, dim, fmt)
         if init_std != 0:
             # plain file writes, not writes through the map: the process never holds the table in its memory
-            row_bytes = dim * torch.empty((), dtype=dtype).element_size()
+            row_bytes = fmt.row_bytes(dim)
             with open(path, "r+b") as f:
 
                 def write(start: int, chunk: torch.Tensor) -> None:
@@ -474,14 +536,14 @@ class DiskRowStore(RowStore):
                     f.write(_as_numpy(chunk).tobytes())
 
                 copy_in_chunks(
-                    lambda start, stop: init_rows(start, stop, dim, init_std, seed).to(dtype),
+                    lambda start, stop: fmt.encode(init_rows(start, stop, dim, init_std, seed)),
                     write,
                     num_rows,
                     init_block_rows(dim),
                     desc="init disk table",
                     progress=progress,
                 )
-        store = cls(path)
+        store = cls(path, dtype=dtype)
         lock.release()
         return store
 
@@ -519,8 +581,8 @@ class DiskRowStore(RowStore):
         path = Path(path)
         if path.exists() and path.resolve() == self.path.resolve():
             return
-        _write_empty_disk_file(path, self.num_rows, self.dim, self.dtype)
-        copy = DiskRowStore(path)
+        _write_empty_disk_file(path, self.num_rows, self.dim, self.format)
+        copy = DiskRowStore(path, dtype=self.dtype)
         _copy_rows(self, copy, progress=None)
         copy.flush()
 
@@ -533,18 +595,20 @@ def _as_numpy(values: torch.Tensor) -> np.ndarray:
     return values.numpy()
 
 
-def _write_empty_disk_file(path: Path, num_rows: int, dim: int, dtype: torch.dtype) -> None:
-    meta = {"format_version": DISK_FORMAT_VERSION, "num_rows": num_rows, "dim": dim, "dtype": dtype_name(dtype)}
+def _write_empty_disk_file(path: Path, num_rows: int, dim: int, fmt: RowFormat | torch.dtype) -> None:
+    fmt = row_format(fmt)
+    meta = {"format_version": DISK_FORMAT_VERSION, "num_rows": num_rows, "dim": dim, "dtype": fmt.name}
     header = DISK_MAGIC + json.dumps(meta).encode() + b"\n"
     assert len(header) < DISK_HEADER_BYTES
-    row_bytes = dim * torch.empty((), dtype=dtype).element_size()
     with open(path, "wb") as f:
         f.write(header.ljust(DISK_HEADER_BYTES, b"\0"))
-        f.truncate(DISK_HEADER_BYTES + num_rows * row_bytes)  # sparse: unwritten rows read as zeros
+        f.truncate(DISK_HEADER_BYTES + num_rows * fmt.row_bytes(dim))  # sparse: unwritten rows read as zeros
 
 
 def read_disk_header(path: str | os.PathLike) -> dict:
-    """Parse and check a disk table's header against its file size; returns num_rows, dim, dtype."""
+    """Parse and check a disk table's header against its file size; returns num_rows, dim, format (the
+    :class:`~engram.storage.formats.RowFormat` named by the header's ``dtype``) and dtype (the format's default
+    compute dtype)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no table file at {path}")
@@ -565,10 +629,11 @@ def read_disk_header(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: unreadable table header ({e})") from e
     if version != DISK_FORMAT_VERSION:
         raise ValueError(f"{path}: table format version {version}, this engram reads version {DISK_FORMAT_VERSION}")
-    dtype = _dtype_from_name(name, str(path))
+    fmt = row_format(name, str(path))
     if num_rows <= 0 or dim <= 0:
         raise ValueError(f"{path}: header has a non-positive shape [{num_rows}, {dim}]")
-    expected = DISK_HEADER_BYTES + num_rows * dim * torch.empty((), dtype=dtype).element_size()
+    fmt.check_dim(dim)
+    expected = DISK_HEADER_BYTES + num_rows * fmt.row_bytes(dim)
     if size < expected:
         raise ValueError(
             f"{path} is truncated: the header describes a [{num_rows}, {dim}] {name} table "
@@ -579,7 +644,7 @@ def read_disk_header(path: str | os.PathLike) -> dict:
             f"{path}: the header describes a [{num_rows}, {dim}] {name} table ({expected} bytes with "
             f"the header) but the file has {size} bytes; the header does not match the data"
         )
-    return {"num_rows": num_rows, "dim": dim, "dtype": dtype}
+    return {"num_rows": num_rows, "dim": dim, "format": fmt, "dtype": fmt.default_dtype}
 
 
 # ---------------------------------------------------------------------- safetensors (device / host)
@@ -590,9 +655,9 @@ def _save_safetensors(store: RowStore, path: str | os.PathLike) -> None:
         "engram_rowstore": str(DISK_FORMAT_VERSION),
         "num_rows": str(store.num_rows),
         "dim": str(store.dim),
-        "dtype": dtype_name(store.dtype),
+        "dtype": store.format.name,
     }
-    save_file({SAFETENSORS_KEY: store.read_range(0, store.num_rows).contiguous()}, str(path), metadata=meta)
+    save_file({SAFETENSORS_KEY: store.read_stored(0, store.num_rows).contiguous()}, str(path), metadata=meta)
 
 
 class _SafetensorsReader:
@@ -613,13 +678,22 @@ class _SafetensorsReader:
             raise ValueError(f"{path} is a safetensors file but not an engram table (no 'rows' tensor / metadata)")
         self._slice = self._file.get_slice(SAFETENSORS_KEY)
         shape = self._slice.get_shape()
-        self.dtype = _dtype_from_name(meta["dtype"], self.path)
+        self.format = row_format(meta["dtype"], self.path)
         self.num_rows, self.dim = int(meta["num_rows"]), int(meta["dim"])
-        if list(shape) != [self.num_rows, self.dim]:
-            raise ValueError(f"{path}: metadata says [{self.num_rows}, {self.dim}] but the tensor is {list(shape)}")
+        width = self.format.width(self.dim)
+        if list(shape) != [self.num_rows, width]:
+            raise ValueError(
+                f"{path}: metadata says a [{self.num_rows}, {self.dim}] {self.format.name} table ({width} stored "
+                f"values per row) but the tensor is {list(shape)}"
+            )
 
-    def read_range(self, start: int, stop: int) -> torch.Tensor:
-        return self._slice[start:stop]
+    def read_stored(self, start: int, stop: int) -> torch.Tensor:
+        stored = self._slice[start:stop]
+        if stored.dtype != self.format.storage_dtype:
+            raise ValueError(
+                f"{self.path}: {self.format.name} rows must be {self.format.storage_dtype}, got {stored.dtype}"
+            )
+        return stored
 
     def copy_into(self, store: RowStore, progress: bool | None = None) -> None:
         _copy_rows(self, store, progress)
@@ -632,11 +706,21 @@ def _default_device() -> torch.device:
 
 
 def _copy_rows(src, dst: RowStore, progress: bool | None) -> None:
+    """Copy every row of ``src`` (a store or a saved table) into ``dst``: the stored bytes when both use the same
+    row format, else decoded to float32 and encoded again (the conversion between formats)."""
+
+    def write(start: int, stored: torch.Tensor) -> None:
+        stored = stored.to(dst.device)
+        if src.format is dst.format:
+            dst.write_stored(start, stored)
+        else:
+            dst.write_range(start, src.format.decode(stored, torch.float32))
+
     copy_in_chunks(
-        src.read_range,
-        lambda start, values: dst.write_range(start, values.to(dst.device, dst.dtype)),
+        src.read_stored,
+        write,
         dst.num_rows,
-        chunk_rows_for(dst.row_bytes),
+        chunk_rows_for(max(dst.row_bytes, 4 * dst.dim)),  # a chunk may be decoded to float32
         desc=f"copy to {dst.kind} table",
         progress=progress,
     )
@@ -648,6 +732,7 @@ def create_row_store(
     dim: int,
     *,
     dtype: torch.dtype = torch.float32,
+    fmt: str | RowFormat | None = None,
     init_std: float = 0.02,
     seed: int = 0,
     device: torch.device | str | None = None,
@@ -658,19 +743,17 @@ def create_row_store(
 ) -> RowStore:
     """A new ``normal(0, init_std)`` table created directly in ``tier`` (``device`` / ``host`` / ``disk``).
 
+    Rows are gathered as ``dtype`` and stored in the row format ``fmt`` (default: as ``dtype``).
     ``device`` is only for the device tier (default: the current CUDA device, else the CPU); ``path`` only and
     always for the disk tier; ``pin`` only for the host tier (default: pinned iff CUDA is available).
     """
     _check_tier_args(tier, device=device, path=path, pin=pin)
+    common = dict(dtype=dtype, fmt=fmt, init_std=init_std, seed=seed, progress=progress)
     if tier == "device":
-        return DeviceRowStore.create(
-            num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, device=device, progress=progress
-        )
+        return DeviceRowStore.create(num_rows, dim, device=device, **common)
     if tier == "host":
-        return HostRowStore.create(num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, pin=pin, progress=progress)
-    return DiskRowStore.create(
-        path, num_rows, dim, dtype=dtype, init_std=init_std, seed=seed, overwrite=overwrite, progress=progress
-    )
+        return HostRowStore.create(num_rows, dim, pin=pin, **common)
+    return DiskRowStore.create(path, num_rows, dim, overwrite=overwrite, **common)
 
 
 def to_tier(
@@ -681,28 +764,37 @@ def to_tier(
     path: str | os.PathLike | None = None,
     pin: bool | None = None,
     dtype: torch.dtype | None = None,
+    fmt: str | RowFormat | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> RowStore:
     """Copy ``store`` into a new table in ``tier`` (chunk by chunk; the source is never duplicated whole).
 
-    ``dtype`` converts the rows (default: keep). The source is left as it is; the copy starts at version 0.
+    ``fmt`` converts the rows to another row format (``"fp8"``, ``"bfloat16"``, ...) and ``dtype`` sets the dtype
+    they are gathered in; given alone, ``dtype`` also stores them as ``dtype``. Both default to the source's. The
+    source is left as it is; the copy starts at version 0.
     """
     _check_tier_args(tier, device=device, path=path, pin=pin)
+    if fmt is not None:
+        fmt = row_format(fmt)
+    else:
+        fmt = store.format if dtype is None else row_format(dtype)
     dtype = store.dtype if dtype is None else dtype
+    _check_shape(store.num_rows, store.dim, dtype, fmt)
     if tier == "device":
         device = torch.device(device) if device is not None else _default_device()
-        dst: RowStore = DeviceRowStore(torch.empty(store.num_rows, store.dim, dtype=dtype, device=device))
+        stored = torch.empty(store.num_rows, fmt.width(store.dim), dtype=fmt.storage_dtype, device=device)
+        dst: RowStore = DeviceRowStore(stored, fmt, dtype)
     elif tier == "host":
-        dst = HostRowStore(HostRowStore._allocate(store.num_rows, store.dim, dtype, pin))
+        dst = HostRowStore(HostRowStore._allocate(store.num_rows, store.dim, fmt, pin), fmt, dtype)
     else:
         path = Path(path)
         if isinstance(store, DiskRowStore) and path.exists() and path.resolve() == store.path.resolve():
             raise ValueError(f"to_tier: {path} is the source table's own file")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        _write_empty_disk_file(path, store.num_rows, store.dim, dtype)
-        dst = DiskRowStore(path)
+        _write_empty_disk_file(path, store.num_rows, store.dim, fmt)
+        dst = DiskRowStore(path, dtype=dtype)
     _copy_rows(store, dst, progress)
     dst.flush()
     dst.version = 0
@@ -717,11 +809,13 @@ def load_row_store(
     pin: bool | None = None,
     disk_path: str | os.PathLike | None = None,
     readonly: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> RowStore:
-    """Open a saved table, recognising the format from the file.
+    """Open a saved table, recognising the file format and the row format from the file.
 
     A disk table file opens in place (``tier=None`` or ``"disk"``) or is copied into ``host`` / ``device``;
     a safetensors table loads into ``host`` (default) or ``device``, or into a new disk file at ``disk_path``.
+    The rows keep their row format; ``dtype`` is the dtype they are gathered in (default: the format's).
     """
     if tier is not None and tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
@@ -731,7 +825,7 @@ def load_row_store(
     with open(path, "rb") as f:
         is_disk = f.read(len(DISK_MAGIC)) == DISK_MAGIC
     if is_disk:
-        store = DiskRowStore(path, readonly=readonly or tier not in (None, "disk"))
+        store = DiskRowStore(path, readonly=readonly or tier not in (None, "disk"), dtype=dtype)
         if tier in (None, "disk"):
             if disk_path is not None:
                 raise ValueError("disk_path is for loading a safetensors table into the disk tier")
@@ -739,14 +833,14 @@ def load_row_store(
         return to_tier(store, tier, device=device, pin=pin)
     tier = tier or "host"
     if tier == "device":
-        return DeviceRowStore.load(path, device=device)
+        return DeviceRowStore.load(path, device=device, dtype=dtype)
     if tier == "host":
-        return HostRowStore.load(path, pin=pin)
+        return HostRowStore.load(path, pin=pin, dtype=dtype)
     if disk_path is None:
         raise ValueError(f"loading the safetensors table {path} into the disk tier needs disk_path= (a new file)")
     reader = _SafetensorsReader(path)
-    _write_empty_disk_file(Path(disk_path), reader.num_rows, reader.dim, reader.dtype)
-    store = DiskRowStore(disk_path)
+    _write_empty_disk_file(Path(disk_path), reader.num_rows, reader.dim, reader.format)
+    store = DiskRowStore(disk_path, dtype=dtype)
     reader.copy_into(store)
     store.flush()
     return store
@@ -763,3 +857,25 @@ def _check_tier_args(tier: str, device=None, path=None, pin=None) -> None:
         raise ValueError(f"device= is only for the device tier; a {tier} table lives on the CPU")
     if tier != "host" and pin is not None:
         raise ValueError(f"pin= is only for the host tier, not {tier!r}")
+
+
+def convert_table_file(
+    src: str | os.PathLike, dst: str | os.PathLike, fmt: str | RowFormat, *, progress: bool | None = None
+) -> None:
+    """Write the saved table ``src`` to ``dst`` as the same kind of file (a disk row file, or a safetensors table)
+    with its rows in the row format ``fmt``, chunk by chunk. A disk table is never held in memory; a safetensors
+    table is written whole, so its encoded rows are held once (a quarter of the float32 rows for fp8)."""
+    src, fmt = Path(src), row_format(fmt)
+    if not src.is_file():
+        raise FileNotFoundError(f"no table file at {src}")
+    with open(src, "rb") as f:
+        is_disk = f.read(len(DISK_MAGIC)) == DISK_MAGIC
+    source = DiskRowStore(src, readonly=True) if is_disk else _SafetensorsReader(src)
+    _check_shape(source.num_rows, source.dim, torch.float32, fmt)
+    if is_disk:
+        _write_empty_disk_file(Path(dst), source.num_rows, source.dim, fmt)
+        out: RowStore = DiskRowStore(dst)
+    else:
+        out = HostRowStore(HostRowStore._allocate(source.num_rows, source.dim, fmt, False), fmt)
+    _copy_rows(source, out, progress)
+    out.save(dst)  # a disk table: a flush of the file it already is

@@ -35,6 +35,7 @@ REFUSED = {
     "train.batch_size": "the batch shape fixed the data of the steps already taken",
     "train.seq_len": "the batch shape fixed the data of the steps already taken",
     "train.table_tier": "the tables and their optimizer state live in the tier the run started with",
+    "train.table_format": "the table rows were rounded to the row format the run started with",
     "optim.muon": "the optimizer state is Muon's or AdamW's, not both",
     "optim.table_optimizer": "the table optimizer state belongs to the algorithm the run started with",
 }

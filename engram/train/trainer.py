@@ -31,6 +31,7 @@ from ..model.config import ModelConfig
 from ..model.io import save_model
 from ..model.model import EngramLM
 from ..model.params import count_params
+from ..storage.formats import check_trainable, row_format
 from ..table import TableFactory
 from ..tokenizer import CompressedTokenizer
 from ..yamlio import dataclass_from_dict
@@ -76,6 +77,8 @@ class TrainConfig:
     table_tier: str = "device"
     table_dir: str | None = None  # disk tier: folder of the table files (default out_dir/tables)
     table_cache_bytes: int = 0  # host / disk tiers: hot-row cache per table on the compute device
+    # host / disk tiers: row format of the tables, float32 or bfloat16 (fp8 cannot be trained: see docs/offload.md)
+    table_format: str = "float32"
     data_parallel: str = "fsdp"  # under torchrun: backbone "fsdp" (FSDP2 fully_shard) or "ddp"; tables row-sharded
     compile: bool = False  # run the training forward / backward through torch.compile (evaluation stays eager)
 
@@ -93,6 +96,13 @@ class TrainConfig:
             raise ConfigError(
                 f"train.resume_from must be a checkpoint step >= 0 with train.resume=true, got "
                 f"{self.resume_from} (resume={self.resume})"
+            )
+        fmt = row_format(self.table_format, "train.table_format")
+        check_trainable(fmt, "train.table_format")
+        if fmt.name != "float32" and self.table_tier == "device":
+            raise ConfigError(
+                f"train.table_format={self.table_format!r} is for host and disk tables (a device table is a "
+                f"parameter of the model's dtype); set train.table_tier=host or drop train.table_format"
             )
         if self.table_cache_bytes < 0 or (self.table_cache_bytes and self.table_tier == "device"):
             raise ValueError(
@@ -208,6 +218,7 @@ def offloaded_table_factory(tcfg: TrainConfig) -> TableFactory | None:
         tcfg.table_tier,
         path_dir=table_dir,
         cache_bytes=tcfg.table_cache_bytes,
+        fmt=tcfg.table_format,
         seed=tcfg.seed,
         overwrite=True,
         progress=tcfg.progress,

@@ -20,11 +20,15 @@ def text_tokenizer():
     return _wrap_fast(train_bpe(TEXTS, 400), "bpe:test")
 
 
-def tiny_model(tok, attention="mha", hc_mult=1, family="engram", tie=False, seed=0) -> EngramLM:
+def tiny_model(tok, attention="mha", hc_mult=1, family="engram", tie=False, seed=0, n_embed_per_ngram=32) -> EngramLM:
     engram = None
     if family == "engram":
         engram = EngramConfig(
-            engram_vocab_size=[97, 101], n_embed_per_ngram=32, n_head_per_ngram=2, layer_ids=[0, 2], pad_id=tok.pad_id
+            engram_vocab_size=[97, 101],
+            n_embed_per_ngram=n_embed_per_ngram,
+            n_head_per_ngram=2,
+            layer_ids=[0, 2],
+            pad_id=tok.pad_id,
         )
     cfg = ModelConfig(
         family=family,
