@@ -248,6 +248,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
     if args.adapter and not args.base:
         raise ConfigError("--adapter goes with --base (the model the adapter was trained on)")
+    if args.long_context is not None:
+        return cmd_eval_long_context(args)
     if args.tasks:
         return cmd_eval_tasks(args)
     if args.base:
@@ -296,7 +298,76 @@ def add_eval(sub: Any) -> None:
     s.add_argument("--seq-len", type=int, default=128, help="tokens per window (capped at the model's max_seq_len)")
     s.add_argument("--max-batches", type=int, default=50, help="stop after this many batches")
     add_eval_task_flags(s)
+    add_eval_long_context_flags(s)
     s.set_defaults(func=cmd_eval)
+
+
+def cmd_eval_long_context(args: argparse.Namespace) -> None:
+    from .files import write_json
+    from .train.data import load_corpus
+    from .train.long_context import TASKS, EngramRunner, evaluate_long_context, format_table
+
+    tasks = list(TASKS) if args.long_context == "all" else _csv(args.long_context, str, "--long-context")
+    if args.base or _is_exported(Path(args.model)):
+        from .hf.long_context import load_runner
+
+        lm, tok = load_runner(args.model, base=args.base, adapter=args.adapter)
+    else:
+        model, tok = _load_model_and_tokenizer(args.model)
+        lm = EngramRunner(model, tok)
+    corpus = load_corpus(args.data, max_bytes=args.max_bytes)
+    r = evaluate_long_context(
+        lm,
+        tok,
+        corpus,
+        tasks=tasks,
+        lengths=_csv(args.lengths, int, "--lengths"),
+        samples=args.samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(format_table(r))
+    if args.out:
+        write_json(args.out, r)
+        print(f"results: {args.out}")
+    figure = args.figure or (Path(args.out).with_suffix(".png") if args.out else None)
+    if figure:
+        from .reports.long_context_plot import plot_long_context
+
+        plot_long_context({Path(args.model or args.base).name: r}, figure)
+        print(f"figure: {figure}")
+
+
+def _is_exported(model_dir: Path) -> bool:
+    """A transformers folder written by ``engram export`` (``model_type: engram``), not an engram model folder."""
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("model_type") == "engram"
+    except (OSError, ValueError):
+        return False
+
+
+def add_eval_long_context_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--long-context",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="TASKS",
+        help="RULER-style long-context evaluation instead of --data loss: accuracy per task and length, and "
+        "the loss on the last 25%% of long held-out documents; optionally a comma-separated subset of "
+        "niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, fwe (the haystack is --data)",
+    )
+    s.add_argument(
+        "--lengths",
+        default=None,
+        help="--long-context: comma-separated lengths in tokens (default 256, 512, ... up to max_seq_len)",
+    )
+    s.add_argument("--samples", type=int, default=20, help="--long-context: samples per task and length")
+    s.add_argument("--seed", type=int, default=0, help="--long-context: seed of the samples")
+    s.add_argument("--out", default=None, help="--long-context: write the results as JSON here")
+    s.add_argument("--figure", default=None, help="--long-context: accuracy-vs-length PNG (default: --out with .png)")
+    s.add_argument("--no-progress", action="store_true", help="--long-context: no progress bar")
 
 
 # ---------------------------------------------------------------------------------------------------- generate
