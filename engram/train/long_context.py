@@ -53,7 +53,7 @@ API (stable; the comparison in :mod:`engram.experiments` builds on it)::
     answer_span(text), score(prediction, answer) -> 0.0 | 1.0, item_recall(prediction, answer)
     LongContextLM: max_seq_len, greedy(prompts, max_new_tokens), token_losses(ids)  (EngramRunner for EngramLM)
     evaluate_long_context(lm, tokenizer, corpus, tasks=, lengths=, samples=, seed=, ...) -> dict (JSON-ready)
-    tail_loss(lm, tokenizer, corpus, length, n_docs=, tail_fraction=) -> dict
+    tail_loss(lm, documents, length, n_docs=, tail_fraction=) -> dict     (documents: token-id lists)
     format_table(result) -> str
 """
 
@@ -437,20 +437,20 @@ def _decode(tokenizer: TextTokenizer, ids: list[int]) -> str:
 @torch.no_grad()
 def tail_loss(
     lm: LongContextLM,
-    tokenizer: TextTokenizer,
-    corpus: Corpus,
+    documents: Sequence[Sequence[int]],
     length: int,
     *,
     n_docs: int = 8,
     tail_fraction: float = 0.25,
     seed: int = 0,
 ) -> dict:
-    """Mean loss on the last ``tail_fraction`` of the first ``length`` predicted tokens of up to ``n_docs``
-    validation documents with at least ``length + 1`` tokens (chosen by ``seed``), with the same tokens' loss
-    under a short context (see the module docstring). ``loss`` is None when no document is that long."""
+    """Mean loss on the last ``tail_fraction`` of the first ``length`` predicted tokens of up to ``n_docs`` of the
+    token-id ``documents`` (held-out ones: ``tokenizer.encode(corpus.val)``) that have at least ``length + 1``
+    tokens (chosen by ``seed``), with the same tokens' loss under a short context (see the module docstring).
+    ``loss`` is None when no document is that long."""
     if not 0 < tail_fraction <= 0.5:
         raise ConfigError(f"tail_fraction must be in (0, 0.5], got {tail_fraction}")
-    long_docs = [ids for ids in tokenizer.encode(corpus.val) if len(ids) >= length + 1]
+    long_docs = [list(ids) for ids in documents if len(ids) >= length + 1]
     random.Random(f"engram-tail-loss|{length}|{seed}").shuffle(long_docs)
     chosen = long_docs[:n_docs]
     tail = max(1, int(round(length * tail_fraction)))
@@ -537,9 +537,9 @@ def evaluate_long_context(
             accuracy[task][str(length)] = sum(hits) / len(hits)
             recall[task][str(length)] = sum(parts) / len(parts)
     bar.close()
+    held_out = tokenizer.encode(corpus.val)
     tails = {
-        str(L): tail_loss(lm, tokenizer, corpus, L, n_docs=tail_docs, tail_fraction=tail_fraction, seed=seed)
-        for L in lengths
+        str(L): tail_loss(lm, held_out, L, n_docs=tail_docs, tail_fraction=tail_fraction, seed=seed) for L in lengths
     }
     return {
         "settings": {

@@ -6,6 +6,7 @@ tiny trained model writes every task x length cell and refuses lengths beyond th
 import json
 
 import pytest
+import torch
 
 from engram.cli import main
 from engram.errors import ConfigError
@@ -18,6 +19,7 @@ from engram.train.long_context import (
     format_table,
     item_recall,
     score,
+    tail_loss,
     training_documents,
 )
 
@@ -206,3 +208,22 @@ def test_eval_long_context_refuses_lengths_beyond_the_context(tiny_model_dir, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "length 512 exceeds the model's max_seq_len 384" in err
+
+
+class PositionalLM:
+    """A fake model whose loss at a window's position j is j: the tail loss is then known in closed form."""
+
+    max_seq_len = 1024
+
+    def token_losses(self, ids):
+        return torch.arange(ids.shape[1] - 1, dtype=torch.float32).expand(ids.shape[0], -1)
+
+
+def test_tail_loss_averages_the_last_quarter_and_skips_short_documents():
+    docs = [list(range(300)), list(range(100)), list(range(257))]  # the 100-token one is too short for 256
+    r = tail_loss(PositionalLM(), docs, 256, tail_fraction=0.25)
+    assert (r["docs"], r["tail_tokens"], r["tokens"], r["short_context"]) == (2, 64, 128, 64)
+    assert r["loss"] == pytest.approx(sum(range(192, 256)) / 64)  # positions 192..255 of the full window
+    assert r["loss_short"] == pytest.approx(sum(range(64, 128)) / 64)  # the same tokens in a 128-token window
+    assert r["gain"] == pytest.approx(r["loss_short"] - r["loss"])
+    assert tail_loss(PositionalLM(), docs, 512)["loss"] is None
