@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 $(which engram) train --config run.yaml   # sharded tables, FSDP2 backbone
     engram eval --model runs/x/model [--data PATH]
     engram eval --model runs/x/model --tasks engram_text,engram_choice   # lm-eval, offline (hf extra)
+    engram eval --model runs/x/model --long-context --lengths 256,512 --out lc.json   # RULER-style, per length
     engram export --model runs/x/model --out hf/x                      # a transformers folder (hf extra)
     engram quantize --model runs/x/model --format fp8 --out runs/x/model-fp8   # tables as FP8 E4M3 rows
     engram generate --model runs/x/model --prompt "def main(" [--temperature 0.8 --top-p 0.9]
@@ -274,13 +275,20 @@ def add_eval(sub: Any) -> None:
         sub,
         "eval",
         "validation loss, perplexity and bits per byte of a saved model",
-        "engram eval --model runs/small/model --data notes/ --max-batches 20",
+        "engram eval --model runs/small/model --data notes/ --max-batches 20\n"
+        "engram eval --model runs/small/model --long-context niah_single,vt --lengths 256,512 --out lc.json",
     )
-    s.add_argument("--model", default=None, help="the model folder a finished run writes (runs/NAME/model)")
+    s.add_argument(
+        "--model",
+        default=None,
+        help="the model folder a finished run writes (runs/NAME/model); with --tasks or --long-context also an "
+        "exported one (engram export)",
+    )
     s.add_argument(
         "--base",
         default=None,
-        help="--tasks on a Hugging Face model instead: a transformers folder, a .gguf file or 'smollm2'",
+        help="--tasks or --long-context on a Hugging Face model instead: a transformers folder, a .gguf file or "
+        "'smollm2'",
     )
     s.add_argument(
         "--adapter",
@@ -294,7 +302,9 @@ def add_eval(sub: Any) -> None:
         "scored (default: the Python standard library)",
     )
     s.add_argument("--max-bytes", type=int, default=4_000_000, help="read at most this many bytes of the corpus")
-    s.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    s.add_argument(
+        "--batch-size", type=int, default=8, help="windows per forward pass (--long-context: prompts per generate call)"
+    )
     s.add_argument("--seq-len", type=int, default=128, help="tokens per window (capped at the model's max_seq_len)")
     s.add_argument("--max-batches", type=int, default=50, help="stop after this many batches")
     add_eval_task_flags(s)

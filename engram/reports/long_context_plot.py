@@ -29,7 +29,9 @@ def plot_long_context(results: Mapping[str, dict], path: str | Path) -> Path:
     for i, (label, r) in enumerate(results.items()):
         lengths = r["settings"]["lengths"]
         for ax, task in zip(flat, tasks):
-            ax.plot(lengths, [100 * r["accuracy"][task][str(L)] for L in lengths], "o-", color=f"C{i}", label=label)
+            points = [(L, 100 * r["accuracy"][task][str(L)]) for L in lengths if r["accuracy"][task][str(L)] is not None]
+            if points:
+                ax.plot(*zip(*points), "o-", color=f"C{i}", label=label)
         tail = [(L, r["tail_loss"][str(L)]["loss"]) for L in lengths if r["tail_loss"][str(L)]["loss"] is not None]
         if tail:
             flat[len(tasks)].plot(*zip(*tail), "o-", color=f"C{i}", label=label)

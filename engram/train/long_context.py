@@ -22,7 +22,7 @@ ends in ``Answer:`` and the answer follows after one space, so a training docume
 (:attr:`Sample.document`; the token files append EOS), and at evaluation the model must write the answer and stop.
 
 Length. A sample of length ``L`` fills at most ``L`` tokens of the model's own tokenizer: its prompt plus a
-per-task generation budget (:func:`answer_budget`, room for the longest possible answer and EOS), as close to
+generation budget (the answer's own tokens, one for EOS and one spare: the answer and its end), as close to
 ``L`` as the filler allows (a binary search on haystack characters / word count; usually within a token or two).
 
 Determinism. Sample ``(task, length, index)`` of ``seed`` depends only on those, the corpus and the tokenizer:
@@ -59,6 +59,7 @@ API (stable; the comparison in :mod:`engram.experiments` builds on it)::
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -73,6 +74,8 @@ from ..errors import ConfigError, DataError
 from ..model.generate import SamplingConfig, generate
 from ..model.model import EngramLM
 from .data import Corpus, TextTokenizer
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "fwe")
 N_NEEDLES = 4  # RULER's num_needle_k / num_needle_v / num_needle_q
@@ -106,20 +109,6 @@ def _question(task: str, keys: Sequence[str], value: int | None = None) -> str:
     else:
         q = f"Which {FWE_TOP} words are most frequent?"
     return f"\nQuestion: {q}\nAnswer:"
-
-
-def answer_budget(task: str) -> int:
-    """Generation budget of ``task`` in tokens: the characters of its longest possible answer (one token covers at
-    least one character) plus one for EOS and one spare."""
-    longest = {
-        "niah_single": "9999999",
-        "niah_multikey": "9999999",
-        "niah_multivalue": ", ".join(["9999999"] * N_NEEDLES),
-        "niah_multiquery": ", ".join(["9999999"] * N_NEEDLES),
-        "vt": ", ".join(["ABCDE"] * (VT_HOPS + 1)),
-        "fwe": ", ".join(["w" * 10] * FWE_TOP),
-    }[task]
-    return len(" " + longest) + 2
 
 
 def default_lengths(max_seq_len: int) -> list[int]:
@@ -174,7 +163,7 @@ def _insert_lines(haystack: str, depths: Sequence[float], lines: Sequence[str]) 
             nl = haystack.find("\n", p)
             p = n if nl < 0 else nl + 1
         parts.append(haystack[prev:p])
-        if p > 0 and not haystack[:p].endswith("\n"):
+        if p == n and n and haystack[-1] != "\n":  # after a cut-off last line
             parts.append("\n")
         parts.append(line + "\n")
         actual.append(p / n if n else 0.0)
@@ -205,7 +194,6 @@ class TaskGenerator:
                 f"corpus {corpus.name!r} has only {len(self.pool)} distinct words of 4-10 letters; the tasks draw "
                 f"their keys and FWE words from them: use a larger corpus"
             )
-        self.corpus_name = corpus.name
 
     def n_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode([text])[0])
@@ -214,35 +202,26 @@ class TaskGenerator:
         return random.Random(f"engram-long-context|{self.purpose}|{task}|{length}|{seed}|{index}")
 
     def haystack(self, rng: random.Random) -> Callable[[int], str]:
-        """``n -> the first n characters`` of the split's documents joined by newlines, starting at a random
-        document and wrapping around (so any length is available)."""
+        """``n -> the first n characters`` of the split's documents, each followed by a newline, starting at a
+        random document and wrapping around (so any length is available); documents are joined only as needed."""
         start = rng.randrange(len(self.docs))
-        order = self.docs[start:] + self.docs[:start]
-        text = ""
+        pieces: list[str] = []
+        size = 0
 
         def prefix(n: int) -> str:
-            nonlocal text
-            while len(text) < n:
-                text += "\n".join(order) + "\n"
-            return text[:n]
+            nonlocal size
+            while size < n:
+                pieces.append(self.docs[(start + len(pieces)) % len(self.docs)] + "\n")
+                size += len(pieces[-1])
+            return "".join(pieces)[:n]
 
         return prefix
 
-    def _key(self, rng: random.Random, taken: set[str]) -> str:
-        while True:
-            key = rng.choice(self.pool)
-            if key not in taken:
-                taken.add(key)
-                return key
-
-    def _fit(self, build: Callable[[int], tuple[str, tuple[float, ...]]], lo: int, budget: int, what: str):
-        """The largest filler size ``n >= lo`` whose prompt has at most ``budget`` tokens, and that prompt."""
-        prompt, depths = build(lo)
-        if self.n_tokens(prompt) > budget:
-            raise ConfigError(
-                f"{what}: the prompt without filler already has {self.n_tokens(prompt)} tokens, more than the "
-                f"{budget} the length leaves; use a longer length"
-            )
+    def _fit(self, build: Callable[[int], tuple[str, tuple[float, ...]]], lo: int, budget: int):
+        """The prompt of the largest filler size ``n >= lo`` that has at most ``budget`` tokens, and its depths;
+        None when even ``lo`` is too long."""
+        if self.n_tokens(build(lo)[0]) > budget:
+            return None
         hi = max(2 * lo, 16)
         while self.n_tokens(build(hi)[0]) <= budget:
             lo, hi = hi, 2 * hi
@@ -252,16 +231,23 @@ class TaskGenerator:
                 lo = mid
             else:
                 hi = mid
-        prompt, depths = build(lo)
-        return prompt, depths
+        return build(lo)
 
     def sample(self, task: str, length: int, index: int, seed: int = 0) -> Sample:
         """Sample ``index`` of ``task`` at ``length`` tokens for ``seed`` (the same on every run and machine)."""
+        s = self.try_sample(task, length, index, seed)
+        if s is None:
+            raise ConfigError(
+                f"{task} at length {length}: its prompt and answer need more than {length} tokens of this "
+                f"tokenizer even without a haystack; use a longer length"
+            )
+        return s
+
+    def try_sample(self, task: str, length: int, index: int, seed: int = 0) -> Sample | None:
+        """:meth:`sample`, or None when ``length`` is too short for the task's template."""
         if task not in TASKS:
             raise ConfigError(f"unknown long-context task {task!r}; tasks: {', '.join(TASKS)}")
         rng = self.rng(task, length, index, seed)
-        budget = answer_budget(task)
-        what = f"{task} at length {length}"
         if task == "fwe":
             build, lo, answer = self._fwe(rng)
         else:
@@ -279,13 +265,16 @@ class TaskGenerator:
                 body, actual = _insert_lines(hay(n), [d for d, _ in placed], [line for _, line in placed])
                 return header + body.rstrip("\n") + question, actual
 
-        prompt, depths_out = self._fit(build, lo, length - budget, what)
+        budget = self.n_tokens(" " + answer) + 2  # the answer, EOS (or a newline) and one spare
+        fitted = self._fit(build, lo, length - budget)
+        if fitted is None:
+            return None
+        prompt, depths_out = fitted
         return Sample(task, length, index, prompt, answer, self.n_tokens(prompt), budget, depths_out)
 
     def _needles(self, task: str, rng: random.Random) -> tuple[str, list[str], str, str, bool]:
         """Header, needle lines, question, answer of a needle task, and whether the lines must appear in order
         (else line 0 is the asked needle and the others are distractors)."""
-        taken: set[str] = set()
         if task == "vt":
             value = rng.randrange(10_000, 100_000)
             names: list[str] = []
@@ -296,7 +285,7 @@ class TaskGenerator:
             lines = [f"VAR {names[0]} = {value}"] + [f"VAR {b} = {a}" for a, b in zip(names, names[1:])]
             return VT_HEADER, lines, _question("vt", [], value), ", ".join(names), True
         n = 1 if task == "niah_single" else N_NEEDLES
-        keys = [self._key(rng, taken) for _ in range(1 if task == "niah_multivalue" else n)]
+        keys = rng.sample(self.pool, 1 if task == "niah_multivalue" else n)
         values = rng.sample(range(1_000_000, 10_000_000), n)
         if task == "niah_multivalue":
             lines = [needle(keys[0], v) for v in values]
@@ -428,6 +417,18 @@ def check_lengths(lengths: Sequence[int], max_seq_len: int) -> None:
         raise ConfigError(f"lengths must be at least 2 tokens, got {bad}")
 
 
+def _greedy_answers(lm: LongContextLM, tokenizer: TextTokenizer, batch: Sequence[Sample]) -> list[list[int]]:
+    """Each sample's greedy continuation, cut to its own budget: one batched call when the longest prompt plus the
+    largest budget fits the context, else one call per sample (each fits by construction)."""
+    prompts = tokenizer.encode([s.prompt for s in batch])
+    budget = max(s.max_new_tokens for s in batch)
+    if max(map(len, prompts)) + budget <= lm.max_seq_len:
+        outs = lm.greedy(prompts, budget)
+    else:
+        outs = [lm.greedy([p], s.max_new_tokens)[0] for p, s in zip(prompts, batch)]
+    return [out[: s.max_new_tokens] for out, s in zip(outs, batch)]
+
+
 def _decode(tokenizer: TextTokenizer, ids: list[int]) -> str:
     if tokenizer.eos_id in ids:
         ids = ids[: ids.index(tokenizer.eos_id)]
@@ -494,8 +495,11 @@ def evaluate_long_context(
     :class:`ConfigError`). Returns a JSON-ready dict::
 
         {"settings": {...}, "accuracy": {task: {str(length): float}}, "item_recall": {task: {str(length): ...}},
-         "tail_loss": {str(length): tail_loss(...)}, "samples": [{task, length, index, depths, answer,
-         prediction, correct}, ...]}
+         "tail_loss": {str(length): tail_loss(...)}, "skipped": [{task, length}, ...],
+         "samples": [{task, length, index, prompt_tokens, depths, answer, prediction, correct, item_recall}, ...]}
+
+    A cell whose task does not fit its length (a short context and a small-vocabulary tokenizer) is None in
+    ``accuracy`` / ``item_recall``, listed in ``skipped`` and logged as a warning.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -506,22 +510,26 @@ def evaluate_long_context(
     lengths = list(lengths) if lengths is not None else default_lengths(max_seq_len)
     check_lengths(lengths, max_seq_len)
     gen = TaskGenerator(tokenizer, corpus, purpose="eval")
-    accuracy: dict[str, dict[str, float]] = {t: {} for t in tasks}
-    recall: dict[str, dict[str, float]] = {t: {} for t in tasks}
-    records = []
+    accuracy: dict[str, dict[str, float | None]] = {t: {} for t in tasks}
+    recall: dict[str, dict[str, float | None]] = {t: {} for t in tasks}
+    records: list[dict] = []
+    skipped: list[dict] = []
     bar = tqdm(total=len(tasks) * len(lengths) * samples, desc="long-context", unit="sample", disable=not progress)
     for task in tasks:
         for length in lengths:
-            cell = gen.samples(task, length, samples, seed)
-            hits, parts = [], []
-            for start in range(0, len(cell), batch_size):
+            cell = [gen.try_sample(task, length, i, seed) for i in range(samples)]
+            if any(s is None for s in cell):
+                logger.warning("%s does not fit in %d tokens of this tokenizer; its cell is left empty", task, length)
+                skipped.append({"task": task, "length": length})
+                accuracy[task][str(length)] = recall[task][str(length)] = None
+                bar.update(samples)
+                continue
+            cell_records = []
+            for start in range(0, samples, batch_size):
                 batch = cell[start : start + batch_size]
-                outs = lm.greedy(tokenizer.encode([s.prompt for s in batch]), batch[0].max_new_tokens)
-                for s, out in zip(batch, outs):
+                for s, out in zip(batch, _greedy_answers(lm, tokenizer, batch)):
                     prediction = _decode(tokenizer, out)
-                    hits.append(score(prediction, s.answer))
-                    parts.append(item_recall(prediction, s.answer))
-                    records.append(
+                    cell_records.append(
                         {
                             "task": task,
                             "length": length,
@@ -530,12 +538,14 @@ def evaluate_long_context(
                             "depths": [round(d, 4) for d in s.depths],
                             "answer": s.answer,
                             "prediction": answer_span(prediction),
-                            "correct": bool(hits[-1]),
+                            "correct": score(prediction, s.answer) == 1.0,
+                            "item_recall": item_recall(prediction, s.answer),
                         }
                     )
                 bar.update(len(batch))
-            accuracy[task][str(length)] = sum(hits) / len(hits)
-            recall[task][str(length)] = sum(parts) / len(parts)
+            accuracy[task][str(length)] = sum(r["correct"] for r in cell_records) / samples
+            recall[task][str(length)] = sum(r["item_recall"] for r in cell_records) / samples
+            records.extend(cell_records)
     bar.close()
     held_out = tokenizer.encode(corpus.val)
     tails = {
@@ -555,6 +565,7 @@ def evaluate_long_context(
         "accuracy": accuracy,
         "item_recall": recall,
         "tail_loss": tails,
+        "skipped": skipped,
         "samples": records,
     }
 
@@ -566,7 +577,10 @@ def format_table(result: dict) -> str:
     name_w = max(len("tail loss (nats)"), *(len(t) for t in result["accuracy"]))
     lines = [f"{'task':<{name_w}}" + "".join(f"{L:>{width}}" for L in lengths)]
     for task, row in result["accuracy"].items():
-        lines.append(f"{task:<{name_w}}" + "".join(f"{100 * row[L]:>{width}.1f}" for L in lengths))
+        lines.append(
+            f"{task:<{name_w}}"
+            + "".join(f"{'-':>{width}}" if row[L] is None else f"{100 * row[L]:>{width}.1f}" for L in lengths)
+        )
     tail = result["tail_loss"]
     cells = "".join(f"{'-':>{width}}" if tail[L]["loss"] is None else f"{tail[L]['loss']:>{width}.3f}" for L in lengths)
     lines.append(f"{'tail loss (nats)':<{name_w}}" + cells)

@@ -47,3 +47,35 @@ def test_cli_evaluates_an_exported_folder(tmp_path, text_tokenizer, capsys):
     r = json.loads(out.read_text())
     assert set(r["accuracy"]["niah_single"]) == {"128"} and len(r["samples"]) == 2
     assert r["settings"]["max_seq_len"] == 128
+
+
+def test_cli_evaluates_a_hugging_face_base_model(tmp_path, text_tokenizer):
+    import transformers
+
+    base = tmp_path / "llama"
+    config = transformers.LlamaConfig(
+        vocab_size=text_tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=160,
+        eos_token_id=text_tokenizer.eos_id,
+        pad_token_id=text_tokenizer.pad_id,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(base)
+    eos, pad = (text_tokenizer.hf.id_to_token(i) for i in (text_tokenizer.eos_id, text_tokenizer.pad_id))
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=text_tokenizer.hf, eos_token=eos, pad_token=pad
+    ).save_pretrained(base)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    out = tmp_path / "lc.json"
+    args = ["eval", "--base", str(base), "--long-context", "niah_single,niah_multikey", "--lengths", "128,160"]
+    main([*args, "--samples", "2", "--data", str(data), "--out", str(out), "--no-progress"])
+    r = json.loads(out.read_text())
+    assert r["settings"]["max_seq_len"] == 160
+    assert {t: set(v) for t, v in r["accuracy"].items()} == {
+        "niah_single": {"128", "160"},
+        "niah_multikey": {"128", "160"},
+    }

@@ -13,11 +13,14 @@ from engram.errors import ConfigError
 from engram.train.data import load_corpus, load_tokenizer
 from engram.train.long_context import (
     TASKS,
+    EngramRunner,
     TaskGenerator,
     answer_span,
     default_lengths,
+    evaluate_long_context,
     format_table,
     item_recall,
+    needle,
     score,
     tail_loss,
     training_documents,
@@ -90,17 +93,26 @@ def test_prompt_and_answer_budget_fill_the_length(stdlib, gen, task, length):
         assert tok.encode([s.document])[0][:n] == tok.encode([s.prompt])[0]  # the prompt is a token prefix
 
 
-def test_too_short_a_length_is_a_clear_error(gen):
+def test_too_short_a_length_is_a_clear_error_and_an_empty_evaluation_cell(gen, stdlib):
     with pytest.raises(ConfigError, match="use a longer length"):
         gen.sample("niah_multivalue", 40, 0)
+    assert gen.try_sample("niah_multivalue", 40, 0) is None
+    r = evaluate_long_context(PositionalLM(), stdlib[1], stdlib[0], tasks=["niah_multivalue"], lengths=[40], samples=2)
+    assert r["accuracy"] == {"niah_multivalue": {"40": None}} and r["skipped"] == [
+        {"task": "niah_multivalue", "length": 40}
+    ]
+    assert r["samples"] == [] and "-" in format_table(r).splitlines()[1]
 
 
 def test_single_needle_depths_cover_the_haystack(gen):
     samples = gen.samples("niah_single", 512, 20)
     depths = [s.depths[0] for s in samples]
     assert {min(int(d * 5), 4) for d in depths} == set(range(5))  # every fifth of the haystack holds a needle
-    for s in samples:
+    for s in samples:  # the recorded depth is where the needle is (to within a line of the haystack)
         assert s.prompt.count("The magic number for") == 1
+        body = s.prompt.split("\n", 1)[1].rsplit("\nQuestion:", 1)[0]
+        at = body.index("The magic number for")
+        assert at / (len(body) - len(needle("x", 0))) == pytest.approx(s.depths[0], abs=0.1)
 
 
 @pytest.mark.parametrize("task", ["niah_multikey", "niah_multivalue", "niah_multiquery", "vt"])
@@ -227,3 +239,15 @@ def test_tail_loss_averages_the_last_quarter_and_skips_short_documents():
     assert r["loss_short"] == pytest.approx(sum(range(64, 128)) / 64)  # the same tokens in a 128-token window
     assert r["gain"] == pytest.approx(r["loss_short"] - r["loss"])
     assert tail_loss(PositionalLM(), docs, 512)["loss"] is None
+
+
+def test_answers_do_not_depend_on_the_generation_batch(tiny_model_dir):
+    from engram.model.io import load_model
+
+    corpus = load_corpus(None, max_bytes=1_000_000)
+    tok = load_tokenizer(tiny_model_dir)
+    lm = EngramRunner(load_model(tiny_model_dir), tok)
+    settings = dict(tasks=["niah_multiquery", "fwe"], lengths=[384], samples=3, progress=False)
+    one = evaluate_long_context(lm, tok, corpus, batch_size=1, **settings)
+    three = evaluate_long_context(lm, tok, corpus, batch_size=3, **settings)
+    assert [s["prediction"] for s in one["samples"]] == [s["prediction"] for s in three["samples"]]
