@@ -345,7 +345,7 @@ def cmd_eval_long_context(args: argparse.Namespace) -> None:
     if figure:
         from .reports.long_context_plot import plot_long_context
 
-        plot_long_context({Path(args.model or args.base).name: r}, figure)
+        plot_long_context({args.model or args.base: r}, figure)
         print(f"figure: {figure}")
 
 

@@ -17,13 +17,14 @@ Tasks (:data:`TASKS`; RULER's default settings, the answer order always defined 
                     most frequent, most frequent first (no haystack: the word list is the context)
 ==================  ===================================================================================
 
-Keys are corpus words, and so are FWE's words (:func:`word_pool`). Every prompt
-ends in ``Answer:`` and the answer follows after one space, so a training document is ``prompt + " " + answer``
-(:attr:`Sample.document`; the token files append EOS), and at evaluation the model must write the answer and stop.
+Keys are corpus words, and so are FWE's words (:func:`word_pool`). Every prompt ends in ``Answer:`` and the answer
+follows after one space, so a training document is ``prompt + " " + answer`` (:attr:`Sample.document`; the token
+files append EOS), and at evaluation the model must write the answer and stop.
 
 Length. A sample of length ``L`` fills at most ``L`` tokens of the model's own tokenizer: its prompt plus a
 generation budget (the answer's own tokens, one for EOS and one spare: the answer and its end), as close to
-``L`` as the filler allows (a binary search on haystack characters / word count; usually within a token or two).
+``L`` as the filler allows (a binary search on haystack characters / word count: 0-3 tokens short of ``L`` for
+the demo's tokenizer at 256-4096 tokens).
 
 Determinism. Sample ``(task, length, index)`` of ``seed`` depends only on those, the corpus and the tokenizer:
 its ``random.Random`` is seeded from a string (SHA-512, not Python's salted ``hash``). Evaluation samples
@@ -45,10 +46,17 @@ of the first ``L`` tokens of held-out documents of at least ``L + 1`` tokens, so
 of ``L`` before the end, and ``gain = loss_short - loss`` is the mean long-short difference over the tail (LongPPL's
 selection statistic, averaged instead of thresholded).
 
+Where it lives: in :mod:`engram.train`, beside :mod:`.evaluate` (the other evaluation of a trained model). It needs
+the layers below (cached generation from :mod:`engram.model`, the corpus and tokenizer of :mod:`.data`) and is
+needed from above: by pre-training on a task mixture, by the comparison in :mod:`engram.experiments`, by the
+``transformers`` runner in :mod:`engram.hf.long_context`, the figure in :mod:`engram.reports.long_context_plot`
+and ``engram eval --long-context``. A separate top-level package would sit at the same height and add nothing.
+
 API (stable; the comparison in :mod:`engram.experiments` builds on it)::
 
     TASKS, default_lengths(max_seq_len)
     TaskGenerator(tokenizer, corpus, purpose="eval").samples(task, length, n, seed=0) -> list[Sample]
+        .sample(task, length, index, seed=0) -> Sample, .try_sample(...) -> Sample | None (too short a length)
     training_documents(tokenizer, corpus, lengths, n, tasks=TASKS, seed=0) -> Iterator[str]
     answer_span(text), score(prediction, answer) -> 0.0 | 1.0, item_recall(prediction, answer)
     LongContextLM: max_seq_len, greedy(prompts, max_new_tokens), token_losses(ids)  (EngramRunner for EngramLM)
