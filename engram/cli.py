@@ -314,11 +314,12 @@ def add_eval(sub: Any) -> None:
 
 def cmd_eval_long_context(args: argparse.Namespace) -> None:
     from .files import write_json
+    from .hf.lmeval import is_exported
     from .train.data import load_corpus
     from .train.long_context import TASKS, EngramRunner, evaluate_long_context, format_table
 
     tasks = list(TASKS) if args.long_context == "all" else _csv(args.long_context, str, "--long-context")
-    if args.base or _is_exported(Path(args.model)):
+    if args.base or is_exported(args.model):
         from .hf.long_context import load_runner
 
         lm, tok = load_runner(args.model, base=args.base, adapter=args.adapter)
@@ -347,14 +348,6 @@ def cmd_eval_long_context(args: argparse.Namespace) -> None:
 
         plot_long_context({args.model or args.base: r}, figure)
         print(f"figure: {figure}")
-
-
-def _is_exported(model_dir: Path) -> bool:
-    """A transformers folder written by ``engram export`` (``model_type: engram``), not an engram model folder."""
-    try:
-        return json.loads((model_dir / "config.json").read_text()).get("model_type") == "engram"
-    except (OSError, ValueError):
-        return False
 
 
 def add_eval_long_context_flags(s: argparse.ArgumentParser) -> None:
