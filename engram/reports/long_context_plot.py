@@ -43,10 +43,16 @@ def plot_long_context(results: Mapping[str, dict], path: str | Path) -> Path:
         ax.set_ylabel("exact match (%)")
     flat[len(tasks)].set_title(f"loss on the last {100 * settings['tail_fraction']:.0f}% of each window", fontsize=9)
     flat[len(tasks)].set_ylabel("nats / token")
+    lengths = sorted({L for r in results.values() for L in r["settings"]["lengths"]})
     for ax in flat[:n_panels]:
         ax.set_xscale("log", base=2)
+        ax.set_xlim(lengths[0] / 1.4, lengths[-1] * 1.4)
+        ax.set_xticks(lengths, [str(L) for L in lengths])
+        ax.minorticks_off()
         ax.set_xlabel("length (tokens)")
         ax.grid(alpha=0.3)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "does not fit\nthese lengths", ha="center", va="center", transform=ax.transAxes)
     for ax in flat[n_panels:]:
         ax.set_axis_off()
     flat[0].legend(fontsize=8)
