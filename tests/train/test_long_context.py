@@ -4,6 +4,7 @@ they are meant for, and training documents never repeat an evaluation prompt; ``
 tiny trained model writes every task x length cell and refuses lengths beyond the model's context."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -66,6 +67,28 @@ def test_each_task_scores_its_answer_1_and_near_misses_0(gen, task):
         assert score(" " + wrong, s.answer) == 0.0, wrong
     assert item_recall(" " + s.answer, s.answer) == 1.0
     assert item_recall(" nothing", s.answer) == 0.0
+
+
+def answer_from_prompt(task: str, prompt: str) -> str:
+    """The answer worked out from the prompt text alone, independently of the generator."""
+    question = prompt.rsplit("\nQuestion: ", 1)[1]
+    needles = re.findall(r"^The magic number for (\w+) is (\d+)\.$", prompt, re.M)
+    if task == "vt":
+        value = re.search(r"equal (\d+)\?", question).group(1)
+        holds, names = {value}, []
+        for name, source in re.findall(r"^VAR (\w+) = (\w+)$", prompt, re.M):
+            if source in holds:
+                holds.add(name)
+                names.append(name)
+        return ", ".join(names)
+    keys = re.search(r"magic numbers? for (.+)\?", question).group(1).split(", ")
+    return ", ".join(v for k in keys for key, v in needles if key == k)
+
+
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt"])
+def test_the_answer_follows_from_the_prompt(gen, task):
+    for s in gen.samples(task, 512, 4):
+        assert answer_from_prompt(task, s.prompt) == s.answer
 
 
 def test_answer_span_stops_at_the_first_line():
