@@ -418,7 +418,7 @@ def check_lengths(lengths: Sequence[int], max_seq_len: int) -> None:
     if too_long:
         raise ConfigError(
             f"length {max(too_long)} exceeds the model's max_seq_len {max_seq_len}; pass lengths up to "
-            f"{max_seq_len} or extend the model's context first (train.extend_context)"
+            f"{max_seq_len} or extend the model's context first (engram extend)"
         )
     bad = [L for L in lengths if L < 2]
     if bad:
