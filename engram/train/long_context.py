@@ -7,7 +7,7 @@ was trained on (the haystack is real text, never downloaded), and scores them by
 Tasks (:data:`TASKS`; RULER's default settings, the answer order always defined so exact match is well posed):
 
 ==================  ===================================================================================
-``niah_single``     one needle ``The magic number for KEY is 1234567.``; answer the number
+``niah_single``     one needle ``The magic number for KEY is 1234567``; answer the number
 ``niah_multikey``   4 needles with distinct keys; asked for one of them
 ``niah_multivalue`` 4 needles with the same key; answer all 4 numbers in order of appearance
 ``niah_multiquery`` 4 needles with distinct keys; asked for all 4, answered in the order asked
@@ -17,9 +17,10 @@ Tasks (:data:`TASKS`; RULER's default settings, the answer order always defined 
                     most frequent, most frequent first (no haystack: the word list is the context)
 ==================  ===================================================================================
 
-Keys are corpus words, and so are FWE's words (:func:`word_pool`). Every prompt ends in ``Answer:`` and the answer
-follows after one space, so a training document is ``prompt + " " + answer`` (:attr:`Sample.document`; the token
-files append EOS), and at evaluation the model must write the answer and stop.
+Keys are corpus words, and so are FWE's words (:func:`word_pool`). Every prompt ends in a question and RULER's
+answer prefix (``Answer: The magic number for KEY is``, see :func:`_question`); the answer follows after one space,
+so a training document is ``prompt + " " + answer`` (:attr:`Sample.document`; the token files append EOS), and at
+evaluation the model must write the answer and stop.
 
 Length. A sample of length ``L`` fills at most ``L`` tokens of the model's own tokenizer: its prompt plus a
 generation budget (the answer's own tokens, one for EOS and one spare: the answer and its end), as close to
@@ -102,21 +103,25 @@ FWE_HEADER = "Count the words in this list.\n"
 
 
 def needle(key: str, value: int) -> str:
-    return f"The magic number for {key} is {value}."
+    return f"The magic number for {key} is {value}"
 
 
 def _question(task: str, keys: Sequence[str], value: int | None = None) -> str:
+    """The question and RULER's answer prefix: the prompt ends by restating what the answer completes (for the
+    needle tasks the needle's own words), so copying after a repeated phrase, the first retrieval skill a small
+    transformer learns, is enough to begin the answer."""
     if task in ("niah_single", "niah_multikey"):
-        q = f"What is the magic number for {keys[0]}?"
+        q, prefix = f"What is the magic number for {keys[0]}?", f"The magic number for {keys[0]} is"
     elif task == "niah_multivalue":
-        q = f"What are all the magic numbers for {keys[0]}?"
+        q, prefix = f"What are all the magic numbers for {keys[0]}?", f"The magic numbers for {keys[0]} are"
     elif task == "niah_multiquery":
-        q = f"What are the magic numbers for {', '.join(keys)}?"
+        listed = ", ".join(keys)
+        q, prefix = f"What are the magic numbers for {listed}?", f"The magic numbers for {listed} are"
     elif task == "vt":
-        q = f"Which variables equal {value}?"
+        q, prefix = f"Which variables equal {value}?", f"The variables that equal {value} are"
     else:
-        q = f"Which {FWE_TOP} words are most frequent?"
-    return f"\nQuestion: {q}\nAnswer:"
+        q, prefix = f"Which {FWE_TOP} words are most frequent?", f"The {FWE_TOP} most frequent words are"
+    return f"\nQuestion: {q}\nAnswer: {prefix}"
 
 
 def default_lengths(max_seq_len: int) -> list[int]:
@@ -130,7 +135,7 @@ def default_lengths(max_seq_len: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------- samples
 @dataclass(frozen=True)
 class Sample:
-    """One task instance: the prompt (ends in ``Answer:``), its answer and where the needles sit (0 = start of
+    """One task instance: the prompt (ends in the answer prefix), its answer and where the needles sit (0 = start of
     the haystack, 1 = end; FWE has none)."""
 
     task: str
