@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 $(which engram) train --config run.yaml   # sharded tables, FSDP2 backbone
     engram eval --model runs/x/model [--data PATH]
     engram eval --model runs/x/model --tasks engram_text,engram_choice   # lm-eval, offline (hf extra)
+    engram eval --model runs/x/model --long-context --lengths 256,512 --out lc.json   # RULER-style, per length
     engram export --model runs/x/model --out hf/x                      # a transformers folder (hf extra)
     engram quantize --model runs/x/model --format fp8 --out runs/x/model-fp8   # tables as FP8 E4M3 rows
     engram generate --model runs/x/model --prompt "def main(" [--temperature 0.8 --top-p 0.9]
@@ -248,6 +249,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
     if args.adapter and not args.base:
         raise ConfigError("--adapter goes with --base (the model the adapter was trained on)")
+    if args.long_context is not None:
+        return cmd_eval_long_context(args)
     if args.tasks:
         return cmd_eval_tasks(args)
     if args.base:
@@ -272,13 +275,20 @@ def add_eval(sub: Any) -> None:
         sub,
         "eval",
         "validation loss, perplexity and bits per byte of a saved model",
-        "engram eval --model runs/small/model --data notes/ --max-batches 20",
+        "engram eval --model runs/small/model --data notes/ --max-batches 20\n"
+        "engram eval --model runs/small/model --long-context niah_single,vt --lengths 256,512 --out lc.json",
     )
-    s.add_argument("--model", default=None, help="the model folder a finished run writes (runs/NAME/model)")
+    s.add_argument(
+        "--model",
+        default=None,
+        help="the model folder a finished run writes (runs/NAME/model); with --tasks or --long-context also an "
+        "exported one (engram export)",
+    )
     s.add_argument(
         "--base",
         default=None,
-        help="--tasks on a Hugging Face model instead: a transformers folder, a .gguf file or 'smollm2'",
+        help="--tasks or --long-context on a Hugging Face model instead: a transformers folder, a .gguf file or "
+        "'smollm2'",
     )
     s.add_argument(
         "--adapter",
@@ -292,11 +302,75 @@ def add_eval(sub: Any) -> None:
         "scored (default: the Python standard library)",
     )
     s.add_argument("--max-bytes", type=int, default=4_000_000, help="read at most this many bytes of the corpus")
-    s.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    s.add_argument(
+        "--batch-size", type=int, default=8, help="windows per forward pass (--long-context: prompts per generate call)"
+    )
     s.add_argument("--seq-len", type=int, default=128, help="tokens per window (capped at the model's max_seq_len)")
     s.add_argument("--max-batches", type=int, default=50, help="stop after this many batches")
     add_eval_task_flags(s)
+    add_eval_long_context_flags(s)
     s.set_defaults(func=cmd_eval)
+
+
+def cmd_eval_long_context(args: argparse.Namespace) -> None:
+    from .files import write_json
+    from .hf.lmeval import is_exported
+    from .train.data import load_corpus
+    from .train.long_context import TASKS, EngramRunner, evaluate_long_context, format_table
+
+    tasks = list(TASKS) if args.long_context == "all" else _csv(args.long_context, str, "--long-context")
+    if args.base or is_exported(args.model):
+        from .hf.long_context import load_runner
+
+        lm, tok = load_runner(args.model, base=args.base, adapter=args.adapter)
+    else:
+        model, tok = _load_model_and_tokenizer(args.model)
+        lm = EngramRunner(model, tok)
+    corpus = load_corpus(args.data, max_bytes=args.max_bytes)
+    r = evaluate_long_context(
+        lm,
+        tok,
+        corpus,
+        tasks=tasks,
+        lengths=_csv(args.lengths, int, "--lengths"),
+        samples=args.samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(format_table(r))
+    if args.out:
+        write_json(args.out, r)
+        print(f"results: {args.out}")
+    figure = args.figure or (Path(args.out).with_suffix(".png") if args.out else None)
+    if figure:
+        from .reports.long_context_plot import plot_long_context
+
+        plot_long_context({args.model or args.base: r}, figure)
+        print(f"figure: {figure}")
+
+
+def add_eval_long_context_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--long-context",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="TASKS",
+        help="RULER-style long-context evaluation instead of --data loss: accuracy per task and length, and "
+        "the loss on the last 25%% of long held-out documents; optionally a comma-separated subset of "
+        "niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, fwe (the haystack is --data)",
+    )
+    s.add_argument(
+        "--lengths",
+        default=None,
+        help="--long-context: comma-separated lengths in tokens (default 256, 512, ... up to max_seq_len)",
+    )
+    s.add_argument("--samples", type=int, default=20, help="--long-context: samples per task and length")
+    s.add_argument("--seed", type=int, default=0, help="--long-context: seed of the samples")
+    s.add_argument("--out", default=None, help="--long-context: write the results as JSON here")
+    s.add_argument("--figure", default=None, help="--long-context: accuracy-vs-length PNG (default: --out with .png)")
+    s.add_argument("--no-progress", action="store_true", help="--long-context: no progress bar")
 
 
 # ---------------------------------------------------------------------------------------------------- generate

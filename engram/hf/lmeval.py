@@ -102,13 +102,21 @@ def evaluate_hf(
     return summarize(results)
 
 
+def is_exported(model_dir: str | os.PathLike) -> bool:
+    """Whether ``model_dir`` is a transformers folder written by ``engram export`` (``config.json`` with
+    ``model_type: engram``) rather than an engram model folder."""
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") == "engram"
+    except (OSError, ValueError):
+        return False
+
+
 def load_for_eval(model_dir: str | os.PathLike, device: str | None = None) -> tuple[Any, Any]:
     """(transformers model, tokenizer) of an exported folder or of an engram model folder (see module docstring)."""
     d = Path(model_dir)
-    config_path = d / "config.json"
-    if not config_path.is_file():
+    if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d} has no config.json: pass an engram model folder or an exported one")
-    if json.loads(config_path.read_text()).get("model_type") == "engram":
+    if is_exported(d):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(str(d), trust_remote_code=True)

@@ -20,7 +20,9 @@ def text_tokenizer():
     return _wrap_fast(train_bpe(TEXTS, 400), "bpe:test")
 
 
-def tiny_model(tok, attention="mha", hc_mult=1, family="engram", tie=False, seed=0, n_embed_per_ngram=32) -> EngramLM:
+def tiny_model(
+    tok, attention="mha", hc_mult=1, family="engram", tie=False, seed=0, n_embed_per_ngram=32, max_seq_len=128
+) -> EngramLM:
     engram = None
     if family == "engram":
         engram = EngramConfig(
@@ -42,7 +44,7 @@ def tiny_model(tok, attention="mha", hc_mult=1, family="engram", tie=False, seed
         num_experts_per_tok=2,
         moe_intermediate_size=32,
         intermediate_size=128,
-        max_seq_len=128,
+        max_seq_len=max_seq_len,
         engram=engram,
         tie_embeddings=tie,
         init_std=0.3,
