@@ -202,7 +202,7 @@ def train_figures(run_dir: Path) -> Callable[[str, list], dict]:
 
 
 def hashing_figures(text: str, tables: list) -> dict:
-    row = find_row(tables, "benchmark", r"NgramHasher\.hash")
+    row = find_row(tables, "benchmark", r"NgramHasher\.hash, default")
     compiled = find_row(tables, "benchmark", r"compile=True")
     ref = find_row(tables, "benchmark", r"numpy")
     return {
