@@ -14,6 +14,7 @@ ratio printed). Prints a markdown table.
 
     python benchmarks/bench_hashing.py                      # defaults: N=3, K=8, 2 layers, V'=99092, 8 x 4096
     python benchmarks/bench_hashing.py --skip-module --threads 1   # the hashing rows only, one thread
+    python benchmarks/bench_hashing.py --skip-module --threads 2 --compile-after-ids 0   # scaling, steady state
     python benchmarks/bench_hashing.py --device cpu --repeats 5 --module-batch 1 --module-seq 256
 """
 
@@ -57,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="torch CPU threads (0: torch's default); 1 compares like for like with single-threaded numpy",
+    )
+    p.add_argument(
+        "--compile-after-ids",
+        type=int,
+        default=None,
+        help="override engram.hashing.COMPILE_AFTER_IDS for this run (0: the default hasher's steady state at "
+        "once, skipping its eager phase; default: the library's value)",
     )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
@@ -145,6 +153,8 @@ def bench_hashing(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 raise SystemExit(f"{name} and numpy hashes differ at layer {l}")
 
     default = NgramHasher(cfg, args.vprime, pad)
+    if args.compile_after_ids is not None:
+        hashing.COMPILE_AFTER_IDS = args.compile_after_ids
     n_ids = len(cfg.layer_ids) * (n - 1) * args.heads * args.batch * args.seq
     if device.type == "cpu" and n_ids >= hashing.BULK_IDS:
         # the default hasher's life in a bulk job: eager calls until COMPILE_AFTER_IDS, then one call that compiles

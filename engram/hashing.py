@@ -27,9 +27,10 @@ _INT64_MAX = 2**63 - 1
 #: profile, a large CPU batch. Decode steps and prompts stay far below it, so they never meet compile latency.
 BULK_IDS = 1 << 16
 #: ``compile=None`` compiles the fused kernel once the process has hashed this many ids in eager bulk calls: about
-#: 1.6 s of eager hashing at the measured ~3 ns per id, the price of one compile with a warm inductor cache (ski
-#: rental: pay for the compile only after having spent as much without it). The kernel is about twice as fast.
-COMPILE_AFTER_IDS = 1 << 29
+#: 6 s of eager hashing at the measured ~3 ns per id, a little more than one compile costs with inductor's cache
+#: warm (about 5 s of CPU; ski rental: pay for the compile only after having spent as much without it, so a job
+#: never loses more than that to the choice). The kernel then hashes 2.5-3x faster than eager.
+COMPILE_AFTER_IDS = 1 << 31
 
 
 def layer_multipliers(config: EngramConfig, layer_id: int, compressed_vocab_size: int) -> np.ndarray:
@@ -134,15 +135,17 @@ class NgramHasher:
         num_rows: ``{layer_id: int}`` total rows of that layer's fused table.
 
     Two bit-exact implementations: eager (``torch.remainder``, one integer division per id) and a compiled kernel
-    (:func:`hash_division_free` through ``torch.compile``: one loop without divisions, about twice as fast on
-    CPU). ``compile`` chooses:
+    (:func:`hash_division_free` through ``torch.compile``: one loop without divisions, 2.5-3x faster on the
+    CPU). Eager cannot get there: each eager op is a memory pass, and one exact division-free reduction needs
+    about eight of them. ``compile`` chooses:
 
     - ``None`` (default): eager, until this process has hashed :data:`COMPILE_AFTER_IDS` ids in bulk calls (at
       least :data:`BULK_IDS` ids each) on the CPU; from then on bulk calls use the compiled kernel. Compiling costs
-      seconds once per process (measured 2-7 s with inductor's on-disk cache warm, about 30 s cold), so only
-      work that has already spent as much eagerly pays it: bulk hashing of a corpus, long CPU training runs.
-      Decode steps, prompts and small batches never trigger it. Where compiling fails (no C++ compiler), a
-      warning says so once and hashing stays eager.
+      once per process about 5 s of CPU with inductor's on-disk cache warm and about 17 s cold (measured; three
+      times that in wall time on a loaded machine), so only work that has already spent as much eagerly pays it:
+      bulk hashing of a corpus, long CPU training runs. Decode steps, prompts and small batches never trigger
+      it, so ``engram generate`` and short scripts never wait for a compile. Where compiling fails (no C++
+      compiler), a warning says so once and hashing stays eager. CUDA stays eager (not measured there yet).
     - ``True``: the compiled kernel for every call, compiling at the first (a failure raises).
     - ``False``: always eager.
     """
@@ -269,7 +272,7 @@ class NgramHasher:
                 _bulk_kernel.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 warnings.warn(
                     f"NgramHasher: compiling the hash kernel failed ({_bulk_kernel.failure}); hashing stays eager "
-                    f"(bit-exact, about half the speed)",
+                    f"(bit-exact, 2.5-3x slower for bulk calls)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
