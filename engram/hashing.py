@@ -29,7 +29,7 @@ BULK_IDS = 1 << 16
 #: ``compile=None`` compiles the fused kernel once the process has hashed this many ids in eager bulk calls: about
 #: 6 s of eager hashing at the measured ~3 ns per id, a little more than one compile costs with inductor's cache
 #: warm (about 5 s of CPU; ski rental: pay for the compile only after having spent as much without it, so a job
-#: never loses more than that to the choice). The kernel then hashes 2.5-3x faster than eager.
+#: never loses more than that to the choice). The kernel then hashes 2-3x faster than eager.
 COMPILE_AFTER_IDS = 1 << 31
 
 
@@ -46,7 +46,7 @@ def mod_primes_by_reciprocal(x: torch.Tensor, p: torch.Tensor, inv_p: torch.Tens
 
     ``inv_p`` is float64 ``1/p`` rounded once (Python's ``1.0 / p``); the three broadcast together. Eagerly this
     is a dozen memory passes, slower than ``torch.remainder``; it exists for ``torch.compile``, which fuses it
-    into one loop of multiplies where a division would stay a division (``NgramHasher(compile=True)``).
+    into one loop of multiplies where a division would stay a division (:func:`hash_division_free`).
 
     Why it is exact (u = 2^-53, every float64 operation rounds to nearest with relative error <= u):
 
@@ -135,7 +135,7 @@ class NgramHasher:
         num_rows: ``{layer_id: int}`` total rows of that layer's fused table.
 
     Two bit-exact implementations: eager (``torch.remainder``, one integer division per id) and a compiled kernel
-    (:func:`hash_division_free` through ``torch.compile``: one loop without divisions, 2.5-3x faster on the
+    (:func:`hash_division_free` through ``torch.compile``: one loop without divisions, 2-3x faster on the
     CPU). Eager cannot get there: each eager op is a memory pass, and one exact division-free reduction needs
     about eight of them. ``compile`` chooses:
 
@@ -272,7 +272,7 @@ class NgramHasher:
                 _bulk_kernel.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 warnings.warn(
                     f"NgramHasher: compiling the hash kernel failed ({_bulk_kernel.failure}); hashing stays eager "
-                    f"(bit-exact, 2.5-3x slower for bulk calls)",
+                    f"(bit-exact, 2-3x slower for bulk calls)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
