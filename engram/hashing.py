@@ -143,8 +143,9 @@ class NgramHasher:
       least :data:`BULK_IDS` ids each) on the CPU; from then on bulk calls use the compiled kernel. Compiling costs
       once per process about 5 s of CPU with inductor's on-disk cache warm and about 17 s cold (measured; three
       times that in wall time on a loaded machine), so only work that has already spent as much eagerly pays it:
-      bulk hashing of a corpus, long CPU training runs. Decode steps, prompts and small batches never trigger
-      it, so ``engram generate`` and short scripts never wait for a compile. Where compiling fails (no C++
+      bulk hashing of a corpus, long CPU training runs. Decode steps and calls below :data:`BULK_IDS` neither
+      count nor compile, so ``engram generate`` and short scripts never wait for a compile (a server that
+      prefills billions of ids compiles once, like a long job). Where compiling fails (no C++
       compiler), a warning says so once and hashing stays eager. CUDA stays eager (not measured there yet).
     - ``True``: the compiled kernel for every call, compiling at the first (a failure raises).
     - ``False``: always eager.
