@@ -1,15 +1,20 @@
-"""Hashing throughput (torch NgramHasher, eager and ``compile=True``, vs the plain-numpy reference) and Engram
-forward+backward time.
+"""Hashing throughput (torch NgramHasher: eager, the default and ``compile=True``, vs the plain-numpy reference)
+and Engram forward+backward time.
+
+The default hasher (``compile=None``) is first driven through a bulk job as a user's would be: eager calls until
+the process has hashed ``engram.hashing.COMPILE_AFTER_IDS`` ids, then the call that compiles (both printed); its
+row is the steady state after that. Calls below ``BULK_IDS`` ids, and CUDA, stay eager by design.
 
 The hashers run in one process on the same token ids, and their outputs are checked to be identical before
-anything is timed. Times are medians over ``--repeats`` runs (3x as many for the cheap hashing rows, with the two
-hashers alternating run by run so that both see the same machine load) after ``--warmup`` runs; on CUDA every
+anything is timed. Times are medians over ``--repeats`` runs (3x as many for the cheap hashing rows, with the
+hashers alternating run by run so that all see the same machine load) after ``--warmup`` runs; on CUDA every
 run is synchronised. The hashing rows also give the median process CPU time, the steadier figure on a shared
 machine (with ``--threads 1`` both hashers run on one thread, so it is the work each does; only then is its
 ratio printed). Prints a markdown table.
 
     python benchmarks/bench_hashing.py                      # defaults: N=3, K=8, 2 layers, V'=99092, 8 x 4096
     python benchmarks/bench_hashing.py --skip-module --threads 1   # the hashing rows only, one thread
+    python benchmarks/bench_hashing.py --skip-module --threads 2 --compile-after-ids 0   # scaling, steady state
     python benchmarks/bench_hashing.py --device cpu --repeats 5 --module-batch 1 --module-seq 256
 """
 
@@ -34,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests" / "core"))
 
 from reference_numpy import ref_hash_layer, ref_multipliers, ref_primes  # noqa: E402
 
-from engram import Engram, EngramConfig, NgramHasher, set_validation  # noqa: E402
+from engram import Engram, EngramConfig, NgramHasher, hashing, set_validation  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="torch CPU threads (0: torch's default); 1 compares like for like with single-threaded numpy",
+    )
+    p.add_argument(
+        "--compile-after-ids",
+        type=int,
+        default=None,
+        help="override engram.hashing.COMPILE_AFTER_IDS for this run (0: the default hasher's steady state at "
+        "once, skipping its eager phase; default: the library's value)",
     )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
@@ -123,8 +135,6 @@ def bench_hashing(args: argparse.Namespace, device: torch.device) -> list[dict]:
         pad_id=0,
     )
     pad = 2
-    hasher = NgramHasher(cfg, args.vprime, pad)
-    compiled = NgramHasher(cfg, args.vprime, pad, compile=True)
     rng = np.random.default_rng(args.seed)
     tokens_np = rng.integers(0, args.vprime, size=(args.batch, args.seq), dtype=np.int64)
     tokens = torch.from_numpy(tokens_np).to(device)
@@ -135,18 +145,45 @@ def bench_hashing(args: argparse.Namespace, device: torch.device) -> list[dict]:
     def run_numpy() -> dict[int, np.ndarray]:
         return {l: ref_hash_layer(tokens_np, mults[l], primes[l], pad) for l in cfg.layer_ids}
 
-    runs = {
-        "NgramHasher.hash (torch)": lambda: hasher.hash(tokens),
-        "NgramHasher(compile=True).hash": lambda: compiled.hash(tokens),
-    }
-    t0 = time.perf_counter()
     ref = run_numpy()
-    for name, run in runs.items():  # never time something wrong; the first compiled call compiles
-        got = run()
+
+    def check(name: str, got: dict[int, torch.Tensor]) -> None:  # never time something wrong
         for l in cfg.layer_ids:
             if not np.array_equal(got[l].cpu().numpy(), ref[l]):
                 raise SystemExit(f"{name} and numpy hashes differ at layer {l}")
-    print(f"outputs checked equal (incl. compiling: {time.perf_counter() - t0:.1f} s)")
+
+    default = NgramHasher(cfg, args.vprime, pad)
+    if args.compile_after_ids is not None:
+        hashing.COMPILE_AFTER_IDS = args.compile_after_ids
+    n_ids = len(cfg.layer_ids) * (n - 1) * args.heads * args.batch * args.seq
+    if device.type == "cpu" and n_ids >= hashing.BULK_IDS:
+        # the default hasher's life in a bulk job: eager calls until COMPILE_AFTER_IDS, then one call that compiles
+        t0, calls = time.perf_counter(), 0
+        while hashing._bulk_kernel.eager_bulk_ids < hashing.COMPILE_AFTER_IDS:
+            check("default (eager phase)", default.hash(tokens))
+            calls += 1
+        t1 = time.perf_counter()
+        check("default (switching call)", default.hash(tokens))
+        print(
+            f"default hasher: {calls} eager bulk calls ({calls * n_ids / 1e6:.0f}M ids) in {t1 - t0:.1f} s, then the "
+            f"compiled kernel; the switching call took {time.perf_counter() - t1:.1f} s (the compile; inductor's "
+            f"cache: {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default dir')})"
+        )
+    else:
+        print(f"default hasher: {n_ids} ids per call is below BULK_IDS={hashing.BULK_IDS} or not on the CPU: eager")
+    runs = {
+        "NgramHasher.hash, compile=False (eager)": functools.partial(
+            NgramHasher(cfg, args.vprime, pad, compile=False).hash, tokens
+        ),
+        "NgramHasher.hash, default (compile=None)": functools.partial(default.hash, tokens),
+        "NgramHasher.hash, compile=True": functools.partial(
+            NgramHasher(cfg, args.vprime, pad, compile=True).hash, tokens
+        ),
+    }
+    t0 = time.perf_counter()
+    for name, run in runs.items():
+        check(name, run())
+    print(f"outputs checked equal ({time.perf_counter() - t0:.1f} s, including any compile)")
 
     n_tok = args.batch * args.seq
     timed = timeit_interleaved(

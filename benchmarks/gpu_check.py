@@ -202,7 +202,7 @@ def train_figures(run_dir: Path) -> Callable[[str, list], dict]:
 
 
 def hashing_figures(text: str, tables: list) -> dict:
-    row = find_row(tables, "benchmark", r"NgramHasher\.hash")
+    row = find_row(tables, "benchmark", r"NgramHasher\.hash, default")
     compiled = find_row(tables, "benchmark", r"compile=True")
     ref = find_row(tables, "benchmark", r"numpy")
     return {
@@ -382,28 +382,10 @@ def build_steps(args: argparse.Namespace, python: str) -> list[Step]:
         ]
     )
     generate = (
-        [
-            "--hidden",
-            "64",
-            "--layers",
-            "2",
-            "--vocab",
-            "512",
-            "--batches",
-            "1,2",
-            "--prompt-len",
-            "8",
-            "--new-tokens",
-            "8",
-            "--positions",
-            "16,48",
-            "--window",
-            "4",
-            "--repeats",
-            "1",
-        ]
+        ["--quick", "--hidden", "64", "--layers", "2"]
         if dry
-        else ["--hidden", "1024", "--layers", "8", "--vocab", "32768", "--positions", "128,1024,4096"]
+        else ["--hidden", "1024", "--layers", "8", "--vocab", "32768", "--corpus-bytes", "1000000"]
+        + ["--positions", "128,1024,4096"]
     )
     py = [python]
     # a dry run shares a CPU machine with other work: its time boxes are wider, the mechanism the same

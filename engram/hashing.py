@@ -12,6 +12,8 @@ across heads, orders and layers.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -20,6 +22,15 @@ from .tokenizer import CompressedTokenizer
 from .validation import validation_enabled
 
 _INT64_MAX = 2**63 - 1
+
+#: A call producing at least this many ids (layers x positions x heads) is bulk hashing: data preparation, a corpus
+#: profile, a large CPU batch. Decode steps and prompts stay far below it, so they never meet compile latency.
+BULK_IDS = 1 << 16
+#: ``compile=None`` compiles the fused kernel once the process has hashed this many ids in eager bulk calls: about
+#: 6 s of eager hashing at the measured ~3 ns per id, a little more than one compile costs with inductor's cache
+#: warm (about 5 s of CPU; ski rental: pay for the compile only after having spent as much without it, so a job
+#: never loses more than that to the choice). The kernel then hashes 2-3x faster than eager.
+COMPILE_AFTER_IDS = 1 << 31
 
 
 def layer_multipliers(config: EngramConfig, layer_id: int, compressed_vocab_size: int) -> np.ndarray:
@@ -35,7 +46,7 @@ def mod_primes_by_reciprocal(x: torch.Tensor, p: torch.Tensor, inv_p: torch.Tens
 
     ``inv_p`` is float64 ``1/p`` rounded once (Python's ``1.0 / p``); the three broadcast together. Eagerly this
     is a dozen memory passes, slower than ``torch.remainder``; it exists for ``torch.compile``, which fuses it
-    into one loop of multiplies where a division would stay a division (``NgramHasher(compile=True)``).
+    into one loop of multiplies where a division would stay a division (:func:`hash_division_free`).
 
     Why it is exact (u = 2^-53, every float64 operation rounds to nearest with relative error <= u):
 
@@ -60,6 +71,55 @@ def mod_primes_by_reciprocal(x: torch.Tensor, p: torch.Tensor, inv_p: torch.Tens
     return torch.where(r >= p, r - p, r)
 
 
+def hash_division_free(
+    context: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, inv_primes: torch.Tensor
+) -> torch.Tensor:
+    """``z_{n,k}`` of every layer, position and head, ``[L, B, T, N-1, K]``, from compressed ids ``context``
+    ``[B, N-1+T]`` (the N-1 left context of the first position in place), ``multipliers`` ``[L, N]``, ``primes``
+    and their float64 ``inv_primes`` ``[L, N-1, K]``.
+
+    The whole hash as one expression for ``torch.compile``, which turns it into a single loop: read N tokens,
+    write (N-1)K ids per position and layer. Eagerly it would be many memory passes; :class:`NgramHasher` hashes
+    eagerly with ``torch.remainder`` instead.
+    """
+    n_max, total = multipliers.shape[1], context.shape[1]
+    mix = context[None, :, n_max - 1 :] * multipliers[:, 0, None, None]
+    mixes = []
+    for i in range(1, n_max):  # mix_{i+1} = mix_i XOR s_i * m_i, s_i the token i positions back
+        mix = torch.bitwise_xor(mix, context[None, :, n_max - 1 - i : total - i] * multipliers[:, i, None, None])
+        mixes.append(mix)
+    mix = torch.stack(mixes, dim=-1)  # [L, B, T, N-1]
+    return mod_primes_by_reciprocal(mix[..., None], primes[:, None, None], inv_primes[:, None, None])
+
+
+class _BulkKernel:
+    """The process's one ``torch.compile`` of :func:`hash_division_free`, shared by every hasher.
+
+    Batch and sequence sizes are marked dynamic, so one compile serves every shape of a configuration; inductor
+    keeps the compiled code in its on-disk cache, so a later process on the same machine compiles in seconds
+    instead of tens of seconds. ``failure`` holds the reason when compiling failed (e.g. no C++ compiler);
+    ``eager_bulk_ids`` counts the ids hashed eagerly in bulk calls, for the ``compile=None`` policy.
+    """
+
+    def __init__(self) -> None:
+        self.fn = None
+        self.failure: str | None = None
+        self.eager_bulk_ids = 0
+
+    def __call__(
+        self, context: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, inv_primes: torch.Tensor
+    ) -> torch.Tensor:
+        if self.fn is None:
+            self.fn = torch.compile(hash_division_free, dynamic=False)
+        for dim in (0, 1):  # a size of one specialises (torch.compile's rule): one more compile at worst
+            if context.shape[dim] > 1:
+                torch._dynamo.mark_dynamic(context, dim)
+        return self.fn(context, multipliers, primes, inv_primes)
+
+
+_bulk_kernel = _BulkKernel()
+
+
 class NgramHasher:
     """Hashes compressed token ids into per-head table rows for every Engram layer at once.
 
@@ -74,9 +134,21 @@ class NgramHasher:
         offsets: ``{layer_id: LongTensor[(N-1)K]}`` row offset of each head in that layer's fused table.
         num_rows: ``{layer_id: int}`` total rows of that layer's fused table.
 
-    ``compile=True`` hashes through ``torch.compile`` (:func:`mod_primes_by_reciprocal`, one fused kernel, several
-    times faster than eager on CPU; the first call of a process compiles for tens of seconds). Both are
-    bit-exact.
+    Two bit-exact implementations: eager (``torch.remainder``, one integer division per id) and a compiled kernel
+    (:func:`hash_division_free` through ``torch.compile``: one loop without divisions, 2-3x faster on the
+    CPU). Eager cannot get there: each eager op is a memory pass, and one exact division-free reduction needs
+    about eight of them. ``compile`` chooses:
+
+    - ``None`` (default): eager, until this process has hashed :data:`COMPILE_AFTER_IDS` ids in bulk calls (at
+      least :data:`BULK_IDS` ids each) on the CPU; from then on bulk calls use the compiled kernel. Compiling costs
+      once per process about 5 s of CPU with inductor's on-disk cache warm and about 17 s cold (measured; three
+      times that in wall time on a loaded machine), so only work that has already spent as much eagerly pays it:
+      bulk hashing of a corpus, long CPU training runs. Decode steps and calls below :data:`BULK_IDS` neither
+      count nor compile, so ``engram generate`` and short scripts never wait for a compile (a server that
+      prefills billions of ids compiles once, like a long job). Where compiling fails (no C++
+      compiler), a warning says so once and hashing stays eager. CUDA stays eager (not measured there yet).
+    - ``True``: the compiled kernel for every call, compiling at the first (a failure raises).
+    - ``False``: always eager.
     """
 
     def __init__(
@@ -85,7 +157,7 @@ class NgramHasher:
         compressed_vocab_size: int,
         compressed_pad_id: int,
         tokenizer: CompressedTokenizer | None = None,
-        compile: bool = False,
+        compile: bool | None = None,
     ):
         config.validate()
         if compressed_vocab_size <= 0:
@@ -113,14 +185,17 @@ class NgramHasher:
             # host constants, explicitly on the CPU: also when the model is built under a meta-device context
             self.offsets[l] = torch.tensor([0] + np.cumsum(flat)[:-1].tolist(), dtype=torch.int64, device="cpu")
             self.num_rows[l] = int(sum(flat))
-        if compile and max(p for per_order in self.table_sizes.values() for heads in per_order for p in heads) >= 2**50:
+        # mod_primes_by_reciprocal's bound; real tables are far below it
+        divisible = max(p for per_order in self.table_sizes.values() for heads in per_order for p in heads) < 2**50
+        if compile and not divisible:
             raise ValueError("compile=True needs table heads below 2^50 rows (mod_primes_by_reciprocal's bound)")
-        self.compile = compile
-        self._mod = torch.compile(mod_primes_by_reciprocal) if compile else None
+        self.compile = compile if divisible else False
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_tokenizer(cls, config: EngramConfig, tokenizer: CompressedTokenizer, compile: bool = False) -> NgramHasher:
+    def from_tokenizer(
+        cls, config: EngramConfig, tokenizer: CompressedTokenizer, compile: bool | None = None
+    ) -> NgramHasher:
         """The hasher of a model built with ``tokenizer``.
 
         With ``config.compress_tokens = False`` (the paper's "w/o tokenizer compression" ablation) ids are hashed
@@ -188,6 +263,20 @@ class NgramHasher:
         n_max, k = self.config.max_ngram_size, self.config.n_head_per_ngram
         mult, primes, inv = self._constants(context.device)
         b, total = context.shape
+        if not torch.compiler.is_compiling() and self._use_kernel(context.device, primes.numel() * b * t_out):
+            try:
+                heads = _bulk_kernel(context, mult, primes, inv)
+                return {l: heads[li].view(b, t_out, (n_max - 1) * k) for li, l in enumerate(self.config.layer_ids)}
+            except Exception as e:  # any failure of the optional compiler: the eager path below is just as exact
+                if self.compile:
+                    raise RuntimeError(f"NgramHasher(compile=True) could not compile its kernel: {e}") from e
+                _bulk_kernel.failure = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                warnings.warn(
+                    f"NgramHasher: compiling the hash kernel failed ({_bulk_kernel.failure}); hashing stays eager "
+                    f"(bit-exact, 2-3x slower for bulk calls)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         # s_i = the token i positions back, for every output position: [1, B, T] views, no copies
         shifted = [context[None, :, total - t_out - i : total - i] for i in range(n_max)]
         # mix[..., n-2] = mix_n of every layer [L, B, T]; each order's XOR builds on the previous one
@@ -195,13 +284,10 @@ class NgramHasher:
         for n in range(2, n_max + 1):
             mixes.append(torch.bitwise_xor(mixes[-1], shifted[n - 1] * mult[:, n - 1, None, None]))
         mix = torch.stack(mixes[1:], dim=-1)  # [L, B, T, N-1]
-        if self._mod is not None or torch.compiler.is_compiling():
-            # z_{n,k} of every layer and head in one op: [L, B, T, N-1, K] (one fused kernel with compile=True; a
-            # broadcast remainder inside a caller's torch.compile, where the out= writes below would break the graph)
-            if self._mod is not None:
-                heads = self._mod(mix[..., None], primes[:, None, None], inv[:, None, None])
-            else:
-                heads = torch.remainder(mix[..., None], primes[:, None, None])
+        if torch.compiler.is_compiling():
+            # inside a caller's torch.compile: z_{n,k} of every layer and head in one broadcast op [L, B, T, N-1, K]
+            # (the out= writes below would break the graph)
+            heads = torch.remainder(mix[..., None], primes[:, None, None])
             return {l: heads[li].view(b, t_out, (n_max - 1) * k) for li, l in enumerate(self.config.layer_ids)}
         out: dict[int, torch.Tensor] = {}
         for li, layer_id in enumerate(self.config.layer_ids):
@@ -210,6 +296,18 @@ class NgramHasher:
                 torch.remainder(mix[li, :, :, o, None], primes[li, o], out=heads[:, :, o])
             out[layer_id] = heads.view(b, t_out, (n_max - 1) * k)
         return out
+
+    def _use_kernel(self, device: torch.device, n_ids: int) -> bool:
+        """Whether this call goes to the compiled kernel (see the class docstring for the ``compile`` policy);
+        counts the eager bulk ids on the way."""
+        if self.compile is not None or n_ids == 0:
+            return bool(self.compile) and n_ids > 0
+        if device.type != "cpu" or n_ids < BULK_IDS or _bulk_kernel.failure is not None:
+            return False
+        if _bulk_kernel.eager_bulk_ids >= COMPILE_AFTER_IDS:
+            return True
+        _bulk_kernel.eager_bulk_ids += n_ids
+        return False
 
     def hash(self, compressed_ids: torch.Tensor) -> dict[int, torch.Tensor]:
         """Hash a batch of COMPRESSED ids [B, T] -> ``{layer_id: LongTensor[B, T, (N-1)K]}``.

@@ -90,7 +90,12 @@ def test_dry_run_json_holds_the_figures_of_each_step(dry_run):
         )
     )
     gen = steps["bench_generate"]["figures"]
-    assert {"engram b1 tokens/s", "moe b1 tokens/s", "llama (transformers) b1 tokens/s"} <= set(gen)
+    assert {
+        "engram b1 tokens/s",
+        "moe b1 tokens/s",
+        "engram exported (transformers) b1 tokens/s",
+        "llama (transformers) b1 tokens/s",
+    } <= set(gen)
 
 
 def test_a_step_past_its_time_box_is_killed_and_recorded(tmp_path):

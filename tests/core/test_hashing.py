@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -315,12 +317,18 @@ def test_mod_primes_by_reciprocal_broadcasts_like_the_hasher():
     assert torch.equal(got, torch.remainder(x, p))
 
 
+def _compiled_config() -> tuple[EngramConfig, int, int]:
+    """One config for every test of the compiled kernel: the process compiles it once."""
+    return random_config(np.random.default_rng(12))
+
+
 def test_compiled_hasher_bit_exact():
-    """The torch.compile path (one fused kernel) agrees with the reference, over two shapes (dynamic)."""
+    """The torch.compile path (one fused kernel) agrees with the reference, over several shapes (dynamic, and a
+    batch of one)."""
     rng = np.random.default_rng(12)
-    cfg, vprime, pad = random_config(rng)
+    cfg, vprime, pad = _compiled_config()
     hasher = NgramHasher(cfg, vprime, pad, compile=True)
-    for b, t in ((2, 33), (3, 7)):
+    for b, t in ((2, 33), (1, 50), (3, 7)):
         tokens = rng.integers(0, vprime, size=(b, t), dtype=np.int64)
         out = hasher.hash(torch.from_numpy(tokens))
         ref = ref_for(cfg, tokens, vprime, pad)
@@ -331,6 +339,110 @@ def test_compiled_hasher_bit_exact():
     inc = hasher.hash_incremental(history, torch.from_numpy(tokens))
     for l in cfg.layer_ids:
         np.testing.assert_array_equal(inc[l].numpy(), ref[l])
+
+
+def test_compiled_kernel_at_extreme_mixes():
+    """hash_division_free, eagerly and compiled, equals Python's % on tokens and multipliers whose wrapped products
+    and mixes lie near +-2^63, 0 and -1, with primes from 2 to just below 2^50 (shapes of the compiled config, so
+    the process's one compile serves)."""
+    context = torch.tensor([[0, 1, 2**62, 2**62 + 1, 2**63 - 1, 3, 2**61, 2**63 - 2, 5, 1]], dtype=torch.int64)
+    mult = torch.tensor([[2**62 + 1, -1, 2**63 - 1, 7]], dtype=torch.int64)  # [L=1, N=4]
+    primes = torch.tensor([[[2, 3], [646403, 2147483647], [8191, 1125899906842597]]], dtype=torch.int64)
+    vals, m = context[0].tolist(), mult[0].tolist()
+    expected, mixes = [], []
+    for t in range(3, len(vals)):
+        mix, row = 0, []
+        for n in range(4):
+            prod = (vals[t - n] * m[n] + 2**63) % 2**64 - 2**63  # wrapping int64 product
+            mix = (mix ^ prod) if n else prod
+            if n:
+                row.append([mix % p for p in primes[0, n - 1].tolist()])
+                mixes.append(mix)
+        expected.append(row)
+    assert max(mixes) > 2**62 and min(mixes) < -(2**62)  # the inputs reach the extremes
+    for fn in (engram.hashing.hash_division_free, engram.hashing._bulk_kernel):
+        got = fn(context, mult, primes, 1.0 / primes.double())
+        assert got.shape == (1, 1, 7, 3, 2) and got[0, 0].tolist() == expected
+
+
+class _KernelCalls:
+    """Counts the calls that reach the compiled kernel."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        real = engram.hashing._BulkKernel.__call__
+
+        def counting(kernel, *args):
+            self.n += 1
+            return real(kernel, *args)
+
+        monkeypatch.setattr(engram.hashing._BulkKernel, "__call__", counting)
+
+
+def test_default_compiles_only_after_bulk_work(monkeypatch):
+    """compile=None hashes eagerly until the process has hashed COMPILE_AFTER_IDS ids in calls of >= BULK_IDS ids,
+    then uses the compiled kernel for bulk calls only; small and decode calls never count nor compile, compile=False
+    never compiles, and every result is bit-exact."""
+    cfg, vprime, pad = _compiled_config()
+    per_token = len(cfg.layer_ids) * cfg.num_heads_total
+    monkeypatch.setattr(engram.hashing, "BULK_IDS", 40 * per_token)
+    monkeypatch.setattr(engram.hashing, "COMPILE_AFTER_IDS", 200 * per_token)
+    monkeypatch.setattr(engram.hashing._bulk_kernel, "eager_bulk_ids", 0)
+    monkeypatch.setattr(engram.hashing._bulk_kernel, "failure", None)
+    calls = _KernelCalls(monkeypatch)
+    hasher, never = NgramHasher(cfg, vprime, pad), NgramHasher(cfg, vprime, pad, compile=False)
+    rng = np.random.default_rng(13)
+
+    def check(h: NgramHasher, b: int, t: int) -> None:
+        tokens = rng.integers(0, vprime, size=(b, t), dtype=np.int64)
+        out, ref = h.hash(torch.from_numpy(tokens)), ref_for(cfg, tokens, vprime, pad)
+        for l in cfg.layer_ids:
+            np.testing.assert_array_equal(out[l].numpy(), ref[l])
+
+    for _ in range(10):
+        check(hasher, 3, 13)  # 39 tokens: below BULK_IDS, not counted
+    assert engram.hashing._bulk_kernel.eager_bulk_ids == 0 and calls.n == 0
+    for _ in range(4):
+        check(hasher, 2, 30)  # 60 tokens each: counted, 240 >= 200 after the fourth
+    assert engram.hashing._bulk_kernel.eager_bulk_ids == 240 * per_token and calls.n == 0
+    check(hasher, 2, 30)
+    assert calls.n == 1
+    check(never, 2, 30)
+    history = hasher.initial_history(4)
+    for _ in range(3):  # decode steps stay eager
+        ids, history = hasher.hash_continued(history, torch.randint(0, vprime, (4, 1)))
+    check(hasher, 3, 7)
+    assert calls.n == 1
+    check(hasher, 4, 25)
+    assert calls.n == 2
+
+
+def test_default_stays_eager_when_compiling_fails(monkeypatch):
+    """Where the compiler is missing (the compiled function raises), compile=None warns once and hashes eagerly,
+    bit-exact; compile=True raises instead."""
+    cfg, vprime, pad = _compiled_config()
+
+    def no_compiler(*args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(engram.hashing, "BULK_IDS", 1)
+    monkeypatch.setattr(engram.hashing, "COMPILE_AFTER_IDS", 0)
+    monkeypatch.setattr(engram.hashing._bulk_kernel, "fn", no_compiler)
+    monkeypatch.setattr(engram.hashing._bulk_kernel, "failure", None)
+    tokens = np.random.default_rng(14).integers(0, vprime, size=(2, 20), dtype=np.int64)
+    ref = ref_for(cfg, tokens, vprime, pad)
+    hasher = NgramHasher(cfg, vprime, pad)
+    with pytest.warns(RuntimeWarning, match=r"no working C.. compiler found\); hashing stays eager"):
+        out = hasher.hash(torch.from_numpy(tokens))
+    for l in cfg.layer_ids:
+        np.testing.assert_array_equal(out[l].numpy(), ref[l])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = NgramHasher(cfg, vprime, pad).hash(torch.from_numpy(tokens))
+    for l in cfg.layer_ids:
+        assert torch.equal(again[l], out[l])
+    with pytest.raises(RuntimeError, match=r"compile=True\) could not compile its kernel"):
+        NgramHasher(cfg, vprime, pad, compile=True).hash(torch.from_numpy(tokens))
 
 
 # ---------------------------------------------------------------------------------------------- incremental
