@@ -22,10 +22,9 @@ Policy (TinyLFU-style frequency admission with LFU eviction):
   aging; collisions that raise its sketch counters in between are not seen until its next access.
 * Deferred admission (:meth:`HotRowCache.offer`, what :class:`~engram.storage.OffloadedEmbedding` calls): the
   O(capacity) passes and the sketch updates are a fixed cost per admission round, a few dozen small ops, which
-  at a decode step of 4 x 16 lookups cost many times the lookups themselves (measured: a 8 MiB cache in
-  front of a host table made each table call ~30x slower). So a batch's accesses and missed rows are only
-  queued, and one admission round runs once ``admit_every`` accesses have queued up (default: an eighth of the
-  capacity in rows): the per-access cost becomes O(log capacity) plus a share of one round. A large
+  at a decode step of 4 x 16 lookups cost many times the lookups themselves. So a batch's accesses and missed
+  rows are only queued, and one admission round runs once ``admit_every`` accesses have queued up (default: an
+  eighth of the capacity in rows): the per-access cost becomes O(log capacity) plus a share of one round. A large
   training batch fills the queue at once and is admitted at once, as before. Lookups are never deferred. A
   row missed again while queued is served from the store meanwhile (correct, just not yet a hit). Writes,
   invalidations and :meth:`clear` first settle the queue (admit it, or drop it), so a queued value is never
