@@ -5,14 +5,18 @@ Engram derived from the MoE by ``allocate`` at rho = 0.75, the dense model of th
 are untrained, which does not change the work per step. Each model runs ``engram.model.generate`` (greedy) over
 the same prompts; the per-step time is ``(t(new_tokens) - t(1)) / (new_tokens - 1)``, which leaves out the prefill.
 Models alternate round-robin so machine noise hits all alike; medians are reported with ratios to the MoE.
+``--clock cpu`` times with the process's CPU time instead of wall time, which leaves out the time other
+processes hold the cores on a shared machine (it still sees their cache and memory traffic). ``--compile``
+adds rows for the same models with ``forward_checked`` under ``torch.compile`` (same settings for each).
 
-    python benchmarks/bench_decode.py --threads 1                       # batch 4, 64 new tokens
+    python benchmarks/bench_decode.py --threads 1 --clock cpu           # batch 4, 64 new tokens
     python benchmarks/bench_decode.py --threads 1 --batch 8 --prompt-len 128 --new-tokens 256
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -39,18 +43,31 @@ def demo_models(
     }
 
 
-def generate_seconds(model: EngramLM, prompts: list[list[int]], new_tokens: int) -> float:
-    """Wall time of one greedy ``generate`` call (prefill + ``new_tokens`` decode steps)."""
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def generate_seconds(model: EngramLM, prompts: list[list[int]], new_tokens: int, clock: str = "wall") -> float:
+    """Time of one greedy ``generate`` call (prefill + ``new_tokens`` decode steps) on ``clock``."""
+    now = CLOCKS[clock]
+    t0 = now()
     generate(model, prompts, SamplingConfig(max_new_tokens=new_tokens, temperature=0.0))
     if next(model.parameters()).device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return now() - t0
 
 
-def decode_step_ms(model: EngramLM, prompts: list[list[int]], new_tokens: int) -> float:
+def decode_step_ms(model: EngramLM, prompts: list[list[int]], new_tokens: int, clock: str = "wall") -> float:
     """Milliseconds per decode step: one generate of ``new_tokens`` minus one of a single token, per extra step."""
-    return 1e3 * (generate_seconds(model, prompts, new_tokens) - generate_seconds(model, prompts, 1)) / (new_tokens - 1)
+    long = generate_seconds(model, prompts, new_tokens, clock)
+    return 1e3 * (long - generate_seconds(model, prompts, 1, clock)) / (new_tokens - 1)
+
+
+def compiled(model: EngramLM) -> EngramLM:
+    """A copy of ``model`` whose ``forward_checked`` (the call ``generate`` makes) runs under ``torch.compile``
+    (dynamic shapes: the KV cache grows every step)."""
+    twin = copy.deepcopy(model)
+    twin.forward_checked = torch.compile(twin.forward_checked, dynamic=True)
+    return twin
 
 
 def main() -> None:
@@ -62,6 +79,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds per model (median)")
     ap.add_argument("--validate", action="store_true", help="keep engram's value checks on (default off)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time or this process's CPU time")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd rows of the MoE and Engram models")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,25 +88,31 @@ def main() -> None:
         ap.error("--new-tokens must be >= 2")
     engram.set_validation(args.validate)
     models = demo_models(max_seq_len=args.prompt_len + args.new_tokens, device=args.device)
+    if args.compile:
+        models.update({f"{name} (compiled)": compiled(models[name]) for name in ("moe", "engram")})
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 4096, (args.batch, args.prompt_len), generator=gen).tolist()
     for model in models.values():  # warm-up
-        decode_step_ms(model, prompts, 4)
+        decode_step_ms(model, prompts, args.new_tokens)
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, model in models.items():
-            times[name].append(decode_step_ms(model, prompts, args.new_tokens))
+            times[name].append(decode_step_ms(model, prompts, args.new_tokens, args.clock))
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
         f"prompt={args.prompt_len} new={args.new_tokens} greedy rounds={args.rounds} (median) "
-        f"validation={'on' if args.validate else 'off'} load={os.getloadavg()[0]:.1f}"
+        f"validation={'on' if args.validate else 'off'} clock={args.clock} load={os.getloadavg()[0]:.1f}"
     )
-    print("| model | ms / decode step | tokens/s (batch) | vs moe |")
-    print("|---|---|---|---|")
-    ref = statistics.median(times["moe"])
+    print("| model | ms / decode step | tokens/s (batch) | vs moe | vs moe, same round (min-max) |")
+    print("|---|---|---|---|---|")
     for name in models:
+        ref = times["moe (compiled)" if name.endswith("(compiled)") else "moe"]
         med = statistics.median(times[name])
-        print(f"| {name} | {med:.2f} | {args.batch * 1e3 / med:,.0f} | {med / ref:.3f}x |")
+        per_round = [t / r for t, r in zip(times[name], ref)]
+        print(
+            f"| {name} | {med:.2f} | {args.batch * 1e3 / med:,.0f} | {med / statistics.median(ref):.3f}x | "
+            f"{statistics.median(per_round):.3f}x ({min(per_round):.3f}-{max(per_round):.3f}) |"
+        )
 
 
 if __name__ == "__main__":

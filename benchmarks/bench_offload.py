@@ -20,6 +20,7 @@ is in HBM and the host table pinned; that path has not been run yet. ``--huge`` 
 than this machine's RAM from a sparse file (see :func:`run_huge`).
 
     python benchmarks/bench_offload.py                        # device / host / disk side by side
+    python benchmarks/bench_offload.py --ids uniform          # the same with uniformly random tokens
     python benchmarks/bench_offload.py --huge --huge-gib 32   # a 32 GiB table from disk, checked row by row
 """
 
@@ -90,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list of the table tiers to time (the device baseline always runs)",
     )
     p.add_argument("--max-bytes", type=int, default=2_000_000, help="bytes of the stdlib corpus for the inputs")
+    p.add_argument(
+        "--ids",
+        choices=["corpus", "uniform"],
+        default="corpus",
+        help="inputs: windows of the corpus (Zipf-distributed n-grams) or uniformly random tokens",
+    )
     p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary of the inputs' tokenizer")
     args = p.parse_args(argv)
     unknown = set(args.tiers.split(",")) - {"device", "host", "disk"}
@@ -129,6 +136,8 @@ def corpus_inputs(args: argparse.Namespace):
     tok, files = prepare_data(TrainConfig(max_bytes=args.max_bytes, vocab_size=args.vocab, progress=False))
     tokens = files.train.tokens
     rng = np.random.default_rng(args.seed)
+    if args.ids == "uniform":  # every token equally likely: n-gram rows accessed uniformly, no hot set to cache
+        tokens = rng.integers(0, args.vocab, size=len(tokens), dtype=np.int64)
 
     def windows(n: int, length: int, rounds: int) -> list[torch.Tensor]:
         out = []
@@ -355,7 +364,7 @@ def run_main(args: argparse.Namespace, work: Path) -> None:
     )
     print(
         f"inputs: prefill {args.batch} x {args.prefill_len}, decode {args.gen_batch} x {args.new_tokens} "
-        f"after a {args.prompt_len}-token prompt, {args.rounds} rounds; {machine()}"
+        f"after a {args.prompt_len}-token prompt, {args.rounds} rounds, {args.ids} ids; {machine()}"
     )
 
     tiers = set(args.tiers.split(","))

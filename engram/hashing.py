@@ -191,6 +191,7 @@ class NgramHasher:
             raise ValueError("compile=True needs table heads below 2^50 rows (mod_primes_by_reciprocal's bound)")
         self.compile = compile if divisible else False
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._step_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see _hash_last
 
     @classmethod
     def from_tokenizer(
@@ -351,7 +352,30 @@ class NgramHasher:
         """:meth:`hash_incremental` and :meth:`advance_history` in one pass over one concatenation, for callers
         that have checked both int64 tensors already (a decode step): ``(hash ids, next history)``."""
         context = torch.cat([history, new_ids], dim=1)
+        if new_ids.shape[1] == 1 and not torch.compiler.is_compiling():
+            return self._hash_last(context), context[:, 1:]
         return self._hash_context(context, new_ids.shape[1]), context[:, context.shape[1] - history.shape[1] :]
+
+    def _hash_last(self, context: torch.Tensor) -> dict[int, torch.Tensor]:
+        """:meth:`_hash_context` for one output position (a decode step), every layer at once in a dozen ops.
+
+        ``context`` [B, N] holds s_{N-1} .. s_0 (oldest first). One multiply gives s_i * m_i for every layer
+        ([L, B, N], the multipliers reversed to the context's order), N-1 XORs build mix_2 .. mix_N from it,
+        and one broadcast remainder takes every head of every layer: the same integers as the general path.
+        """
+        cached = self._step_cache.get(context.device)
+        if cached is None:
+            mult, primes, _ = self._constants(context.device)
+            cached = self._step_cache[context.device] = (mult.flip(1)[:, None].contiguous(), primes[:, None])
+        mult_reversed, primes = cached  # [L, 1, N], [L, 1, N-1, K]
+        products = context[None] * mult_reversed  # [L, B, N]; column j = s_{N-1-j} * m_{N-1-j}
+        columns = products.unbind(-1)
+        mixes = [columns[-1]]
+        for i in range(len(columns) - 2, -1, -1):
+            mixes.append(torch.bitwise_xor(mixes[-1], columns[i]))
+        heads = torch.remainder(torch.stack(mixes[1:], dim=-1)[..., None], primes)  # [L, B, N-1, K]
+        heads = heads.view(heads.shape[0], context.shape[0], 1, -1)
+        return dict(zip(self.config.layer_ids, heads.unbind(0)))
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The decoding state of empty sequences: N-1 compressed pad ids each."""

@@ -58,6 +58,37 @@ class ParameterDerived:
         return value
 
 
+class StepConstants:
+    """Tensors a decode step derives from parameters, kept in the decoding state of one batch of sequences.
+
+    The decode-step counterpart of :class:`ParameterDerived`: a generation step is a few dozen tiny ops, where
+    collecting a layer's parameters through module attributes alone costs as much as several of them. So the
+    constants live in the layer's decoding dict (a state belongs to the weights it was started with: its KV
+    cache was computed with them) and each step checks only the version counter and storage of the tensors
+    they came from, which still notices an optimizer step, ``load_state_dict`` or ``.to()`` in between.
+    """
+
+    def __init__(self, sources: tuple[torch.Tensor, ...], **tensors: torch.Tensor | None):
+        versions = tuple(tensor_version(t) for t in sources)
+        # inference tensors have no version counter: such constants are rebuilt every step
+        self.reusable = None not in versions
+        self._sources = tuple((t, v, t.data_ptr()) for t, v in zip(sources, versions))
+        self.__dict__.update(tensors)
+
+    @staticmethod
+    def lookup(state: dict, key: str, build: Callable[[], StepConstants]) -> StepConstants:
+        """``state[key]`` while its sources are unchanged, else a new ``build()`` (kept when reusable)."""
+        consts = state.get(key)
+        if consts is None or not consts.current():
+            consts = build()
+            if consts.reusable:
+                state[key] = consts
+        return consts
+
+    def current(self) -> bool:
+        return all(t._version == v and t.data_ptr() == p for t, v, p in self._sources)
+
+
 class MultiHeadEmbedding(EngramTable):
     """All hash heads of one Engram layer in a single fused table (an ``nn.Parameter`` on the compute device).
 
@@ -86,6 +117,48 @@ class MultiHeadEmbedding(EngramTable):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         self.check_ids(ids)
         return F.embedding(self.fused_ids(ids), self.weight)
+
+
+class ConvRing:
+    """ShortConv's decoding context as a mirrored ring buffer, so a decode step writes one row and reads views.
+
+    The buffer holds the normalised inputs of the last ``R = state_len + 1`` positions twice, ``[B, 2R, C]``:
+    position s is written to slots ``s mod R`` and ``s mod R + R`` in one broadcast copy. The last R positions,
+    oldest first, are then always the contiguous window ``buf[:, p+1 : p+1+R]`` after a write at slot p, so the
+    conv taps (every N-th row of that window) and the linear state handed back to callers (its last
+    ``state_len`` rows, the format :meth:`ShortConv.forward` takes) are strided views, no concatenation.
+    The views of each slot are made once and reused.
+    """
+
+    def __init__(self, linear: torch.Tensor | None, shape: tuple[int, int, int], dilation: int, dtype, device):
+        b, state_len, c = shape
+        self.r, self.dilation = state_len + 1, dilation
+        if linear is None:
+            self.buf = torch.zeros(b, 2 * self.r, c, dtype=dtype, device=device)
+        else:
+            self.buf = torch.empty(b, 2 * self.r, c, dtype=dtype, device=device)
+            self.buf.view(b, 2, self.r, c)[:, :, :state_len].copy_(linear[:, None])
+        self.slot = self.r - 1  # the first write lands after the linear state in the second copy
+        self.linear: torch.Tensor | None = None  # the state view published after the last write
+        self._views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * self.r
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.buf.shape[0], self.r - 1, self.buf.shape[2]
+
+    def push(self, x: torch.Tensor) -> torch.Tensor:
+        """Write the newest position ``x`` [B, 1, C]; returns the taps' rows [B, w, C], oldest first."""
+        p = self.slot
+        views = self._views[p]
+        if views is None:
+            b, _, c = self.buf.shape
+            window = self.buf[:, p + 1 : p + 1 + self.r]
+            views = (self.buf.view(b, 2, self.r, c)[:, :, p], window[:, :: self.dilation], window[:, 1:])
+            self._views[p] = views
+        views[0].copy_(x)
+        self.linear = views[2]
+        self.slot = (p + 1) % self.r
+        return views[1]
 
 
 class ShortConv(nn.Module):
@@ -132,13 +205,8 @@ class ShortConv(nn.Module):
                 f"ShortConv input must be [B, T, M={self.hc_mult}, D={self.hidden_size}], got {tuple(x.shape)}"
             )
         b, t, m, d = x.shape
-        if state is not None and tuple(state.shape) != (b, self.state_len, m * d):
-            raise ValueError(
-                f"ShortConv state must be [B, (kernel-1)*dilation, M*D] = {[b, self.state_len, m * d]} "
-                f"(the state returned by the previous call for this batch), got {tuple(state.shape)}"
-            )
-        gains = self._derived.get("gains", tuple(n.weight for n in self.norms), self._gains)  # [M, D]
-        normed = (F.rms_norm(x, (d,), eps=self.eps) * gains).reshape(b, t, m * d)
+        self._check_state(state, b)
+        normed = self._normed(x).reshape(b, t, m * d)
         if state is None:
             full = F.pad(normed, (0, 0, self.state_len, 0))  # zeros before the start
         else:
@@ -155,6 +223,45 @@ class ShortConv(nn.Module):
                 y = torch.addcmul(y, full[:, j * self.dilation : j * self.dilation + t], taps[:, j])
         # not full[:, -state_len:]: with kernel_size 1 (state_len 0) that slice is the whole sequence
         return F.silu(y).view(b, t, m, d), full[:, full.shape[1] - self.state_len :]
+
+    def decode_step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """One new position per sequence, without gradients: x [B, M, D] -> conv output [B, M, D].
+
+        ``state`` is the Engram layer's decoding dict: ``state["conv"]`` is the linear context that
+        :meth:`forward` takes and returns (left as a view of the ring), ``state["conv_ring"]`` the
+        :class:`ConvRing` behind it. A ring is reused only while ``state["conv"]`` is still the view it published;
+        a context set by anyone else (a prefill, a copied or reordered cache) starts a new ring from it.
+        """
+        b, m, d = x.shape
+        consts = StepConstants.lookup(state, "conv_constants", lambda: self._step_constants(x.dtype))
+        linear = state.get("conv")
+        ring = state.get("conv_ring")
+        if ring is None or ring.linear is None or linear is not ring.linear:
+            self._check_state(linear, b)
+            ring = ConvRing(linear, (b, self.state_len, m * d), self.dilation, x.dtype, x.device)
+            state["conv_ring"] = ring
+        # per-branch RMSNorm written out: fewer dispatches than F.rms_norm on a single position
+        normed = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * consts.gains
+        rows = ring.push(normed.view(b, 1, m * d))  # [B, w, M*D], oldest first
+        state["conv"] = ring.linear
+        return F.silu((rows * consts.taps_t).sum(1)).view(b, m, d)
+
+    def _step_constants(self, dtype: torch.dtype) -> StepConstants:
+        sources = (self.conv.weight, *(n.weight for n in self.norms))
+        return StepConstants(sources, gains=self._gains(), taps_t=self.conv.weight[:, 0, :].to(dtype).t())
+
+    def _normed(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-branch RMSNorm of x [..., M, D]: one ``rms_norm`` times the stacked gains."""
+        gains = self._derived.get("gains", tuple(n.weight for n in self.norms), self._gains)  # [M, D]
+        return F.rms_norm(x, (self.hidden_size,), eps=self.eps) * gains
+
+    def _check_state(self, state: torch.Tensor | None, batch: int) -> None:
+        want = (batch, self.state_len, self.hc_mult * self.hidden_size)
+        if state is not None and tuple(state.shape) != want:
+            raise ValueError(
+                f"ShortConv state must be [B, (kernel-1)*dilation, M*D] = {list(want)} "
+                f"(the state returned by the previous call for this batch), got {tuple(state.shape)}"
+            )
 
 
 class Engram(nn.Module):
@@ -286,6 +393,94 @@ class Engram(nn.Module):
             score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
         return torch.sigmoid(score)
 
+    # ------------------------------------------------------------------ decode step
+    def _step_constants(self, dtype: torch.dtype, device: torch.device) -> StepConstants:
+        """What :meth:`_decode_step` derives from parameters (see there).
+
+        ``weight``/``bias``: one matmul giving ``[v, k^(1..M), sqrt(D) g^(m) k^(m)]`` from e, ``g^(m) = g_q^(m)
+        g_k^(m)`` the gate gains, so that the gate's dot product needs no separate gain multiply.
+        ``pair_rows``/``eps``: with S = [h; k; sqrt(D) g k] ([B, 3M, D]) and A = S's rows [h; k; h],
+        ``vecdot(A, S) / D + eps`` is ``[mean(h^2) + eps_q, mean(k^2) + eps_k, h . (g k) / sqrt(D)]`` per branch:
+        the three reductions of :meth:`gate` in one op. ``table_weight``/``offsets``: the fused rows of an
+        on-device table, read with one ``embedding`` (other tables are called as usual).
+        """
+        m = self.hc_mult if self.key_projs else 0
+        projs = [self.value_proj, *self.key_projs]
+        gain_norms = [*self.query_norms, *self.key_norms]
+        sources = tuple(t for p in projs for t in (p.weight, p.bias) if t is not None)
+        sources += tuple(n.weight for n in gain_norms)
+        scale = math.sqrt(self.hidden_size)
+        gains = [q.weight * k.weight * scale for q, k in zip(self.query_norms, self.key_norms)]
+        weight = torch.cat([p.weight for p in projs] + [g[:, None] * p.weight for g, p in zip(gains, projs[1:])])
+        bias = None
+        if self.value_proj.bias is not None:
+            bias = torch.cat([p.bias for p in projs] + [g * p.bias for g, p in zip(gains, projs[1:])])
+        compute = torch.promote_types(dtype, torch.float32)
+        eps = []
+        if m:
+            eps_q = self.query_norms[0].eps if self.query_norms[0].eps is not None else torch.finfo(dtype).eps
+            eps_k = self.key_norms[0].eps if self.key_norms[0].eps is not None else torch.finfo(dtype).eps
+            eps = [eps_q] * m + [eps_k] * m + [0.0] * m
+        table_weight = offsets = None
+        if type(self.table) is MultiHeadEmbedding:
+            table_weight = self.table.weight
+            offsets = self.table.offsets.to(device)
+            sources += (table_weight,)
+        return StepConstants(
+            sources,
+            weight=weight,
+            bias=bias,
+            compute=compute,
+            pair_rows=torch.tensor([*range(2 * m), *range(m)], dtype=torch.int64, device=device),
+            eps=torch.tensor(eps, dtype=compute, device=device),
+            table_weight=table_weight,
+            offsets=offsets,
+        )
+
+    def _decode_step(
+        self, hidden: torch.Tensor, hash_ids: torch.Tensor, mask: torch.Tensor | None, state: dict
+    ) -> torch.Tensor:
+        """Y for one new token per sequence without gradients (a generation step): hidden [B, 1, M, D].
+
+        The equations of the full forward with the work of a single position cut down to a few dozen dispatches
+        (at the demo size each costs about as much as its arithmetic): one gather, one matmul for the value, the
+        keys and the gain-scaled keys, the gate's three reductions in one ``vecdot``, and the ShortConv through
+        its ring buffer (:meth:`ShortConv.decode_step`); the parameter-derived tensors are kept in ``state``
+        (:class:`StepConstants`, built by :meth:`_step_constants`). Equal to the full forward up to float
+        rounding (tests check both).
+        """
+        b, _, m, d = hidden.shape
+        c = StepConstants.lookup(state, "constants", lambda: self._step_constants(hidden.dtype, hidden.device))
+        h = hidden.view(b, m, d)
+        if c.table_weight is not None:
+            self.table.check_ids(hash_ids)
+            e = F.embedding(hash_ids + c.offsets, c.table_weight).view(b, -1)
+        else:
+            e = self.retrieve(hash_ids).view(b, -1)  # [B, d_mem]
+        if e.dtype != h.dtype:
+            e = e.to(h.dtype)
+        vk = F.linear(e, c.weight, c.bias).view(b, -1, d)  # [B, 1 + 2M, D]: v, keys, gain-scaled keys
+        value = vk[:, :1]
+        if self.key_projs:
+            s = torch.cat([h, vk[:, 1:]], dim=1)  # [B, 3M, D]
+            if s.dtype != c.compute:
+                s = s.to(c.compute)
+            q = torch.add(c.eps, torch.linalg.vecdot(s.index_select(1, c.pair_rows), s), alpha=1.0 / d).view(b, 3, m)
+            score = q[:, 2] * (q[:, 0] * q[:, 1]).rsqrt()
+            if self.config.signed_sqrt:
+                score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
+            alpha = torch.sigmoid(score)  # [B, M]
+            if self.record_gate:
+                self.last_gate = alpha.view(b, 1, m)
+            gated = (alpha if alpha.dtype == value.dtype else alpha.to(value.dtype)).unsqueeze(-1) * value
+        else:
+            gated = value.expand(b, m, d)
+        if mask is not None:
+            gated = gated * mask.view(b, 1, 1).to(gated.dtype)
+        if self.short_conv is not None:
+            gated = gated + self.short_conv.decode_step(gated, state)
+        return gated.view(b, 1, m, d)
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -324,6 +519,10 @@ class Engram(nn.Module):
             raise ValueError(
                 f"mask must be bool [B, T] = [{b}, {t}] (True = real token), got {mask.dtype} {tuple(mask.shape)}"
             )
+
+        if t == 1 and state is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            y = self._decode_step(hidden, hash_ids, mask, state)
+            return y.squeeze(2) if single else y
 
         e = self.retrieve(hash_ids).to(hidden.dtype)  # [B, T, d_mem]
         value, keys = self.project(e)  # [B, T, 1, D] shared, [B, T, M, D]

@@ -196,6 +196,21 @@ class CompressedTokenizer:
                 f"the ids come from a different (larger) tokenizer than the one this model was built with"
             )
 
+    def _lookup_on(self, device: torch.device) -> torch.Tensor:
+        table = self._torch_lookup.get(device)
+        if table is None:
+            table = torch.from_numpy(self.lookup).to(device)
+            self._torch_lookup[device] = table
+        return table
+
+    def compress_valid(self, ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`compress` for an int64 tensor of ids known to lie in ``[0, vocab_size)`` (a model's own sampled
+        tokens): one ``take`` instead of the five ops that let negative ids pass through. An id >= vocab_size
+        still raises (``take`` checks its indices); a negative one would wrap around, so only callers that
+        cannot see one use this (:meth:`engram.model.EngramLM.forward_checked` on a decode step, whose token
+        embedding refuses negative ids anyway)."""
+        return torch.take(self._lookup_on(ids.device), ids)
+
     def compress(self, ids: torch.Tensor | np.ndarray, *, check: bool = True) -> torch.Tensor | np.ndarray:
         """Raw ids -> compressed ids (same shape and device). Negative ids pass through unchanged.
 
@@ -209,12 +224,8 @@ class CompressedTokenizer:
                 return ids.to(torch.int64)
             if check and validation_enabled():
                 self._check_range(int(ids.max()))
-            table = self._torch_lookup.get(ids.device)
-            if table is None:
-                table = torch.from_numpy(self.lookup).to(ids.device)
-                self._torch_lookup[ids.device] = table
             ids64 = ids.to(torch.int64)
-            return torch.where(ids64 >= 0, table[ids64.clamp_min(0)], ids64)
+            return torch.where(ids64 >= 0, self._lookup_on(ids.device)[ids64.clamp_min(0)], ids64)
         arr = np.asarray(ids)
         if not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")

@@ -105,12 +105,16 @@ def base_fingerprint(model: nn.Module, exclude: set[int] | None = None) -> str:
 class DecodeState:
     """What Engram needs of the tokens before a forward: the last N-1 compressed ids and each ShortConv window."""
 
-    def __init__(self, history: torch.Tensor, conv: dict[int, torch.Tensor], seen: int):
+    def __init__(self, history: torch.Tensor, conv: dict[int, dict], seen: int):
+        # conv: each Engram layer's decoding dict (its ShortConv window under "conv", and what the module keeps
+        # between decode steps), handed to the next forward as a shallow copy
         self.history, self.conv, self.seen = history, conv, seen
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         self.history = self.history.index_select(0, beam_idx.to(self.history.device))
-        self.conv = {k: v.index_select(0, beam_idx.to(v.device)) for k, v in self.conv.items()}
+        self.conv = {
+            k: {"conv": s["conv"].index_select(0, beam_idx.to(s["conv"].device))} for k, s in self.conv.items()
+        }
 
 
 def _attach(cache: Any, state: DecodeState) -> None:
@@ -219,8 +223,7 @@ class EngramAdapter(nn.Module):
             "hash_ids": self.hasher.hash_incremental(history, compressed),
             "mask": mask,
             "conv": {
-                l: ({"conv": state.conv[l]} if state is not None and l in state.conv else {})
-                for l in self.config.layer_ids
+                l: (dict(state.conv[l]) if state is not None and l in state.conv else {}) for l in self.config.layer_ids
             },
             "history": self.hasher.advance_history(history, compressed),
             "seen": seen + t,
@@ -235,7 +238,11 @@ class EngramAdapter(nn.Module):
         cache = getattr(output, name, None) or _cache_of(kwargs)
         if step is None or cache is None or not hasattr(cache, "get_seq_length"):
             return
-        conv = {l: s["conv"].detach() for l, s in step["conv"].items() if "conv" in s}
+        conv = {
+            l: (s if not s["conv"].requires_grad else {"conv": s["conv"].detach()})
+            for l, s in step["conv"].items()
+            if "conv" in s
+        }
         _attach(cache, DecodeState(step["history"], conv, step["seen"]))
 
     def _layer_hook(self, layer_id: int):

@@ -343,7 +343,10 @@ class EngramLM(nn.Module):
                 key_mask_arg = token_mask
 
         if self.hasher is not None and (hash_ids is None or state is not None):
-            compressed = self.hasher.compress(input_ids, check=False)  # the caller has checked the ids
+            if state is not None and t == 1 and input_ids.dtype == torch.int64:  # a decode step: sampled ids
+                compressed = self.hasher.tokenizer.compress_valid(input_ids)
+            else:
+                compressed = self.hasher.compress(input_ids, check=False)  # the caller has checked the ids
             if state is None:
                 hash_ids = self.hasher.hash(compressed)
             else:

@@ -16,10 +16,24 @@ Policy (TinyLFU-style frequency admission with LFU eviction):
 * Admission: after a batch, the rows it missed are offered, most frequent first. Free slots take them as they
   come; once the cache is full a candidate replaces the least frequent cached row only if its estimate is
   strictly higher (ties keep the incumbent, so one-off rows do not churn the cache).
-* Cost: a batch of n unique rows costs O(n log capacity) plus O(capacity) memory passes (a selection over one
+* Cost: admitting n unique rows costs O(n log capacity) plus O(capacity) memory passes (a selection over one
   int32 per slot and merging the sorted index), never a re-estimate or re-sort of every cached row. The
   frequency of a cached row is read from the sketch when the row is admitted or accessed and halved with it at
   aging; collisions that raise its sketch counters in between are not seen until its next access.
+* Deferred admission (:meth:`HotRowCache.offer`, what :class:`~engram.storage.OffloadedEmbedding` calls): the
+  O(capacity) passes and the sketch updates are a fixed cost per admission round, a few dozen small ops, which
+  at a decode step of 4 x 16 lookups cost many times the lookups themselves. So a batch's accesses and missed
+  rows are only queued, and one admission round runs once ``admit_every`` accesses have queued up (default: an
+  eighth of the capacity in rows): the per-access cost becomes O(log capacity) plus a share of one round. A large
+  training batch fills the queue at once and is admitted at once, as before. Lookups are never deferred. A
+  row missed again while queued is served from the store meanwhile (correct, just not yet a hit). Writes,
+  invalidations and :meth:`clear` first settle the queue (admit it, or drop it), so a queued value is never
+  admitted after the row was written.
+
+When the cache cannot pay off: rows in a host table on a CPU compute device already sit in DRAM, so a cache
+hit saves no read; :class:`~engram.storage.OffloadedEmbedding` logs a warning when asked for one there. It pays
+in front of a disk table (a miss is a page read when the file is not in the page cache) and of a host table
+serving a GPU (a miss crosses PCIe); ``benchmarks/bench_offload.py`` measures both sides.
 
 The capacity is ``capacity_bytes // (dim * itemsize)`` rows of payload on the cache's device; the index
 (slot -> row, and a sorted copy for lookups) and the sketch live on the CPU and are not counted.
@@ -40,6 +54,18 @@ import torch
 from .tiers import to_device
 
 _SKETCH_DEPTH = 4
+
+
+def same_memory_reason(store_device: torch.device, cache_device: torch.device) -> str | None:
+    """Why a hot-row cache on ``cache_device`` cannot save a read of rows kept on ``store_device`` (both the
+    same memory: a host table on a CPU compute device, or a device table), or None when it can."""
+    if torch.device(store_device) == torch.device(cache_device):
+        return (
+            f"the table's rows and the cache would both live in {torch.device(cache_device)} memory, so a hit saves "
+            f"no read but every lookup and admission costs time; use cache_bytes=0 here (a cache pays in front of a "
+            f"disk table or of a host table serving a GPU)"
+        )
+    return None
 
 
 @dataclass
@@ -66,8 +92,9 @@ class HotRowCache:
     """Up to ``capacity_bytes`` of table rows on ``device``, admitted by access frequency.
 
     The caller drives it once per batch of unique rows: :meth:`lookup` (which rows are here),
-    :meth:`read` (their values), then :meth:`record` (count the accesses) and :meth:`admit` (offer the rows
-    that missed, with their values).
+    :meth:`read` (their values), then :meth:`offer` (the batch's accesses and the rows that missed, with their
+    values; admitted in rounds, see the module docstring), or :meth:`record` and :meth:`admit` for one
+    admission round now.
     """
 
     def __init__(
@@ -78,6 +105,7 @@ class HotRowCache:
         device: torch.device | str,
         *,
         aging_period: int | None = None,
+        admit_every: int | None = None,
         seed: int = 0,
     ):
         if dim <= 0:
@@ -109,6 +137,12 @@ class HotRowCache:
             raise ValueError(f"aging_period must be positive, got {aging_period}")
         self._since_aging = 0
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
+        self.admit_every = int(admit_every) if admit_every is not None else max(1, self.capacity_rows // 8)
+        if self.admit_every <= 0:
+            raise ValueError(f"admit_every must be positive, got {admit_every}")
+        # offered batches not admitted yet: (rows, counts) accessed, (rows, values) missed; accesses queued
+        self._queued: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._queued_accesses = 0
 
     # ------------------------------------------------------------------ state
     @property
@@ -170,19 +204,52 @@ class HotRowCache:
         if self.size == 0:
             hit = torch.zeros(rows.numel(), dtype=torch.bool)
             slots = torch.empty(0, dtype=torch.int64)
+            hits = 0
         else:
+            # index_select / masked_select: the same values as [pos] / [hit] in fewer dispatches
             pos = torch.searchsorted(self._sorted_rows, rows).clamp_(max=self.size - 1)
-            hit = self._sorted_rows[pos] == rows
-            slots = self._sorted_slots[pos[hit]]
-        weights = torch.ones(rows.numel(), dtype=torch.int64) if counts is None else counts.cpu()
-        hits = int(weights[hit].sum())
+            hit = self._sorted_rows.index_select(0, pos) == rows
+            slots = self._sorted_slots.index_select(0, pos.masked_select(hit))
+            hits = slots.numel() if counts is None else int(torch.dot(counts.cpu().to(torch.int64), hit.long()))
+        total = rows.numel() if counts is None else int(counts.sum())
         self._stats.hits += hits
-        self._stats.misses += int(weights.sum()) - hits
+        self._stats.misses += total - hits
         return hit, slots
 
     def read(self, slots: torch.Tensor) -> torch.Tensor:
         """Values in ``slots`` (from :meth:`lookup`), ``[n, dim]`` on the cache's device."""
         return self.values[to_device(slots, self.device)]
+
+    # ------------------------------------------------------------------ deferred admission
+    def offer(self, rows: torch.Tensor, counts: torch.Tensor, missed: torch.Tensor, values: torch.Tensor) -> None:
+        """Queue one batch: its unique ``rows`` with their access ``counts``, and the rows that ``missed`` with
+        their ``values`` ``[n, dim]``; runs an admission round once :attr:`admit_every` accesses are queued."""
+        if values.shape != (missed.numel(), self.dim):
+            raise ValueError(f"values must be [{missed.numel()}, {self.dim}], got {tuple(values.shape)}")
+        self._queued.append((rows.cpu(), counts.cpu().to(torch.int32), missed.cpu(), values))
+        self._queued_accesses += int(counts.sum())
+        if self._queued_accesses >= self.admit_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Run the admission round of every queued batch now (:meth:`record`, then :meth:`admit`)."""
+        if not self._queued:
+            return
+        queued, self._queued, self._queued_accesses = self._queued, [], 0
+        rows, counts, missed, values = (list(x) for x in zip(*queued))
+        self.record(torch.cat(rows), torch.cat(counts))
+        missed = torch.cat(missed)
+        values = torch.cat([v.to(self.device, self.dtype) for v in values])
+        # a row missed in several queued batches is offered once, with its latest value (all equal: writes
+        # settle the queue first)
+        unique, inverse = torch.unique(missed, return_inverse=True)
+        last = torch.zeros(unique.numel(), dtype=torch.int64).scatter_reduce_(
+            0, inverse, torch.arange(missed.numel()), "amax", include_self=False
+        )
+        self.admit(unique, values[to_device(last, self.device)])
+
+    def _drop_queue(self) -> None:
+        self._queued, self._queued_accesses = [], 0
 
     # ------------------------------------------------------------------ writes
     def admit(self, rows: torch.Tensor, values: torch.Tensor) -> None:
@@ -229,7 +296,8 @@ class HotRowCache:
 
     def update(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Write-through: the new ``values`` of ``rows`` (unique, CPU) replace the cached copies of those that are
-        cached; the others are ignored."""
+        cached; the others are ignored. Queued offers are admitted first, so they see the new values too."""
+        self.flush()
         rows = rows.cpu()
         if self.size == 0 or rows.numel() == 0:
             return
@@ -242,7 +310,9 @@ class HotRowCache:
             self.values[to_device(slots, self.device)] = new.to(self.device, self.dtype)
 
     def invalidate(self, rows: torch.Tensor) -> None:
-        """Drop the cached copies of ``rows`` (their frequency counts stay, so hot rows come back)."""
+        """Drop the cached copies of ``rows`` (their frequency counts stay, so hot rows come back); queued offers
+        are admitted first, so none of them brings a dropped row back later."""
+        self.flush()
         rows = rows.cpu()
         if self.size == 0 or rows.numel() == 0:
             return
@@ -254,7 +324,8 @@ class HotRowCache:
             self._reindex()
 
     def clear(self) -> None:
-        """Drop every cached row (statistics and frequency counts stay)."""
+        """Drop every cached row and every queued offer (statistics and frequency counts stay)."""
+        self._drop_queue()
         self._stats.invalidations += self.size
         self.slot_rows.fill_(-1)
         self._reindex()

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import os
 
 import torch
@@ -47,7 +48,7 @@ from torch import nn
 from .._compat import tensor_version
 from ..module import MultiHeadEmbedding
 from ..table import EngramTable
-from .cache import CacheStats, HotRowCache
+from .cache import CacheStats, HotRowCache, same_memory_reason
 from .tiers import (
     DeviceRowStore,
     RowStore,
@@ -58,6 +59,8 @@ from .tiers import (
     to_device,
     to_tier,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def fetch_seconds(
@@ -288,6 +291,11 @@ class OffloadedEmbedding(EngramTable):
         if self.cache_bytes == 0:
             return None
         if self.cache is None or self.cache.device != device:
+            reason = same_memory_reason(self.store.device, device) if self.store.kind != "disk" else None
+            if reason is not None:
+                logger.warning(
+                    "hot-row cache of %s bytes in front of a %s table: %s", self.cache_bytes, self.store.kind, reason
+                )
             self.cache = HotRowCache(self.cache_bytes, self.head_dim, self.store.dtype, device)
         return self.cache
 
@@ -372,8 +380,7 @@ class OffloadedEmbedding(EngramTable):
         fetch = self._take_prefetch(ids) or self._start_fetch(ids, asynchronous=False)
         values = fetch.result()
         if self.cache is not None and self.cache.device == fetch.device:
-            self.cache.record(fetch.unique, fetch.counts)
-            self.cache.admit(*fetch.missed())
+            self.cache.offer(fetch.unique, fetch.counts, *fetch.missed())
         if torch.is_grad_enabled() and self.trainable:
             values = values.detach().requires_grad_(True)
             self._captures.append((fetch.unique, values))

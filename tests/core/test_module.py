@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engram import CompressedTokenizer, Engram, EngramConfig, MultiHeadEmbedding, NgramHasher, ShortConv, engram_counts
+from engram.module import ParameterDerived
 
 D = 16
 
@@ -355,11 +357,113 @@ def test_chunked_decoding_with_state_equals_full_pass(kernel_size):
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-10, atol=1e-12)
 
 
+DECODE_VARIANTS = [
+    dict(m=1),
+    dict(m=4),
+    dict(m=2, signed_sqrt=False),
+    dict(m=3, gating=False),
+    dict(m=2, short_conv=False),
+    dict(m=1, kernel_size=1),
+    dict(m=4, kernel_size=2, n=4),
+]
+
+
+def decode_module(**kw):
+    mod, hasher = make(**kw)
+    gen = torch.Generator().manual_seed(6)
+    randomize_norms(mod, gen)
+    if mod.short_conv is not None:
+        randomize_conv(mod, gen)
+    return mod, hasher
+
+
+def run_chunks(mod, hasher, raw, hidden, bounds, mask=None):
+    """Feed (raw, hidden) chunk by chunk without gradients through one decoding state; outputs concatenated."""
+    state: dict = {}
+    history = hasher.initial_history(raw.shape[0])
+    outs = []
+    with torch.no_grad():
+        for lo, hi in bounds:
+            comp = hasher.compress(raw[:, lo:hi])
+            ids, history = hasher.hash_continued(history, comp)
+            chunk_mask = None if mask is None else mask[:, lo:hi]
+            outs.append(mod(hidden[:, lo:hi], hash_ids=ids[mod.layer_id], mask=chunk_mask, state=state))
+    return torch.cat(outs, dim=1), state
+
+
+@pytest.mark.parametrize("kw", DECODE_VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_no_grad_decode_steps_equal_the_full_pass(kw):
+    """One token at a time without gradients (the decode step's own path: fused projection, the gate's
+    reductions in one op, the ShortConv ring buffer) gives the full pass's output and gate, also with
+    multi-token chunks between single steps (ring -> linear context -> ring), and leaves the full pass's
+    ShortConv context in ``state["conv"]``."""
+    mod, hasher = decode_module(**kw)
+    raw, hidden, _ = inputs(mod, b=3, t=14)
+    mod.record_gate = True
+    full = mod(hidden, input_ids=raw)
+    full_gate = mod.last_gate
+    bounds = [(0, 3), *((j, j + 1) for j in range(3, 8)), (8, 11), *((j, j + 1) for j in range(11, 14))]
+    got, state = run_chunks(mod, hasher, raw, hidden, bounds)
+    torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-12)
+    if mod.key_projs:
+        torch.testing.assert_close(mod.last_gate, full_gate[:, -1:], rtol=1e-10, atol=1e-12)
+    if mod.short_conv is not None:
+        assert "conv_ring" in state  # the single steps went through the ring
+        full_state: dict = {}
+        mod(hidden, input_ids=raw, state=full_state)
+        torch.testing.assert_close(state["conv"], full_state["conv"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_no_grad_decode_steps_with_a_mask_equal_the_full_pass(m):
+    """Masked (padding) positions fed one at a time are zeroed like in the full pass."""
+    mod, hasher = decode_module(m=m)
+    raw, hidden, _ = inputs(mod, b=2, t=8)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, :3] = False
+    mask[1, 5] = False
+    full = mod(hidden, input_ids=raw, mask=mask)
+    got, _ = run_chunks(mod, hasher, raw, hidden, [(j, j + 1) for j in range(8)], mask)
+    torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-12)
+
+
+def test_decode_step_constants_follow_in_place_updates_within_one_state():
+    """The fused weights kept in a decoding state are rebuilt when a parameter changes in place between steps:
+    the next step equals that of a fresh copy of the updated module given the same context."""
+    mod, hasher = decode_module(m=2)
+    raw, hidden, _ = inputs(mod, b=2, t=5)
+    _, state = run_chunks(mod, hasher, raw, hidden, [(0, 3), (3, 4)])
+    context = state["conv"].clone()
+    history = torch.cat([hasher.initial_history(2), hasher.compress(raw)], 1)[:, 2:4]
+    ids = hasher.hash_incremental(history, hasher.compress(raw[:, 4:5]))[mod.layer_id]
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(torch.rand(p.shape, generator=gen, dtype=p.dtype))
+        stale = mod(hidden[:, 4:5], hash_ids=ids, state=state)
+        fresh = copy.deepcopy(mod)
+        want = fresh(hidden[:, 4:5], hash_ids=ids, state={"conv": context})
+    assert torch.equal(stale, want)
+
+
+def test_decode_step_under_inference_mode_with_inference_parameters():
+    """Parameters created under ``torch.inference_mode`` have no version counter: the decode step rebuilds its
+    constants every step and still equals the full pass."""
+    with torch.inference_mode():
+        mod, hasher = decode_module(m=2)
+        raw, hidden, _ = inputs(mod, b=2, t=6)
+        full = mod(hidden, input_ids=raw)
+        got, state = run_chunks(mod, hasher, raw, hidden, [(0, 2), *((j, j + 1) for j in range(2, 6))])
+    assert "constants" not in state
+    torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("m", [1, 4])
 def test_no_grad_calls_see_every_parameter_update(m):
     """The fused parameter tensors kept between no-grad calls (weight concatenation, gate gains, conv taps) are
     rebuilt after an in-place update (an optimizer step) and after a new parameter is assigned: each no-grad
-    output equals the output with gradients on, which rebuilds them every call."""
+    output equals that of a fresh copy of the module (nothing kept yet) bit for bit, and the output with
+    gradients on (the full forward, which rebuilds them every call) up to rounding."""
     mod, _ = make(m)
     gen = torch.Generator().manual_seed(3)
     randomize_norms(mod, gen)
@@ -372,10 +476,14 @@ def test_no_grad_calls_see_every_parameter_update(m):
         mod.key_norms[-1].weight = torch.nn.Parameter(mod.key_norms[-1].weight * 2)
         state = {"conv": torch.ones(2, 9, m * mod.hidden_size).double()}
         after = mod(hidden, hash_ids=hash_ids, state=state)
+        fresh = copy.deepcopy(mod)
+        fresh._derived, fresh.short_conv._derived = ParameterDerived(), ParameterDerived()
+        state = {"conv": torch.ones(2, 9, m * mod.hidden_size).double()}
+        assert torch.equal(after, fresh(hidden, hash_ids=hash_ids, state=state))
     state = {"conv": torch.ones(2, 9, m * mod.hidden_size).double()}
     want = mod(hidden, hash_ids=hash_ids, state=state).detach()
     assert not torch.equal(after, before)
-    assert torch.equal(after, want)
+    torch.testing.assert_close(after, want, rtol=1e-12, atol=1e-12)
 
 
 def test_hash_ids_and_input_ids_paths_agree():

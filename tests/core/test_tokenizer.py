@@ -302,6 +302,14 @@ def test_compress_numpy(small_ctok, dtype):
     assert small_ctok.compress([3, 4]).tolist() == [2, 2]
 
 
+def test_compress_valid_equals_compress_on_ids_in_range(small_ctok):
+    """The decode step's one-op lookup gives compress()'s ids for every id in [0, V), and refuses ids >= V."""
+    raw = torch.arange(small_ctok.vocab_size).flip(0).view(2, -1)
+    assert torch.equal(small_ctok.compress_valid(raw), small_ctok.compress(raw))
+    with pytest.raises(IndexError, match="out of range"):
+        small_ctok.compress_valid(torch.tensor([[small_ctok.vocab_size]]))
+
+
 def test_compress_errors_and_empty(small_ctok):
     with pytest.raises(ValueError, match="out of range"):
         small_ctok(torch.tensor([[1, 30]]))

@@ -97,6 +97,24 @@ def test_incremental_logits_match_the_full_sequence(family, short_conv):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_decode_steps_keep_the_engram_ring_on_the_cache():
+    """Single-token steps without gradients reuse each Engram layer's ShortConv ring across steps (the layer's
+    decoding dict lives on the cache, handed to each forward as a copy) and give the full sequence's logits."""
+    model = tiny_model("llama")
+    add_engram(model, word_tokenizer(), small_config())
+    randomize(model)
+    x = ids(2, 8, seed=5)
+    with torch.no_grad():
+        full = model(x).logits
+        out = model(x[:, :4], use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        steps = [model(x[:, 4:5], cache=cache, use_cache=True).logits]
+        ring = cache.engram_state.conv[0]["conv_ring"]
+        steps += [model(x[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(5, 8)]
+        assert cache.engram_state.conv[0]["conv_ring"] is ring
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 4:], atol=1e-5, rtol=1e-5)
+
+
 def test_the_n_gram_history_matters_for_decoding():
     """Control for the test above: a cache whose Engram state is dropped (what an adapter that only sees the
     current ids does) is refused rather than silently decoding without the history."""

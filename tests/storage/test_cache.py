@@ -157,3 +157,78 @@ def test_no_stale_rows_are_served_after_a_write_behind_the_cache():
     with torch.no_grad():
         mhe.weight[rows] = 9.0
         assert torch.equal(table(ids), mhe(ids))
+
+
+def offer(cache, rows, values=None):
+    """One batch through the deferred path (what OffloadedEmbedding calls); returns the hit mask."""
+    rows = torch.as_tensor(rows, dtype=torch.int64)
+    hit, _ = cache.lookup(rows)
+    missed = rows[~hit]
+    vals = values[~hit] if values is not None else missed.float().unsqueeze(1).expand(-1, DIM)
+    cache.offer(rows, torch.ones_like(rows), missed, vals)
+    return hit
+
+
+def test_offers_are_admitted_in_rounds_of_admit_every_accesses():
+    """Offered batches change nothing until admit_every accesses are queued; then one round admits them as
+    record + admit per batch would have (same rows kept, same counts), and hits/misses are counted meanwhile."""
+    deferred = HotRowCache(3 * ROW_BYTES, DIM, torch.float32, "cpu", admit_every=12)
+    direct = HotRowCache(3 * ROW_BYTES, DIM, torch.float32, "cpu")
+    batches = [[0, 1, 2, 7], [0, 1, 8, 9], [0, 2, 1, 5]]  # 12 accesses: the third offer runs the round
+    for i, batch in enumerate(batches):
+        assert not offer(deferred, batch).any()  # nothing admitted before the round
+        assert deferred.size == (0 if i < 2 else 3)
+        drive(direct, batch)
+    assert deferred.cached_rows().tolist() == [0, 1, 2] == direct.cached_rows().tolist()
+    assert torch.equal(deferred.estimate(torch.arange(10)), direct.estimate(torch.arange(10)))
+    assert (deferred.stats.hits, deferred.stats.misses) == (0, 12)
+    assert offer(deferred, [0, 1, 2, 3]).tolist() == [True, True, True, False]
+    slots = deferred.lookup(torch.tensor([0, 1, 2]))[1]
+    assert deferred.read(slots)[:, 0].tolist() == [0.0, 1.0, 2.0]  # the values offered with each row
+
+
+def test_writes_settle_queued_offers_so_no_stale_value_is_admitted():
+    """A row written while its offer is queued ends up cached with the written value (update admits the queue
+    first, then writes through); invalidate and clear never let a queued offer bring a dropped row back."""
+    cache = HotRowCache(4 * ROW_BYTES, DIM, torch.float32, "cpu", admit_every=100)
+    offer(cache, [3, 4])
+    cache.update(torch.tensor([3]), torch.full((1, DIM), 30.0))
+    slots = cache.lookup(torch.tensor([3, 4]))[1]
+    assert cache.read(slots)[:, 0].tolist() == [30.0, 4.0]
+    offer(cache, [5])
+    cache.invalidate(torch.tensor([5]))
+    cache.flush()
+    assert 5 not in cache.cached_rows().tolist()
+    offer(cache, [6])
+    cache.clear()
+    cache.flush()
+    assert cache.size == 0
+
+
+def test_deferred_cache_serves_the_rows_of_the_table_with_evictions():
+    """Through OffloadedEmbedding (deferred admission, a cache far smaller than the table, Zipf ids): every
+    forward equals the table without a cache, rows are evicted and hits happen."""
+    torch.manual_seed(0)
+    mhe = MultiHeadEmbedding([97, 89], DIM)
+    cached = OffloadedEmbedding.from_multihead(mhe, "host", cache_bytes=8 * ROW_BYTES)
+    plain = OffloadedEmbedding.from_multihead(mhe, "host")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(200):
+            ids = (torch.distributions.Pareto(1.0, 1.2).sample((3, 2)).long() - 1) % 89
+            ids = ids[torch.randperm(3, generator=gen)]
+            assert torch.equal(cached(ids), plain(ids))
+    s = cached.cache_stats
+    assert s.hits > 0 and s.evictions > 0 and s.bytes_used <= 8 * ROW_BYTES
+
+
+def test_a_cache_in_the_same_memory_as_its_table_is_reported(caplog, tmp_path):
+    """A host table on a CPU compute device keeps its rows in the memory the cache would use: asking for a cache
+    there logs why it cannot pay off; in front of a disk table nothing is logged."""
+    mhe = MultiHeadEmbedding(HEADS, DIM)
+    ids = ids_batch(0)
+    with caplog.at_level("WARNING", logger="engram.storage.embedding"), torch.no_grad():
+        OffloadedEmbedding.from_multihead(mhe, "disk", cache_bytes=4 * ROW_BYTES, path=tmp_path / "t.rows")(ids)
+        assert not caplog.records
+        OffloadedEmbedding.from_multihead(mhe, "host", cache_bytes=4 * ROW_BYTES)(ids)
+    assert len(caplog.records) == 1 and "saves no read" in caplog.records[0].getMessage()
