@@ -365,10 +365,16 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
     tok, tokens = data or plan.prepare_data(tcfg)
     fingerprints = {"tokenizer": tok.fingerprint, "data": data_fingerprint(tokens.train.tokens, tokens.val.tokens)}
     resume_at = ckpt.resume_step(tcfg.resume_from) if tcfg.resume else None
+    # the run's checks come before any table file is opened or recreated (every rank reads the same files)
+    config_dict = dataclasses.replace(run, model=model_config_for(run.model, tok)[0]).to_dict()
+    changed: dict[str, list] = {}
     if resume_at is None:
-        # before any table file is recreated (every rank reads the same files: the same verdict)
-        check_fresh_start(
-            out, dataclasses.replace(run, model=model_config_for(run.model, tok)[0]).to_dict(), tcfg.overwrite
+        check_fresh_start(out, config_dict, tcfg.overwrite)
+    else:
+        meta = ckpt.meta(resume_at)
+        extra = meta.get("extra") or {}
+        changed = resume_changes(
+            meta.get("config") or {}, config_dict, extra.get("fingerprints"), fingerprints, out, resume_at
         )
     model = build_model(run.model, tok, plan.table_factory(tcfg, reopen=resume_at is not None))
     run = dataclasses.replace(run, model=model.cfg)
@@ -391,14 +397,7 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
     start = 0
     history: list[dict] = []
     evals: list[dict] = []
-    config_dict = run.to_dict()
-    changed: dict[str, list] = {}
     if resume_at is not None:
-        meta = ckpt.meta(resume_at)
-        extra = meta.get("extra") or {}
-        changed = resume_changes(
-            meta.get("config") or {}, config_dict, extra.get("fingerprints"), fingerprints, out, resume_at
-        )
         fresh = _hyperparameters(stepped)  # the values asked for now: honoured over the saved ones
         with no_rows():
             state = plan.load_checkpoint(ckpt, resume_at, model, optimizers)
