@@ -211,3 +211,63 @@ class FileLock:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter exit the module may be gone; the kernel frees it
             self.release()
+
+
+# ---------------------------------------------------------------------------------------------------- append-only
+class AppendOnlyFile:
+    """A new file that only grows, each :meth:`append` durable (written and fsynced) when it returns: the
+    write-ahead rule of a journal, whose records must be on disk before the writes they protect.
+
+    ``AppendOnlyFile(path, header)`` creates ``path`` (it must not exist), writes ``header``, fsyncs the file and
+    its folder (so the new name survives a crash too).
+    """
+
+    def __init__(self, path: str | os.PathLike, header: bytes):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, file_mode())
+        self.append(header)
+        fsync_dir(self.path.parent)
+
+    def append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+def remove_durably(paths: list[Path]) -> None:
+    """Delete ``paths`` in the given order, making each removal durable (folder fsync) before the next: a crash
+    leaves a prefix of the list removed, never a later file removed before an earlier one."""
+    for p in paths:
+        if p.exists():
+            p.unlink()
+            fsync_dir(p.parent)
+
+
+# ---------------------------------------------------------------------------------------------------- crash tests
+FAULT_ENV, FAULT_MARKER_ENV = "ENGRAM_FAULT", "ENGRAM_FAULT_MARKER"
+
+
+def fault_point(name: str) -> None:
+    """A place where crash tests kill the process. When the environment variable ``ENGRAM_FAULT`` equals
+    ``name``, write this process's pid to the file ``ENGRAM_FAULT_MARKER`` names (durably) and wait to be
+    killed; otherwise do nothing. The points: ``checkpoint-<step>`` (the trainer, inside the save of that
+    checkpoint: table journals sealed, step folder not yet published) and ``row-update-<n>`` (the n-th step of a
+    :class:`~engram.storage.SparseRowOptimizer` in this process, after the row state was written in place and
+    before the table rows are: a table half-updated)."""
+    if os.environ.get(FAULT_ENV) != name:
+        return
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if marker:
+        atomic_write(marker, str(os.getpid()))
+    while True:
+        time.sleep(3600)

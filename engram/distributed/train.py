@@ -125,7 +125,8 @@ class DataParallel(SingleProcess):
             dist.barrier()
         return result
 
-    def table_factory(self, tcfg: TrainConfig) -> TableFactory | None:
+    def table_factory(self, tcfg: TrainConfig, reopen: bool = False) -> TableFactory | None:
+        """Row-sharded device tables (``reopen`` is for host / disk tables, which a distributed run refuses)."""
         self.table_group = dist.new_group(backend=dist.get_backend())  # table all-to-alls never queue behind DP
         return sharded_table_factory(self.table_group, seed=tcfg.seed)
 

@@ -191,7 +191,9 @@ class OffloadedEmbedding(EngramTable):
         self._known_version = store.version
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        # the rows travel in the state dict under MultiHeadEmbedding's key, though they are no parameter
+        # the rows travel in the state dict under MultiHeadEmbedding's key, though they are no parameter; a
+        # journaled checkpoint (engram.storage.journal) leaves them out while it saves and loads
+        self.rows_in_state_dict = True
         self.register_state_dict_post_hook(_rows_into_state_dict)
         self.register_load_state_dict_pre_hook(_rows_from_state_dict)
 
@@ -465,6 +467,8 @@ class OffloadedEmbedding(EngramTable):
 
 def _rows_into_state_dict(table: OffloadedEmbedding, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """The rows under ``prefix + "weight"``, as a view of the store (no copy; a disk table stays mapped)."""
+    if not table.rows_in_state_dict:
+        return
     state_dict[prefix + "weight"] = table.store.read_range(0, table.num_rows).detach()
 
 
@@ -481,6 +485,8 @@ def _rows_from_state_dict(
     """Write ``prefix + "weight"`` into the store chunk by chunk, and take the key out of what the module's own
     loading sees (it is no parameter of the module)."""
     key = prefix + "weight"
+    if not table.rows_in_state_dict:
+        return
     if key not in state_dict:
         if strict:
             missing_keys.append(key)

@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
+from ..files import fault_point
 from .embedding import OffloadedEmbedding
 from .formats import check_trainable
 from .tiers import (
@@ -97,6 +99,8 @@ class SparseRowOptimizer:
         lr, beta2, eps, weight_decay: as in the update rule (module docstring).
         state_dir: where disk tables keep their optimizer state file (default: next to the table,
             ``<table file>.rowstate``). State files are created fresh (zeros); resume with :meth:`load_state_dict`.
+        reopen: open the existing state files of disk tables instead (a resumed run whose journal,
+            :mod:`engram.storage.journal`, restores them in place); a missing file is a CheckpointError.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class SparseRowOptimizer:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         state_dir: str | os.PathLike | None = None,
+        reopen: bool = False,
     ):
         if isinstance(tables, OffloadedEmbedding):
             tables = [tables]
@@ -128,7 +133,10 @@ class SparseRowOptimizer:
         self.param_groups = [
             {"name": "tables", "lr": lr, "base_lr": lr, "beta2": beta2, "eps": eps, "weight_decay": weight_decay}
         ]
-        self.row_state: list[RowStore] = [self._new_state(t, i, state_dir) for i, t in enumerate(tables)]
+        self.row_state: list[RowStore] = [self._new_state(t, i, state_dir, reopen) for i, t in enumerate(tables)]
+        # False while a journaled checkpoint (engram.storage.journal) saves or loads: the journal holds the rows
+        self.row_state_in_state_dict = True
+        self._steps = 0  # steps taken by this process (names its crash-test fault points)
 
     @property
     def lr(self) -> float:
@@ -151,7 +159,9 @@ class SparseRowOptimizer:
         return self.param_groups[0]["weight_decay"]
 
     @staticmethod
-    def _new_state(table: OffloadedEmbedding, index: int, state_dir: str | os.PathLike | None) -> RowStore:
+    def _new_state(
+        table: OffloadedEmbedding, index: int, state_dir: str | os.PathLike | None, reopen: bool
+    ) -> RowStore:
         store = table.store
         if store.kind == "disk":
             assert isinstance(store, DiskRowStore)
@@ -159,6 +169,13 @@ class SparseRowOptimizer:
                 path = Path(str(store.path) + ".rowstate")
             else:
                 path = Path(state_dir) / f"{store.path.name}.{index}.rowstate"
+            if reopen:
+                if not path.is_file():
+                    raise CheckpointError(
+                        f"the row-optimizer state file {path} of table {store.path} is missing; a resumed run "
+                        f"trains it in place: start over with train.resume=false"
+                    )
+                return DiskRowStore(path, num_rows=store.num_rows, dim=2, fmt="float32")
             return create_row_store("disk", store.num_rows, 2, init_std=0.0, path=path, overwrite=True)
         device = store.device if store.kind == "device" else None
         return create_row_store(
@@ -173,6 +190,7 @@ class SparseRowOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         """Apply the captured gradients to the touched rows of every table."""
+        self._steps += 1
         for table, state in zip(self.tables, self.row_state):
             captured = table.row_grads()
             if captured is None:
@@ -183,6 +201,7 @@ class SparseRowOptimizer:
                 grad, old[:, 0], old[:, 1], lr=self.lr, beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay
             )
             state.scatter(rows, torch.stack([sq_avg, steps], dim=1), check=False)
+            fault_point(f"row-update-{self._steps}")
             table.update_rows(rows, delta, scale)
 
     def grad_tensors(self) -> list[torch.Tensor]:
@@ -208,7 +227,9 @@ class SparseRowOptimizer:
             "beta2": self.beta2,
             "eps": self.eps,
             "weight_decay": self.weight_decay,
-            "row_state": [state.read_range(0, state.num_rows) for state in self.row_state],
+            "row_state": [state.read_range(0, state.num_rows) for state in self.row_state]
+            if self.row_state_in_state_dict
+            else None,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -219,6 +240,18 @@ class SparseRowOptimizer:
                 f"engram whose row rule differed: restart the run"
             )
         row_state = state_dict["row_state"]
+        if (row_state is None) == self.row_state_in_state_dict:
+            raise ValueError(
+                "row optimizer state: the per-row state is "
+                + ("kept by a table journal, but none restores it" if row_state is None else "in the state dict")
+                + f" (row_state_in_state_dict={self.row_state_in_state_dict})"
+            )
+        if row_state is not None:
+            self._load_row_state(row_state)
+        for key in ("lr", "beta2", "eps", "weight_decay"):
+            self.param_groups[0][key] = state_dict[key]
+
+    def _load_row_state(self, row_state: list[torch.Tensor]) -> None:
         if len(row_state) != len(self.row_state):
             raise ValueError(f"state has {len(row_state)} tables, this optimizer has {len(self.row_state)}")
         for i, (saved, state) in enumerate(zip(row_state, self.row_state)):
@@ -234,8 +267,6 @@ class SparseRowOptimizer:
                 chunk_rows_for(state.row_bytes),
             )
             state.flush()
-        for key in ("lr", "beta2", "eps", "weight_decay"):
-            self.param_groups[0][key] = state_dict[key]
 
     def __repr__(self) -> str:
         return (

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..module import Engram
 from ..table import TableFactory
 from .embedding import OffloadedEmbedding
-from .tiers import TIERS
+from .tiers import TIERS, DiskRowStore
 
 
 def table_file_name(layer_id: int, tier: str) -> str:
@@ -44,13 +45,15 @@ def table_factory(
     device: torch.device | str | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    reopen: bool = False,
 ) -> TableFactory:
     """A ``table_factory`` for :class:`~engram.model.EngramLM` that creates every Engram table in ``tier``.
 
     ``path_dir`` (disk tier only) receives ``layerNN.rows``; ``cache_bytes`` sizes each table's
     :class:`~engram.storage.HotRowCache`; ``device`` is where a device-tier table is allocated; rows are gathered as
     ``dtype`` and stored in the row format ``fmt`` (default: as ``dtype``). Layer ``l``'s rows are drawn from seed
-    ``seed + l``.
+    ``seed + l``. ``reopen`` (disk tier) opens the existing ``layerNN.rows`` files as they are instead of creating
+    them: a resumed run whose journal (:mod:`engram.storage.journal`) restores them in place.
     """
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; expected one of {TIERS}")
@@ -63,6 +66,22 @@ def table_factory(
 
     def make(layer_id: int, head_sizes: list[int], head_dim: int, init_std: float) -> OffloadedEmbedding:
         path = None if path_dir is None else Path(path_dir) / table_file_name(layer_id, "disk")
+        if reopen and path is not None:
+            if not path.is_file():
+                raise CheckpointError(
+                    f"the table file {path} is missing; a resumed run trains its disk tables in place (its "
+                    f"checkpoints hold only the rows changed since): start over with train.resume=false"
+                )
+            store = DiskRowStore(
+                path,
+                num_rows=sum(int(s) for s in head_sizes),
+                dim=head_dim,
+                fmt=dtype if fmt is None else fmt,
+                dtype=dtype,
+            )
+            return OffloadedEmbedding(
+                head_sizes, head_dim, store, init_std=init_std, device=device, cache_bytes=cache_bytes
+            )
         return OffloadedEmbedding.create(
             head_sizes,
             head_dim,

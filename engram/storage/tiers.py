@@ -216,6 +216,9 @@ class RowStore:
         self.version = 0
         # rows stored exactly as they are gathered: no decoding, and read_range may return a view
         self._plain = isinstance(self.format, FloatFormat) and self.format.storage_dtype == self.dtype
+        # the journal of a checkpointed table (engram.storage.journal): its before_write(rows) runs before every
+        # write, so that the rows' old values can be recorded first
+        self.journal = None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -239,7 +242,7 @@ class RowStore:
             check_rows(rows, self.num_rows)
         rows = to_device(rows, self.device)
         if not self._plain:
-            values = self.format.decode(torch.index_select(self.rows, 0, rows), self.dtype)
+            values = self.format.decode(self._read_stored_rows(rows), self.dtype)
             if out is None:
                 return values.pin_memory() if self.device.type == "cpu" and cuda_pinning_default() else values
             self._check_out(out, rows.numel())
@@ -248,18 +251,36 @@ class RowStore:
             if self.device.type == "cpu" and cuda_pinning_default():
                 # host rows are returned page-locked so that the copy to the GPU can be asynchronous
                 out = torch.empty(rows.numel(), self.dim, dtype=self.dtype, pin_memory=True)
-                return torch.index_select(self.rows, 0, rows, out=out)
-            return torch.index_select(self.rows, 0, rows)
+                return self._read_stored_rows(rows, out)
+            return self._read_stored_rows(rows)
         self._check_out(out, rows.numel())
-        return torch.index_select(self.rows, 0, rows, out=out)
+        return self._read_stored_rows(rows, out)
 
     def gather_stored(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The encoded rows ``[n, format.width(dim)]`` on :attr:`device` (into ``out`` when given), unchecked: to
         move fewer bytes and decode after the copy with ``format.decode``."""
-        rows = to_device(rows, self.device)
+        return self._read_stored_rows(to_device(rows, self.device), out)
+
+    def scatter_stored(self, rows: torch.Tensor, stored: torch.Tensor) -> None:
+        """Rows ``rows`` = rows already encoded in :attr:`format` (``[n, format.width(dim)]``), unchecked: to write
+        back bytes read with :meth:`gather_stored` exactly (a journal's before-images)."""
+        self._writable()
+        self._write_stored_rows(to_device(rows, self.device), to_device(stored, self.device))
+        self._bump()
+
+    def _read_stored_rows(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The stored rows ``rows`` (an index on :attr:`device`), into ``out`` when given: every read of single
+        rows goes through here, so a tier may read them its own way."""
         return (
             torch.index_select(self.rows, 0, rows) if out is None else torch.index_select(self.rows, 0, rows, out=out)
         )
+
+    def _write_stored_rows(self, rows: torch.Tensor, stored: torch.Tensor) -> None:
+        """Stored rows at ``rows`` (an index on :attr:`device`): every write of single rows goes through here, the
+        journal (if any) first."""
+        if self.journal is not None:
+            self.journal.before_write(rows)
+        self.rows.index_copy_(0, rows, stored)
 
     def _check_out(self, out: torch.Tensor, n: int) -> None:
         if out.shape != (n, self.dim) or out.dtype != self.dtype or out.device != self.device:
@@ -274,7 +295,7 @@ class RowStore:
         if check:
             check_rows(rows, self.num_rows, unique=True)
             self._check_values(values, rows.numel())
-        self.rows.index_copy_(0, to_device(rows, self.device), self.format.encode(to_device(values, self.device)))
+        self._write_stored_rows(to_device(rows, self.device), self.format.encode(to_device(values, self.device)))
         self._bump()
 
     def apply_update(
@@ -296,7 +317,7 @@ class RowStore:
             new.mul_(to_device(scale, self.device) if isinstance(scale, torch.Tensor) else scale)
         stored = self.format.encode(new.add_(to_device(delta, self.device).float()))
         self._writable()
-        self.rows.index_copy_(0, rows, stored)
+        self._write_stored_rows(rows, stored)
         self._bump()
         return self.format.decode(stored, self.dtype)
 
@@ -325,6 +346,8 @@ class RowStore:
                 f"stored {self.format.name} rows must be [n, {self.rows.shape[1]}] {self.rows.dtype}, "
                 f"got {tuple(stored.shape)} {stored.dtype}"
             )
+        if self.journal is not None:
+            self.journal.before_write(torch.arange(start, start + stored.shape[0]))
         self.rows[start : start + stored.shape[0]].copy_(stored)
         self._bump()
 
@@ -485,6 +508,7 @@ class DiskRowStore(RowStore):
                 f"expected {want}; it was built for another table config"
             )
         self.readonly = readonly
+        self._fd: int | None = None  # a descriptor for pread / pwrite row access (see use_pread)
         self._lock = None if readonly else FileLock(lock_path_for(self.path), f"table file {self.path}")
         # Python's own map of the whole file (public, and it has madvise); the rows start after the header
         with open(self.path, "rb" if readonly else "r+b") as f:
@@ -555,6 +579,48 @@ class DiskRowStore(RowStore):
         if self.readonly:
             raise PermissionError(f"{self.path} was opened read-only; open it with readonly=False to write rows")
 
+    def _read_stored_rows(self, rows, out=None):
+        if self._fd is None:
+            return super()._read_stored_rows(rows, out)
+        target = (
+            out
+            if out is not None and out.is_contiguous()
+            else torch.empty(rows.numel(), *self.rows.shape[1:], dtype=self.rows.dtype if out is None else out.dtype)
+        )
+        if rows.numel():
+            buffer = memoryview(_as_numpy(target)).cast("B")  # a view of target: rows are read straight into it
+            rb = self.row_bytes
+            for i, r in enumerate(rows.tolist()):
+                os.preadv(self._fd, [buffer[i * rb : (i + 1) * rb]], DISK_HEADER_BYTES + r * rb)
+        return target if out is None or target is out else out.copy_(target)
+
+    def _write_stored_rows(self, rows, stored):
+        if self._fd is None:
+            return super()._write_stored_rows(rows, stored)
+        if self.journal is not None:
+            self.journal.before_write(rows)
+        if rows.numel():
+            data = memoryview(_as_numpy(stored)).cast("B")
+            rb = self.row_bytes
+            for i, r in enumerate(rows.tolist()):
+                os.pwrite(self._fd, data[i * rb : (i + 1) * rb], DISK_HEADER_BYTES + r * rb)
+
+    def use_pread(self, enabled: bool = True) -> None:
+        """Read and write single rows with ``pread`` / ``pwrite`` instead of through the map.
+
+        A fault on a file map can map a whole page-cache folio (up to 2 MiB for one row), and mapped pages count
+        in the process's resident memory: a long run over a table larger than RAM would look as if it held the
+        table. With ``pread`` / ``pwrite`` the rows go through the page cache without being mapped, so the
+        process holds only the rows it asked for; ``benchmarks/bench_row_access.py`` measures both ways (and
+        dropping the map after every few rows, which is slower than both). Training turns it on
+        (:mod:`engram.storage.journal`); sequential copies (``read_range`` / ``write_range``) keep the map.
+        """
+        if enabled and self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY if self.readonly else os.O_RDWR)
+        elif not enabled and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def read_range(self, start, stop):
         if (stop - start) * self.row_bytes <= _COPY_CHUNK_BYTES:  # a chunk of a copy: read it ahead in bulk
             self.advise(getattr(mmap, "MADV_WILLNEED", None), start, stop)  # (not a view of the whole table)
@@ -574,6 +640,8 @@ class DiskRowStore(RowStore):
     def flush(self) -> None:
         if not self.readonly:
             self._mmap.flush()
+            if self._fd is not None:  # rows written with pwrite
+                os.fsync(self._fd)
 
     def save(self, path):
         """Flush; to another path, copy the file chunk by chunk (a disk table's checkpoint is its file)."""

@@ -335,13 +335,14 @@ class RowWiseAdam(torch.optim.Optimizer):
         return loss
 
 
-def build_table_optimizer(model: nn.Module, cfg: OptimConfig) -> SparseRowOptimizer | None:
+def build_table_optimizer(model: nn.Module, cfg: OptimConfig, reopen: bool = False) -> SparseRowOptimizer | None:
     """The row-wise optimizer of ``model``'s offloaded (host / disk) tables, or None when it has none.
 
     Offloaded rows are no parameters (no torch optimizer sees them) and hold no per-value state, so only
     ``optim.table_optimizer = "rowwise"`` can train them; full Adam is refused rather than silently replaced.
     The rule is the one :class:`RowWiseAdam` applies to device tables, with the same learning rate
-    (``lr x table_lr_mult``), ``beta2 = betas[1]``, ``eps`` and ``table_weight_decay``.
+    (``lr x table_lr_mult``), ``beta2 = betas[1]``, ``eps`` and ``table_weight_decay``. ``reopen``: a resumed run
+    opens the row state files of disk tables in place (see :class:`SparseRowOptimizer`).
     """
     tables = [m for m in model.modules() if isinstance(m, OffloadedEmbedding)]
     if not tables:
@@ -353,7 +354,12 @@ def build_table_optimizer(model: nn.Module, cfg: OptimConfig) -> SparseRowOptimi
             f"same rule on every tier) or keep the tables on the device (train.table_tier=device)"
         )
     return SparseRowOptimizer(
-        tables, lr=cfg.lr * cfg.table_lr_mult, beta2=cfg.betas[1], eps=cfg.eps, weight_decay=cfg.table_weight_decay
+        tables,
+        lr=cfg.lr * cfg.table_lr_mult,
+        beta2=cfg.betas[1],
+        eps=cfg.eps,
+        weight_decay=cfg.table_weight_decay,
+        reopen=reopen,
     )
 
 

@@ -13,6 +13,7 @@ the stop flag, the checkpoint store, the final gather) is a *plan* object: :clas
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -26,12 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DivergenceError
-from ..files import FileLock, atomic_write, remove_stale_temps, write_json
+from ..files import FileLock, atomic_write, fault_point, remove_stale_temps, write_json
 from ..model.config import ModelConfig
 from ..model.io import save_model
 from ..model.model import EngramLM
 from ..model.params import count_params
 from ..storage.formats import check_trainable, row_format
+from ..storage.journal import TableJournals
 from ..table import TableFactory
 from ..tokenizer import CompressedTokenizer
 from ..yamlio import dataclass_from_dict
@@ -81,6 +83,8 @@ class TrainConfig:
     table_format: str = "float32"
     data_parallel: str = "fsdp"  # under torchrun: backbone "fsdp" (FSDP2 fully_shard) or "ddp"; tables row-sharded
     compile: bool = False  # run the training forward / backward through torch.compile (evaluation stays eager)
+    # write out_dir/model at the end; false keeps a disk table too big to copy only in the run's own table file
+    save_model: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every", "ckpt_every", "keep_last"):
@@ -204,9 +208,10 @@ def build_model(cfg: ModelConfig, tok: TextTokenizer, table_factory: TableFactor
     return EngramLM(cfg, ctok, table_factory=table_factory)
 
 
-def offloaded_table_factory(tcfg: TrainConfig) -> TableFactory | None:
+def offloaded_table_factory(tcfg: TrainConfig, reopen: bool = False) -> TableFactory | None:
     """The table factory for ``train.table_tier`` (None for device tables). Tables are seeded from
-    ``train.seed``; a disk run recreates its table files, and a resume then restores them from the checkpoint."""
+    ``train.seed``; a disk run creates its table files, and a resume (``reopen``) opens them as they are: their
+    journals (:mod:`engram.storage.journal`) take them back to the checkpoint."""
     if tcfg.table_tier == "device":
         return None
     from ..storage import table_factory
@@ -222,7 +227,13 @@ def offloaded_table_factory(tcfg: TrainConfig) -> TableFactory | None:
         seed=tcfg.seed,
         overwrite=True,
         progress=tcfg.progress,
+        reopen=reopen and tcfg.table_tier == "disk",
     )
+
+
+def table_journal_dir(tcfg: TrainConfig) -> Path:
+    """Where host tables keep their checkpoint shadow and journal (disk tables journal beside their file)."""
+    return Path(tcfg.out_dir) / "tables"
 
 
 class SingleProcess:
@@ -249,8 +260,8 @@ class SingleProcess:
     def prepare_data(self, tcfg: TrainConfig) -> tuple[TextTokenizer, TokenizedCorpus]:
         return prepare_data(tcfg)
 
-    def table_factory(self, tcfg: TrainConfig) -> TableFactory | None:
-        return offloaded_table_factory(tcfg)
+    def table_factory(self, tcfg: TrainConfig, reopen: bool = False) -> TableFactory | None:
+        return offloaded_table_factory(tcfg, reopen)
 
     def wrap(self, model: EngramLM) -> torch.nn.Module:
         """The module the training forward runs through."""
@@ -353,7 +364,19 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
     torch.manual_seed(tcfg.seed)
     tok, tokens = data or plan.prepare_data(tcfg)
     fingerprints = {"tokenizer": tok.fingerprint, "data": data_fingerprint(tokens.train.tokens, tokens.val.tokens)}
-    model = build_model(run.model, tok, plan.table_factory(tcfg))
+    resume_at = ckpt.resume_step(tcfg.resume_from) if tcfg.resume else None
+    # the run's checks come before any table file is opened or recreated (every rank reads the same files)
+    config_dict = dataclasses.replace(run, model=model_config_for(run.model, tok)[0]).to_dict()
+    changed: dict[str, list] = {}
+    if resume_at is None:
+        check_fresh_start(out, config_dict, tcfg.overwrite)
+    else:
+        meta = ckpt.meta(resume_at)
+        extra = meta.get("extra") or {}
+        changed = resume_changes(
+            meta.get("config") or {}, config_dict, extra.get("fingerprints"), fingerprints, out, resume_at
+        )
+    model = build_model(run.model, tok, plan.table_factory(tcfg, reopen=resume_at is not None))
     run = dataclasses.replace(run, model=model.cfg)
     model.to(device)
     train_model = plan.wrap(model)
@@ -361,31 +384,30 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
         train_model = torch.compile(train_model)
     amp = torch.bfloat16 if device.type == "cuda" else None
     optimizers = build_optimizers(model, run.optim)
-    table_opt = build_table_optimizer(model, run.optim)  # offloaded tables: row-wise Adam in their own tier
+    table_opt = build_table_optimizer(model, run.optim, reopen=resume_at is not None)  # row-wise, in their tier
+    # host / disk tables are checkpointed by their journals (the rows touched since the previous checkpoint)
+    journals = TableJournals(model, table_opt, table_journal_dir(tcfg), fresh=resume_at is None) if table_opt else None
+
+    def no_rows() -> contextlib.AbstractContextManager:
+        return journals.rows_left_out() if journals else contextlib.nullcontext()
+
     stepped = optimizers + ([table_opt] if table_opt is not None else [])
     schedule = LRSchedule(stepped, run.optim, tcfg.steps)
     gen = torch.Generator().manual_seed(tcfg.seed)
     start = 0
     history: list[dict] = []
     evals: list[dict] = []
-    config_dict = run.to_dict()
-    changed: dict[str, list] = {}
-    resume_at = ckpt.resume_step(tcfg.resume_from) if tcfg.resume else None
     if resume_at is not None:
-        meta = ckpt.meta(resume_at)
-        extra = meta.get("extra") or {}
-        changed = resume_changes(
-            meta.get("config") or {}, config_dict, extra.get("fingerprints"), fingerprints, out, resume_at
-        )
         fresh = _hyperparameters(stepped)  # the values asked for now: honoured over the saved ones
-        state = plan.load_checkpoint(ckpt, resume_at, model, optimizers)
-        if (table_opt is None) != ("table_optimizer" not in state):
-            raise ConfigError(
-                f"{out} holds checkpoints written with other table storage than "
-                f"train.table_tier={tcfg.table_tier!r}; resume with the tier the run started with"
-            )
-        if table_opt is not None:
-            table_opt.load_state_dict(state["table_optimizer"])
+        with no_rows():
+            state = plan.load_checkpoint(ckpt, resume_at, model, optimizers)
+            if (table_opt is None) != ("table_optimizer" not in state):
+                raise ConfigError(
+                    f"{out} holds checkpoints written with other table storage than "
+                    f"train.table_tier={tcfg.table_tier!r}; resume with the tier the run started with"
+                )
+            if table_opt is not None:
+                table_opt.load_state_dict(state["table_optimizer"])
         for o, groups in zip(stepped, fresh):
             for g, f in zip(o.param_groups, groups):
                 g.update(f)
@@ -395,12 +417,16 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
         start = int(state["step"])
         history = [h for h in state["extra"].get("history", []) if h["step"] <= start]
         evals = [e for e in state["extra"].get("evals", []) if e["step"] <= start]
-        if plan.is_main and ckpt.latest_step() != resume_at:
+        # a journaled table is undone to resume_at, so no later step folder may survive (even one that a killed
+        # save published without moving `latest` to it): its tables would no longer exist
+        later = journals and any(s > resume_at for s in ckpt.list())
+        if plan.is_main and (ckpt.latest_step() != resume_at or later):
             dropped = ckpt.discard_after(resume_at)
             logger.warning("%s: resumed from step %d; removed the later checkpoints %s", out, resume_at, dropped)
         plan.barrier()
+        if journals:  # after discard_after: a crash in between resumes to this step again
+            journals.restore(resume_at, state.get("table_journal"))
     else:
-        check_fresh_start(out, config_dict, tcfg.overwrite)  # every rank reads the same files: the same verdict
         plan.barrier()
         if plan.is_main:
             _clear_for_fresh_start(out, ckpt)
@@ -413,6 +439,28 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
             log.write({"kind": "resume", "step": start, "changed": changed})
 
     def save(step: int) -> None:
+        t0 = time.perf_counter()
+        journal_record = {"table_journal": journals.checkpoint(step)} if journals else {}
+        fault_point(f"checkpoint-{step}")
+        with no_rows():
+            save_state(step, journal_record)
+        if journals:
+            journals.prune(ckpt.list())
+        if log is not None:
+            records = journal_record.get("table_journal", {}).values()
+            folder = ckpt.directory / ckpt.step_dir_name(step)
+            log.write(
+                {
+                    "kind": "checkpoint",
+                    "step": step,
+                    "seconds": time.perf_counter() - t0,
+                    "folder_bytes": sum(p.stat().st_size for p in folder.iterdir()) if folder.is_dir() else None,
+                    "undo_bytes": sum(r["undo_bytes"] for r in records),
+                    "rows_touched": sum(r["rows_touched"] for r in records),
+                }
+            )
+
+    def save_state(step: int, journal_record: dict) -> None:
         plan.save_checkpoint(
             ckpt,
             step,
@@ -422,6 +470,7 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
                 "config": config_dict,
                 "schedule": schedule.state_dict(),
                 **({"table_optimizer": table_opt.state_dict()} if table_opt is not None else {}),
+                **journal_record,
                 "data_generator": gen.get_state(),
                 "rng": capture_rng_state(),
                 "extra": {
@@ -535,7 +584,9 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
         log.close()
     final = evals[-1] if evals else {}
     result_model = model
-    if not interrupted:
+    if journals:
+        journals.close()
+    if not interrupted and tcfg.save_model:
         full = plan.final_model(model, run, tok)
         if full is not None and plan.is_main:
             result_model = full
