@@ -33,10 +33,22 @@ import torch.distributed as dist
 
 from ..files import FileLock, LockedError
 from ..model.model import EngramLM, TableFactory
+from ..model.tables import TABLES_DIR
+from ..storage import DiskRowStore, OffloadedEmbedding
+from ..storage.tables import table_file_name
 from ..train.data import TextTokenizer, TokenizedCorpus, random_batch
-from ..train.trainer import RunConfig, SingleProcess, TrainConfig, TrainResult, build_model, prepare_data, train
-from .checkpoint import ShardedCheckpointManager, gather_full_state_dict
-from .parallelize import apply_data_parallel, clip_grad_norm_, global_mean, sync_expert_counts
+from ..train.trainer import (
+    RunConfig,
+    SingleProcess,
+    TrainConfig,
+    TrainResult,
+    build_model,
+    disk_table_dir,
+    prepare_data,
+    train,
+)
+from .checkpoint import ShardedCheckpointManager, gather_full_state_dict, send_rows_to_rank0, shard_tier
+from .parallelize import apply_data_parallel, clip_grad_norm_, global_mean, sharded_tables, sync_expert_counts
 from .sharded_table import sharded_table_factory
 
 
@@ -88,11 +100,6 @@ class DataParallel(SingleProcess):
                 f"train.batch_size ({tcfg.batch_size}) is the global batch and must divide evenly "
                 f"over {self.world_size} ranks"
             )
-        if tcfg.table_tier != "device":
-            raise ValueError(
-                f"train.table_tier={tcfg.table_tier!r}: a distributed run shards its tables over the "
-                f"ranks (table_tier=device); offloaded tables are for single-process runs"
-            )
         self.data_parallel = tcfg.data_parallel
         self.table_group: dist.ProcessGroup | None = None
 
@@ -126,9 +133,18 @@ class DataParallel(SingleProcess):
         return result
 
     def table_factory(self, tcfg: TrainConfig, reopen: bool = False) -> TableFactory | None:
-        """Row-sharded device tables (``reopen`` is for host / disk tables, which a distributed run refuses)."""
+        """Tables sharded over the ranks, each rank's rows in ``train.table_tier``; disk shards in
+        ``<table_dir>/rank{r}-of-{W}/layerNN.rows`` (recreated, as a single-process disk run recreates its
+        files; a resume then restores them from the checkpoint)."""
         self.table_group = dist.new_group(backend=dist.get_backend())  # table all-to-alls never queue behind DP
-        return sharded_table_factory(self.table_group, seed=tcfg.seed)
+        return sharded_table_factory(
+            self.table_group,
+            seed=tcfg.seed,
+            tier=tcfg.table_tier,
+            path_dir=disk_table_dir(tcfg),
+            cache_bytes=tcfg.table_cache_bytes,
+            overwrite=True,
+        )
 
     def wrap(self, model: EngramLM) -> torch.nn.Module:
         return apply_data_parallel(model, self.data_parallel, device=self.device)
@@ -166,17 +182,51 @@ class DataParallel(SingleProcess):
         return ckpt.load(model, optimizers, step)
 
     def final_model(self, model: EngramLM, run: RunConfig, tok: TextTokenizer) -> EngramLM | None:
-        """Rank 0: the gathered single-process model; the other ranks: None (collective)."""
-        full = gather_full_state_dict(model)
-        if self.rank != 0:
-            return None
-        gathered = build_model(run.model, tok)
-        gathered.load_state_dict(full)
+        """Rank 0: the gathered single-process model; the other ranks: None (collective).
+
+        Device shards are gathered into rank 0's memory. Host and disk shards are streamed, chunk by chunk, into
+        disk tables of the exported model (``model/tables/layerNN.rows``, opened in place by ``load_model``):
+        no process ever holds a whole table, but rank 0's disk holds all of it."""
+        tables = sharded_tables(model)
+        if shard_tier(tables) == "device":
+            full = gather_full_state_dict(model)
+            if self.rank != 0:
+                return None
+            gathered = build_model(run.model, tok)
+            gathered.load_state_dict(full)
+            return gathered
+        backbone = gather_full_state_dict(model, offloaded=False)
+        gathered = None
+        if self.rank == 0:
+            gathered = build_model(run.model, tok, _export_tables(Path(run.train.out_dir) / "model" / TABLES_DIR))
+            result = gathered.load_state_dict(backbone, strict=False)
+            missing = set(result.missing_keys) - {f"{n}.weight" for n in tables}
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"the gathered state does not fit the model: {missing}, {result.unexpected_keys}")
+        for name, t in tables.items():
+            store = None if gathered is None else gathered.get_submodule(name).store
+            send_rows_to_rank0(t, None if store is None else store.write_range)
+            if store is not None:
+                store.flush()
         return gathered
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _export_tables(folder: Path) -> TableFactory:
+    """Empty (sparse) disk tables at ``folder/layerNN.rows``, filled by :func:`send_rows_to_rank0`: where
+    :func:`engram.model.save_model` keeps them in place."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def make(layer_id: int, head_sizes: list[int], head_dim: int, init_std: float) -> OffloadedEmbedding:
+        store = DiskRowStore.create(
+            folder / table_file_name(layer_id, "disk"), sum(head_sizes), head_dim, init_std=0.0, overwrite=True
+        )
+        return OffloadedEmbedding(head_sizes, head_dim, store, init_std=init_std)
+
+    return make
 
 
 def train_distributed(

@@ -673,6 +673,34 @@ def _write_empty_disk_file(path: Path, num_rows: int, dim: int, fmt: RowFormat |
         f.truncate(DISK_HEADER_BYTES + num_rows * fmt.row_bytes(dim))  # sparse: unwritten rows read as zeros
 
 
+def write_row_file(
+    path: str | os.PathLike,
+    num_rows: int,
+    dim: int,
+    dtype: torch.dtype,
+    read: Callable[[int, int], torch.Tensor],
+    *,
+    chunk_rows: int | None = None,
+    desc: str = "write table file",
+    progress: bool | None = False,
+) -> None:
+    """A new disk table file at ``path`` whose rows ``[start, stop)`` are ``read(start, stop)``, written chunk by
+    chunk with plain file writes. Not through a map, and no :class:`DiskRowStore` is opened: the process holds
+    one chunk at a time, and no lock file is left beside the new file (checkpoints write their row files so)."""
+    fmt = row_format(dtype)
+    num_rows, dim, _ = _check_shape(num_rows, dim, fmt.default_dtype)
+    path = Path(path)
+    _write_empty_disk_file(path, num_rows, dim, fmt)
+    row_bytes = fmt.row_bytes(dim)
+    with open(path, "r+b") as f:
+
+        def write(start: int, chunk: torch.Tensor) -> None:
+            f.seek(DISK_HEADER_BYTES + start * row_bytes)
+            f.write(_as_numpy(fmt.encode(chunk)).tobytes())
+
+        copy_in_chunks(read, write, num_rows, chunk_rows or chunk_rows_for(row_bytes), desc=desc, progress=progress)
+
+
 def read_disk_header(path: str | os.PathLike) -> dict:
     """Parse and check a disk table's header against its file size; returns num_rows, dim, format (the
     :class:`~engram.storage.formats.RowFormat` named by the header's ``dtype``) and dtype (the format's default

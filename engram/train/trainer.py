@@ -208,6 +208,14 @@ def build_model(cfg: ModelConfig, tok: TextTokenizer, table_factory: TableFactor
     return EngramLM(cfg, ctok, table_factory=table_factory)
 
 
+def disk_table_dir(tcfg: TrainConfig) -> Path | None:
+    """The folder of a disk-tier run's table files (``train.table_dir``, default ``out_dir/tables``); None for
+    the other tiers."""
+    if tcfg.table_tier != "disk":
+        return None
+    return Path(tcfg.table_dir) if tcfg.table_dir else Path(tcfg.out_dir) / "tables"
+
+
 def offloaded_table_factory(tcfg: TrainConfig, reopen: bool = False) -> TableFactory | None:
     """The table factory for ``train.table_tier`` (None for device tables). Tables are seeded from
     ``train.seed``; a disk run creates its table files, and a resume (``reopen``) opens them as they are: their
@@ -216,12 +224,9 @@ def offloaded_table_factory(tcfg: TrainConfig, reopen: bool = False) -> TableFac
         return None
     from ..storage import table_factory
 
-    table_dir = None
-    if tcfg.table_tier == "disk":
-        table_dir = tcfg.table_dir or str(Path(tcfg.out_dir) / "tables")
     return table_factory(
         tcfg.table_tier,
-        path_dir=table_dir,
+        path_dir=disk_table_dir(tcfg),
         cache_bytes=tcfg.table_cache_bytes,
         fmt=tcfg.table_format,
         seed=tcfg.seed,
