@@ -11,20 +11,21 @@ Layout of one step directory (same atomic protocol and manifest as :class:`engra
         tables/rank00000-of-00002.safetensors    device shards: rank 0's rows of every table, and its
         tables/rank00001-of-00002.safetensors    table-optimizer state for those rows (Adam moments, RowWiseAdam
                                                  per-row state)
-        tables/rank00000-of-00002/<table>.rows   host / disk shards: rank 0's rows of each table as a disk row
-        tables/rank00000-of-00002/<table>.rowstate  file, and their SparseRowOptimizer state ([rows, 2]: v_r, n_r)
+        tables/rank00000-of-00002.journal.pt     host / disk shards: rank 0's table-journal records, no rows
+                                                 (the rows stay in the rank's live files, journaled:
+                                                 :mod:`engram.distributed.shard_journal`)
         manifest.json                            sha256 and size of all of the above; written last
 
-Each rank writes its own table files; rank 0 writes the rest, then the manifest, then renames the directory into
-place and moves ``latest``. The directory must be on a file system every rank sees. Host and disk shards are
-written chunk by chunk (:func:`engram.storage.tiers.write_row_file`) and read back the same way, so neither a save
-nor a load holds more than one chunk of a shard besides the shard itself.
+Each rank writes its own table file; rank 0 writes the rest, then the manifest, then renames the directory into
+place and moves ``latest``. The directory must be on a file system every rank sees.
 
-Loading re-slices: a rank that now owns rows ``[start, end)`` reads exactly those rows (and their optimizer
-state) from whichever saved files hold them, so a run saved on W ranks resumes on any W'. The backbone is saved
-whole, so it loads onto any data-parallel layout (FSDP2 or DDP, any size). A checkpoint loads into shards of the
-tier it was saved from; a rank that finds its files missing or corrupt makes every rank raise (no rank is left
-waiting in a collective).
+Loading re-slices device shards: a rank that now owns rows ``[start, end)`` reads exactly those rows (and their
+optimizer state) from whichever saved files hold them, so a run saved on W ranks resumes on any W'. Host and disk
+shards return every rank's journal records (``state["table_journal"]``), with which
+:class:`~engram.distributed.shard_journal.ShardedTableJournals` restores (and, on another number of ranks,
+re-slices) the live files. The backbone is saved whole, so it loads onto any data-parallel layout (FSDP2 or DDP,
+any size). A checkpoint loads into shards of the tier it was saved from; a rank that finds its files missing or
+corrupt makes every rank raise (no rank is left waiting in a collective).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..files import fsync_dir, fsync_file, set_file_mode, sha256_file
-from ..storage.tiers import DiskRowStore, chunk_rows_for, copy_in_chunks, to_device, write_row_file
+from ..storage.tiers import chunk_rows_for, to_device
 from ..train.checkpoint import (
     META_FILE,
     MODEL_FILE,
@@ -67,16 +68,15 @@ from .sharded_table import ShardedEmbedding, agree, rank_folder_name
 
 TABLES_DIR = "tables"
 _STATE_SEP = "::"  # "<table param name>::<optimizer state key>" in a table file
-ROWS_SUFFIX, ROW_STATE_SUFFIX = ".rows", ".rowstate"
 
 
 def table_file_name(rank: int, world_size: int) -> str:
     return f"{TABLES_DIR}/{rank_folder_name(rank, world_size)}.safetensors"
 
 
-def shard_file_name(rank: int, world_size: int, table: str, suffix: str) -> str:
-    """A host / disk shard's file in a step folder: ``tables/rank00000-of-00002/<table><suffix>``."""
-    return f"{TABLES_DIR}/{rank_folder_name(rank, world_size)}/{table}{suffix}"
+def journal_file_name(rank: int, world_size: int) -> str:
+    """A host / disk shard's checkpoint file: the rank's table-journal records (no rows)."""
+    return f"{TABLES_DIR}/{rank_folder_name(rank, world_size)}.journal.pt"
 
 
 def _table_params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -92,46 +92,6 @@ def shard_tier(tables: dict[str, ShardedEmbedding]) -> str:
     return tiers.pop() if tiers else "device"
 
 
-class ReslicedRows:
-    """Rows ``[start, end)`` of a table saved as per-rank row files (rank r's file holds ``[bounds[r],
-    bounds[r + 1])``), read on demand: ``rows[a:b]`` reads exactly the rows ``start + a .. start + b`` from the
-    files that hold them. What a load copies chunk by chunk into a shard of any tier, and what it hands to
-    :meth:`~engram.storage.SparseRowOptimizer.load_state_dict` as row state (it has ``shape`` and slices)."""
-
-    def __init__(self, paths: list[Path], bounds: list[int], start: int, end: int, dim: int):
-        self.paths, self.bounds, self.start, self.end = paths, bounds, start, end
-        self.shape = (end - start, dim)
-        self._stores: dict[int, DiskRowStore] = {}
-
-    def _store(self, r: int) -> DiskRowStore:
-        if r not in self._stores:
-            rows = self.bounds[r + 1] - self.bounds[r]
-            try:
-                self._stores[r] = DiskRowStore(self.paths[r], readonly=True, num_rows=rows, dim=self.shape[1])
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"cannot read the table shard {self.paths[r]}: {e}") from e
-        return self._stores[r]
-
-    def owners(self) -> list[int]:
-        """The saved ranks whose files hold some of these rows."""
-        b = self.bounds
-        return [r for r in range(len(b) - 1) if b[r] < self.end and b[r + 1] > self.start]
-
-    def __getitem__(self, index: slice) -> torch.Tensor:
-        a, b, stride = index.indices(self.shape[0])
-        if stride != 1:
-            raise IndexError("ReslicedRows reads contiguous row ranges only")
-        lo, hi = self.start + a, self.start + max(a, b)
-        pieces = []
-        for r in self.owners():
-            first, last = max(lo, self.bounds[r]), min(hi, self.bounds[r + 1])
-            if first < last:
-                pieces.append(self._store(r).read_range(first - self.bounds[r], last - self.bounds[r]))
-        if not pieces:
-            return torch.empty(0, self.shape[1])
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
-
-
 def _split_optimizers(optimizers: list[torch.optim.Optimizer], table_params: dict[str, nn.Parameter]) -> list[bool]:
     """Which optimizers train table rows (they must train nothing else)."""
     ids = {id(p) for p in table_params.values()}
@@ -145,6 +105,18 @@ def _split_optimizers(optimizers: list[torch.optim.Optimizer], table_params: dic
             )
         flags.append(bool(mine) and all(mine))
     return flags
+
+
+def _check_journaled(state: dict[str, Any], journal: dict | None) -> None:
+    """Host / disk shards are checkpointed by their journals: the state must carry this rank's journal records
+    and no row state (see :mod:`engram.distributed.shard_journal`)."""
+    rows_inside = (state.get("table_optimizer") or {}).get("row_state") is not None
+    if journal is None or rows_inside:
+        raise ValueError(
+            "host / disk table shards are checkpointed by their row journals: save inside "
+            "ShardedTableJournals.rows_left_out(), with its checkpoint(step) record as state['table_journal'] "
+            "(the trainer does)"
+        )
 
 
 class ShardedCheckpointManager(CheckpointManager):
@@ -181,7 +153,9 @@ class ShardedCheckpointManager(CheckpointManager):
             self._table_optimizer_groups(o, params) if t else get_optimizer_state_dict(model, o, options=full)
             for o, t in zip(optimizers, is_table_opt)
         ]
-        row_optimizer = state.pop("table_optimizer", None) if tier != "device" else None
+        journal = state.pop("table_journal", None)
+        if tier != "device":
+            _check_journaled(state, journal)
 
         final = self.directory / self.step_dir_name(step)
         tmp = self.directory / f".tmp-{final.name}-sharded"
@@ -194,7 +168,8 @@ class ShardedCheckpointManager(CheckpointManager):
         if tier == "device":
             names = [self._save_device_shards(tmp, rank, world, tables, params, optimizers, is_table_opt)]
         else:
-            names = self._save_offloaded_shards(tmp, rank, world, tables, row_optimizer)
+            names = [journal_file_name(rank, world)]
+            torch.save(journal, tmp / names[0])
         for name in names:
             set_file_mode(tmp / name)
             fsync_file(tmp / name)
@@ -212,8 +187,7 @@ class ShardedCheckpointManager(CheckpointManager):
                     "sharded_tables": {
                         "world_size": world,
                         "tier": tier,
-                        "files": [sorted(i)[0] for i in infos] if tier == "device" else [sorted(i) for i in infos],
-                        "row_state": row_optimizer is not None,
+                        "files": [next(iter(i)) for i in infos],
                         "tables": {
                             f"{n}.weight": {"num_rows": t.num_rows, "head_dim": t.head_dim, "bounds": t.bounds}
                             for n, t in tables.items()
@@ -221,14 +195,11 @@ class ShardedCheckpointManager(CheckpointManager):
                     },
                 }
                 (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
-                if row_optimizer is not None:  # its hyper-parameters; the row state is in the ranks' files
-                    state["table_optimizer"] = {k: v for k, v in row_optimizer.items() if k != "row_state"}
                 torch.save({**state, "optimizers": opt_states}, tmp / STATE_FILE)
                 write_manifest(
                     tmp, step, (MODEL_FILE, META_FILE, STATE_FILE), known={k: v for i in infos for k, v in i.items()}
                 )
-                for folder in {(tmp / n).parent for i in infos for n in i}:
-                    fsync_dir(folder)
+                fsync_dir(tmp / TABLES_DIR)
                 self.publish(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -255,35 +226,6 @@ class ShardedCheckpointManager(CheckpointManager):
             metadata={"rank": str(rank), "world_size": str(world), "ranges": json.dumps(ranges)},
         )
         return name
-
-    @staticmethod
-    def _save_offloaded_shards(tmp, rank, world, tables, row_optimizer) -> list[str]:
-        """This rank's rows of every host / disk table, and their row-optimizer state (the ``row_state`` of a
-        :meth:`~engram.storage.SparseRowOptimizer.state_dict`, whose tables are the model's in module order), as
-        disk row files written chunk by chunk."""
-        shards = list(tables.items())
-        row_state = None if row_optimizer is None else row_optimizer["row_state"]
-        if row_state is not None and len(row_state) != len(shards):
-            raise ValueError(
-                f"the table optimizer state holds {len(row_state)} tables, the model {len(shards)} sharded tables"
-            )
-        (tmp / TABLES_DIR / rank_folder_name(rank, world)).mkdir(parents=True, exist_ok=True)
-        names = []
-        for i, (n, t) in enumerate(shards):
-            t.local.wait_for_prefetches()  # no gather may be reading while the rows are copied
-            store = t.local_rows()
-            store.flush()
-            names.append(shard_file_name(rank, world, n, ROWS_SUFFIX))
-            write_row_file(tmp / names[-1], store.num_rows, store.dim, store.dtype, store.read_range)
-            if row_state is not None:
-                rows = row_state[i]
-                if tuple(rows.shape) != (store.num_rows, 2):
-                    raise ValueError(
-                        f"table optimizer state {i} is {tuple(rows.shape)}, table {n} needs {(store.num_rows, 2)}"
-                    )
-                names.append(shard_file_name(rank, world, n, ROW_STATE_SUFFIX))
-                write_row_file(tmp / names[-1], store.num_rows, 2, torch.float32, lambda a, b: rows[a:b])
-        return names
 
     @staticmethod
     def _table_optimizer_groups(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> dict[str, Any]:
@@ -347,11 +289,8 @@ class ShardedCheckpointManager(CheckpointManager):
             )
         # every check above read the same shared files on every rank; the table files differ by rank
         error = None
-        try:
-            if tier == "device":
-                needed = self._device_files_needed(saved, tables)
-            else:
-                needed = [n for r in self._offloaded_ranks_needed(saved, tables) for n in saved["files"][r]]
+        try:  # a host / disk resume reads every rank's journal records (small): a resharded one needs them all
+            needed = self._device_files_needed(saved, tables) if tier == "device" else saved["files"]
             verify_files(folder, files, needed)
         except CheckpointError as e:
             error = e
@@ -373,9 +312,8 @@ class ShardedCheckpointManager(CheckpointManager):
             else:
                 set_optimizer_state_dict(model, o, s, options=StateDictOptions(full_state_dict=True))
         if tier != "device":
-            row_state = self._load_offloaded_rows(folder, saved, tables)
-            if "table_optimizer" in state:
-                state["table_optimizer"]["row_state"] = row_state
+            records = [torch.load(folder / n, map_location="cpu", weights_only=True) for n in saved["files"]]
+            state["table_journal"] = {"world_size": saved["world_size"], "ranks": records}
         state.update({"config": meta.get("config"), "extra": meta.get("extra") or {}, "step": int(meta["step"])})
         return state
 
@@ -386,44 +324,6 @@ class ShardedCheckpointManager(CheckpointManager):
             bounds = saved["tables"][f"{n}.weight"]["bounds"]
             needed.update(r for r in range(len(bounds) - 1) if bounds[r] < t.end and bounds[r + 1] > t.start)
         return [saved["files"][r] for r in sorted(needed)]
-
-    @staticmethod
-    def _offloaded_ranks_needed(saved: dict[str, Any], tables: dict[str, ShardedEmbedding]) -> list[int]:
-        needed = set()
-        for n, t in tables.items():
-            bounds = saved["tables"][f"{n}.weight"]["bounds"]
-            needed.update(r for r in range(len(bounds) - 1) if bounds[r] < t.end and bounds[r + 1] > t.start)
-        return sorted(needed)
-
-    @staticmethod
-    def _load_offloaded_rows(
-        folder: Path, saved: dict[str, Any], tables: dict[str, ShardedEmbedding]
-    ) -> list[ReslicedRows]:
-        """Copy this rank's rows into each host / disk shard, chunk by chunk from the saved rank files; returns the
-        row-optimizer state of those rows as :class:`ReslicedRows` (one per table, in module order)."""
-        world = saved["world_size"]
-        row_state = []
-        for n, t in tables.items():
-            bounds = saved["tables"][f"{n}.weight"]["bounds"]
-            rows = ReslicedRows(
-                [folder / shard_file_name(r, world, n, ROWS_SUFFIX) for r in range(world)],
-                bounds,
-                t.start,
-                t.end,
-                t.head_dim,
-            )
-            store = t.local_rows()
-            t.local.wait_for_prefetches()
-            copy_in_chunks(
-                lambda a, b: rows[a:b],
-                lambda a, v: store.write_range(a, v.to(store.dtype)),
-                store.num_rows,
-                chunk_rows_for(store.row_bytes),
-            )
-            store.flush()
-            paths = [folder / shard_file_name(r, world, n, ROW_STATE_SUFFIX) for r in range(world)]
-            row_state.append(ReslicedRows(paths, bounds, t.start, t.end, 2))
-        return row_state
 
     def _load_table_rows(
         self, folder: Path, saved: dict[str, Any], tables: dict[str, Any]

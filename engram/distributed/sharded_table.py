@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._compat import tensor_version
-from ..errors import EngramError
+from ..errors import CheckpointError, EngramError
 from ..files import FileLock, lock_path_for
 from ..module import MultiHeadEmbedding
 from ..storage.embedding import OffloadedEmbedding
@@ -131,6 +131,8 @@ class ShardedEmbedding(EngramTable):
         path: the disk tier's row file of this rank (one file per rank; see :func:`sharded_table_factory`).
         cache_bytes: host / disk tiers: a hot-row cache of this size for the rows this rank serves.
         overwrite: disk tier: replace an existing file at ``path`` (a run recreating its tables).
+        reopen: disk tier: open the existing file at ``path`` as it is (a resumed run, whose journal takes it back
+            to the checkpoint; :mod:`engram.distributed.shard_journal`).
     """
 
     def __init__(
@@ -148,6 +150,7 @@ class ShardedEmbedding(EngramTable):
         path: str | os.PathLike | None = None,
         cache_bytes: int = 0,
         overwrite: bool = False,
+        reopen: bool = False,
     ):
         if not dist.is_initialized():
             raise RuntimeError(
@@ -180,7 +183,10 @@ class ShardedEmbedding(EngramTable):
                 f"(a row store needs at least one row); run on at most {self.num_rows} ranks or keep "
                 f"train.table_tier=device"
             )
-        store = _initial_shard(tier, self.start, self.end, head_dim, init_std, seed, dtype, path, overwrite)
+        if reopen and tier == "disk":
+            store = _reopened_shard(Path(path), self.end - self.start, head_dim, dtype)
+        else:
+            store = _initial_shard(tier, self.start, self.end, head_dim, init_std, seed, dtype, path, overwrite)
         self.local = OffloadedEmbedding(
             [self.end - self.start], head_dim, store, init_std=init_std, device=device, cache_bytes=cache_bytes
         )
@@ -272,6 +278,16 @@ def _rows_out_of_state_dict(table: ShardedEmbedding, state_dict: dict, prefix: s
     state_dict.pop(prefix + "local.weight", None)
 
 
+def _reopened_shard(path: Path, rows: int, dim: int, dtype: torch.dtype | None) -> DiskRowStore:
+    if not path.is_file():
+        raise CheckpointError(
+            f"the table shard file {path} is missing; a resumed run trains each rank's disk shard in place (its "
+            f"checkpoints hold only the rows changed since): resume where every rank sees its files, or start "
+            f"over with train.resume=false"
+        )
+    return DiskRowStore(path, num_rows=rows, dim=dim, dtype=dtype or torch.float32)
+
+
 def _initial_shard(
     tier: str,
     start: int,
@@ -316,6 +332,7 @@ def sharded_table_factory(
     path_dir: str | os.PathLike | None = None,
     cache_bytes: int = 0,
     overwrite: bool = False,
+    reopen: bool = False,
 ) -> Callable[[int, list[int], int, float], ShardedEmbedding]:
     """A ``table_factory`` for :class:`~engram.model.EngramLM` that builds every Engram table already sharded:
     rank r allocates and initialises only its rows, so no rank ever holds a whole table. Layer ``l``'s rows are
@@ -323,8 +340,9 @@ def sharded_table_factory(
 
     ``tier`` places every rank's rows (module docstring). The disk tier writes rank r's rows of layer ``l`` to
     ``path_dir/rank{r}-of-{W}/layerNN.rows`` (:func:`rank_folder_name`, zero-padded), one folder per rank, so
-    ranks of one job may share ``path_dir`` (one file system) or each use its own disk. Building a table is a
-    collective: a rank that cannot create its file makes every rank raise."""
+    ranks of one job may share ``path_dir`` (one file system) or each use its own disk; ``reopen`` opens those
+    files as they are (a resume). Building a table is a collective: a rank that cannot create or open its file
+    makes every rank raise."""
     if (tier == "disk") != (path_dir is not None):
         raise ValueError("path_dir= (the folder of the ranks' row files) is needed for, and only for, the disk tier")
 
@@ -346,6 +364,7 @@ def sharded_table_factory(
                 path=path,
                 cache_bytes=cache_bytes,
                 overwrite=overwrite,
+                reopen=reopen,
             )
         except (OSError, EngramError) as e:  # this rank's own file (exists, locked, disk full): may differ by rank
             error = e

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ..files import FileLock, LockedError
 from ..model.model import EngramLM, TableFactory
 from ..model.tables import TABLES_DIR
-from ..storage import DiskRowStore, OffloadedEmbedding
+from ..storage import DiskRowStore, OffloadedEmbedding, SparseRowOptimizer
 from ..storage.tables import table_file_name
 from ..train.data import TextTokenizer, TokenizedCorpus, random_batch
 from ..train.trainer import (
@@ -45,10 +45,12 @@ from ..train.trainer import (
     build_model,
     disk_table_dir,
     prepare_data,
+    table_journal_dir,
     train,
 )
 from .checkpoint import ShardedCheckpointManager, gather_full_state_dict, send_rows_to_rank0, shard_tier
 from .parallelize import apply_data_parallel, clip_grad_norm_, global_mean, sharded_tables, sync_expert_counts
+from .shard_journal import ShardedTableJournals
 from .sharded_table import sharded_table_factory
 
 
@@ -132,10 +134,18 @@ class DataParallel(SingleProcess):
             dist.barrier()
         return result
 
+    def reopens_tables(self, ckpt: ShardedCheckpointManager, resume_at: int | None) -> bool:
+        """A resume reopens the ranks' host / disk shard files when the checkpoint was saved on as many ranks;
+        on another number of ranks the shards are created fresh and re-sliced from the saved layout's files
+        (:mod:`.shard_journal`). Every rank reads the same meta.json: the same answer."""
+        if resume_at is None:
+            return False
+        saved = ckpt.meta(resume_at).get("sharded_tables") or {}
+        return saved.get("world_size") == self.world_size
+
     def table_factory(self, tcfg: TrainConfig, reopen: bool = False) -> TableFactory | None:
         """Tables sharded over the ranks, each rank's rows in ``train.table_tier``; disk shards in
-        ``<table_dir>/rank{r}-of-{W}/layerNN.rows`` (recreated, as a single-process disk run recreates its
-        files; a resume then restores them from the checkpoint)."""
+        ``<table_dir>/rank{r}-of-{W}/layerNN.rows`` (``reopen``: opened as they are, for a resume)."""
         self.table_group = dist.new_group(backend=dist.get_backend())  # table all-to-alls never queue behind DP
         return sharded_table_factory(
             self.table_group,
@@ -144,6 +154,21 @@ class DataParallel(SingleProcess):
             path_dir=disk_table_dir(tcfg),
             cache_bytes=tcfg.table_cache_bytes,
             overwrite=True,
+            reopen=reopen,
+        )
+
+    def table_journals(
+        self, model: EngramLM, table_opt: SparseRowOptimizer, tcfg: TrainConfig, fresh: bool
+    ) -> ShardedTableJournals:
+        """Each rank's journals of its own shards, in its ``rank{r}-of-{W}`` folders."""
+        return ShardedTableJournals(
+            model,
+            table_opt,
+            tier=tcfg.table_tier,
+            disk_dir=disk_table_dir(tcfg),
+            host_dir=table_journal_dir(tcfg),
+            fresh=fresh,
+            group=self.table_group,
         )
 
     def wrap(self, model: EngramLM) -> torch.nn.Module:

@@ -5,20 +5,21 @@ row-optimizer state, and refuse missing files, another tier and too many ranks o
 
 import dataclasses
 import os
+import re
 import signal
 
 import pytest
 import torch
 
 from engram.distributed import ShardedEmbedding
-from engram.errors import CheckpointError, ConfigError
 from engram.model import load_model
 from engram.storage import offloaded_tables
+from engram.train.checkpoint import FAULT_ENV
 from engram.train.optim import OptimConfig
 from engram.train.trainer import RunConfig, train
 
 from ..conftest import tiny_engram_run
-from .launch import run_ranks
+from .launch import kill_ranks_when, run_ranks
 
 TOL = 1e-4  # the tolerance of the device-sharded run equivalence (test_train.py)
 
@@ -30,15 +31,17 @@ def offload_run(out, corpus_dir, cache, tier, **train_kw) -> RunConfig:
     return dataclasses.replace(run, optim=OptimConfig(table_optimizer="rowwise"))
 
 
-def _train_worker(rank, world, run_dict, stop_after, kill_at=None):
+def _train_worker(rank, world, run_dict, stop_after, pause_at=None, marker=None):
     from engram.distributed.checkpoint import gather_full_state_dict
     from engram.distributed.train import train_distributed
 
-    def kill(record):  # a crash after the step's update: the table files are ahead of the last checkpoint
-        if record["step"] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def pause(record):  # wait to be killed after this step's update: the table files are ahead of the checkpoint
+        if record["step"] == pause_at:
+            marker.write_text(str(os.getpid()))
+            while True:
+                signal.pause()
 
-    r = train_distributed(RunConfig.from_dict(run_dict), stop_after=stop_after, on_eval=kill)
+    r = train_distributed(RunConfig.from_dict(run_dict), stop_after=stop_after, on_eval=pause)
     full = gather_full_state_dict(r.model) if r.interrupted else None
     return {
         "losses": [h["loss"] for h in r.history],
@@ -86,3 +89,104 @@ def test_a_2_rank_run_with_host_or_disk_shards_is_the_single_process_run(tmp_pat
     ((_, t),) = offloaded_tables(exported).values()
     assert t.store.kind == "disk"
     assert torch.equal(t.store.read_range(0, t.num_rows), two["state"][table])
+
+
+def test_a_2_rank_disk_run_killed_after_and_during_a_checkpoint_resumes_exactly(tmp_path, corpus_dir, monkeypatch):
+    cache = tmp_path / "cache"
+    kw = dict(steps=6, ckpt_every=2, eval_every=3)
+    full, _ = run_ranks(
+        _train_worker, 2, tmp_path, offload_run(tmp_path / "full", corpus_dir, cache, "disk", **kw).to_dict(), None
+    )
+    run = offload_run(tmp_path / "run", corpus_dir, cache, "disk", **kw).to_dict()
+    ckpts = tmp_path / "run" / "checkpoints"
+    # killed after step 3: the shards' files hold step 3, the latest checkpoint is step 2
+    kill_ranks_when(_train_worker, 2, tmp_path, tmp_path / "paused", run, None, 3, tmp_path / "paused")
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    # killed inside the checkpoint of step 4 (journals sealed, step folder not yet published)
+    monkeypatch.setenv(FAULT_ENV, "checkpoint-4")
+    kill_ranks_when(_train_worker, 2, tmp_path, ckpts / ".fault-checkpoint-4", run, None)
+    monkeypatch.delenv(FAULT_ENV)
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    resumed, _ = run_ranks(_train_worker, 2, tmp_path, run, None)
+    assert resumed["losses"] == full["losses"] and resumed["val"] == full["val"]
+    for k, v in full["state"].items():
+        assert torch.equal(resumed["state"][k], v), k
+
+
+def resharding_run(out, corpus_dir, cache, tier, steps):
+    """No decay (the warmup factor depends on the step only), so that a run extended on resume takes the steps
+    an uninterrupted run takes."""
+    run = offload_run(out, corpus_dir, cache, tier, steps=steps, ckpt_every=2, eval_every=2)
+    return dataclasses.replace(run, optim=OptimConfig(table_optimizer="rowwise", schedule="constant"))
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_host_and_disk_shards_reshard_2_to_1_and_1_to_2_as_the_same_rows(tmp_path, corpus_dir, tier):
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    table = "blocks.1.engram.table.weight"
+    # 2 ranks train 2 steps and stop with a checkpoint
+    saved, _ = run_ranks(_train_worker, 2, tmp_path, resharding_run(out, corpus_dir, cache, tier, 6).to_dict(), 2)
+    # 1 process resumes it without training (train.steps = 2): the exported model holds the resharded rows
+    (loaded,) = run_ranks(_train_worker, 1, tmp_path, resharding_run(out, corpus_dir, cache, tier, 2).to_dict(), None)
+    assert torch.equal(loaded["state"][table], saved["interrupted_state"][table])
+    # it trains on to step 4 and saves a 1-rank checkpoint, which 2 ranks load as the same rows
+    (one,) = run_ranks(_train_worker, 1, tmp_path, resharding_run(out, corpus_dir, cache, tier, 4).to_dict(), None)
+    two, _ = run_ranks(_train_worker, 2, tmp_path, resharding_run(out, corpus_dir, cache, tier, 4).to_dict(), None)
+    assert torch.equal(two["state"][table], one["state"][table])
+    # and the run finished on 2 ranks is the uninterrupted single-process run (row-optimizer state included)
+    finished, _ = run_ranks(_train_worker, 2, tmp_path, resharding_run(out, corpus_dir, cache, tier, 6).to_dict(), None)
+    reference = single_process(resharding_run(tmp_path / "reference", corpus_dir, cache, tier, 6))
+    assert_same_run(reference, finished, TOL)
+
+
+def _too_many_ranks_worker(rank, world):
+    try:
+        ShardedEmbedding([1], 4, tier="host")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_a_table_with_fewer_rows_than_ranks_is_refused_on_every_rank(tmp_path):
+    messages = run_ranks(_too_many_ranks_worker, 2, tmp_path)
+    assert all(m is not None and "1 rows cannot give each of 2 ranks" in m for m in messages)
+
+
+def failures(excinfo) -> list[str]:
+    """The traceback of each rank that raised, from run_ranks' report (a rank left hanging shows as a timeout)."""
+    text = str(excinfo.value)
+    assert "did not finish" not in text, text
+    return re.split(r"^rank \d+ failed:$", text, flags=re.MULTILINE)[1:]
+
+
+@pytest.mark.parametrize(
+    "missing, own_error, other_error",
+    [
+        ("tables/rank00001-of-00002/layer01.rows", "layer01.rows is missing", "rank 1 could not create its disk shard"),
+        ("checkpoints/step_00000002/tables/rank00001-of-00002.journal.pt", "is missing from the checkpoint", None),
+    ],
+)
+def test_resuming_a_disk_run_with_a_missing_rank_file_fails_on_every_rank(
+    tmp_path, corpus_dir, missing, own_error, other_error
+):
+    run = offload_run(tmp_path / "run", corpus_dir, tmp_path / "cache", "disk").to_dict()
+    run_ranks(_train_worker, 2, tmp_path, run, 2)
+    (tmp_path / "run" / missing).unlink()
+    with pytest.raises(AssertionError) as excinfo:
+        run_ranks(_train_worker, 2, tmp_path, run, None, timeout=60)
+    errors = failures(excinfo)
+    assert len(errors) == 2, errors
+    assert any(own_error in e for e in errors), errors
+    assert (
+        all(own_error in e or other_error in e for e in errors) if other_error else all(own_error in e for e in errors)
+    )
+
+
+def test_resuming_with_another_table_tier_is_refused_on_every_rank(tmp_path, corpus_dir):
+    cache = tmp_path / "cache"
+    run_ranks(_train_worker, 2, tmp_path, offload_run(tmp_path / "run", corpus_dir, cache, "host").to_dict(), 2)
+    disk = offload_run(tmp_path / "run", corpus_dir, cache, "disk").to_dict()
+    with pytest.raises(AssertionError) as excinfo:
+        run_ranks(_train_worker, 2, tmp_path, disk, None, timeout=60)
+    errors = failures(excinfo)
+    assert len(errors) == 2 and all("train.table_tier was 'host'" in e for e in errors)
