@@ -9,11 +9,13 @@
   its own ``batch_size / world_size`` rows (:func:`~engram.train.data.random_batch` with ``rank``), so the
   data a step sees does not depend on the number of ranks, and a run resumed on another number of ranks
   continues on the same batches.
-* The Engram tables are built sharded (:func:`sharded_table_factory`, each rank initialises only its rows) and
-  the backbone is data-parallel (``train.data_parallel``: FSDP2 or DDP); see :mod:`.parallelize`.
+* The Engram tables are built sharded (:func:`sharded_table_factory`, each rank initialises only its rows, in
+  ``train.table_tier``: device, host or its own disk files) and the backbone is data-parallel
+  (``train.data_parallel``: FSDP2 or DDP); see :mod:`.parallelize`.
 * Gradient clipping uses the global norm, MoE expert loads are summed over ranks before the bias update, the
   logged loss is the global-batch mean, and an interrupt on any rank stops every rank at the same step.
-* Checkpoints are :class:`ShardedCheckpointManager` directories (resumable on any number of ranks).
+* Checkpoints are :class:`ShardedCheckpointManager` directories (resumable on any number of ranks); host and
+  disk shards are checkpointed by each rank's row journals (:mod:`.shard_journal`).
 * Evaluation runs the same validation batches on every rank (the sharded tables need every rank in each
   lookup), so every rank gets the numbers a single process would.
 * Rank 0 owns the run folder (its lock, config, metrics) and at the end gathers the model and writes the usual
