@@ -25,6 +25,7 @@ layout resumes from them again.
 from __future__ import annotations
 
 import contextlib
+import mmap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,13 +36,11 @@ from torch import nn
 from ..errors import CheckpointError, EngramError
 from ..module import Engram
 from ..storage.journal import RowJournal, TableJournals, disk_journal_dir, shadow_files
-from ..storage.optim import SparseRowOptimizer
+from ..storage.optim import SparseRowOptimizer, row_state_path
 from ..storage.tables import table_file_name
 from ..storage.tiers import DiskRowStore, RowStore, chunk_rows_for, copy_in_chunks
 from .exchange import shard_bounds
 from .sharded_table import ShardedEmbedding, agree, rank_folder_name
-
-ROW_STATE_SUFFIX = ".rowstate"  # SparseRowOptimizer's state file beside a disk table: <table file>.rowstate
 
 
 class ReslicedRows:
@@ -76,7 +75,8 @@ class ReslicedRows:
         return torch.cat(pieces) if pieces else torch.empty(0, self.shape[1])
 
     def copy_into(self, store: RowStore) -> None:
-        """Write these rows into ``store`` (``[end - start, dim]``) chunk by chunk, and flush it."""
+        """Write these rows into ``store`` (``[end - start, dim]``) chunk by chunk and flush it; then drop the
+        mapped pages of the files read and written, so the process keeps no table-sized resident memory."""
         copy_in_chunks(
             lambda a, b: self[a:b],
             lambda a, values: store.write_range(a, values.to(store.dtype)),
@@ -84,6 +84,8 @@ class ReslicedRows:
             chunk_rows_for(store.row_bytes),
         )
         store.flush()
+        for disk in [*self._stores.values(), *([store] if isinstance(store, DiskRowStore) else [])]:
+            disk.advise(getattr(mmap, "MADV_DONTNEED", None))
 
 
 def offloaded_shards(model: nn.Module) -> dict[str, tuple[int, ShardedEmbedding]]:
@@ -171,14 +173,18 @@ class ShardedTableJournals:
             error = e
         agree(error, self.group, f"take the table files of the {world}-rank layout back to step {step}")
         if self.fresh:
-            self._reslice(world)
+            try:
+                self._reslice(world)
+            except (EngramError, OSError, ValueError) as e:
+                error = e
+            agree(error, self.group, f"re-slice the {world}-rank table files of step {step}")
 
     # ------------------------------------------------------------------ resharding
     def _saved_files(self, layer_id: int, rank: int, world: int) -> tuple[list[Path], Path]:
         """The files of rank ``rank`` of a ``world``-rank layout (rows, row-optimizer state) and their journal."""
         if self.tier == "disk":
             rows = self.disk_dir / rank_folder_name(rank, world) / table_file_name(layer_id, "disk")
-            return [rows, Path(str(rows) + ROW_STATE_SUFFIX)], disk_journal_dir(rows)
+            return [rows, row_state_path(rows)], disk_journal_dir(rows)
         return shadow_files(self.host_dir / rank_folder_name(rank, world), f"layer{layer_id:02d}", 2)
 
     def _restore_saved_rank(self, step: int, rank: int, world: int, records: dict) -> None:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ..errors import EngramError
 from ..files import FileLock, LockedError
 from ..model.model import EngramLM, TableFactory
 from ..model.tables import TABLES_DIR
@@ -53,7 +54,7 @@ from ..train.trainer import (
 from .checkpoint import ShardedCheckpointManager, gather_full_state_dict, send_rows_to_rank0, shard_tier
 from .parallelize import apply_data_parallel, clip_grad_norm_, global_mean, sharded_tables, sync_expert_counts
 from .shard_journal import ShardedTableJournals
-from .sharded_table import sharded_table_factory
+from .sharded_table import agree, sharded_table_factory
 
 
 def launched_distributed() -> bool:
@@ -223,13 +224,18 @@ class DataParallel(SingleProcess):
             gathered.load_state_dict(full)
             return gathered
         backbone = gather_full_state_dict(model, offloaded=False)
-        gathered = None
+        gathered, error = None, None
         if self.rank == 0:
-            gathered = build_model(run.model, tok, _export_tables(Path(run.train.out_dir) / "model" / TABLES_DIR))
-            result = gathered.load_state_dict(backbone, strict=False)
-            missing = set(result.missing_keys) - {f"{n}.weight" for n in tables}
-            if missing or result.unexpected_keys:
-                raise RuntimeError(f"the gathered state does not fit the model: {missing}, {result.unexpected_keys}")
+            try:  # the export's table files (disk full, ...): the other ranks must not wait to send their rows
+                folder = Path(run.train.out_dir) / "model" / TABLES_DIR
+                gathered = build_model(run.model, tok, _export_tables(folder))
+                result = gathered.load_state_dict(backbone, strict=False)
+                missing = set(result.missing_keys) - {f"{n}.weight" for n in tables}
+                if missing or result.unexpected_keys:
+                    raise ValueError(f"the gathered state does not fit the model: {missing}, {result.unexpected_keys}")
+            except (EngramError, OSError, ValueError) as e:
+                error = e
+        agree(error, self.table_group, "create the exported model's table files")
         for name, t in tables.items():
             store = None if gathered is None else gathered.get_submodule(name).store
             send_rows_to_rank0(t, None if store is None else store.write_range)
