@@ -75,17 +75,24 @@ class ReslicedRows:
         return torch.cat(pieces) if pieces else torch.empty(0, self.shape[1])
 
     def copy_into(self, store: RowStore) -> None:
-        """Write these rows into ``store`` (``[end - start, dim]``) chunk by chunk and flush it; then drop the
-        mapped pages of the files read and written, so the process keeps no table-sized resident memory."""
-        copy_in_chunks(
-            lambda a, b: self[a:b],
-            lambda a, values: store.write_range(a, values.to(store.dtype)),
-            store.num_rows,
-            chunk_rows_for(store.row_bytes),
-        )
+        """Write these rows into ``store`` (``[end - start, dim]``) chunk by chunk and flush it. The mapped pages
+        of every chunk are dropped once it is copied (a disk destination's after it reached the file), so the
+        process keeps one chunk of the files resident, not the table."""
+        release = getattr(mmap, "MADV_DONTNEED", None)
+
+        def write(a: int, values: torch.Tensor) -> None:
+            store.write_range(a, values.to(store.dtype))
+            if isinstance(store, DiskRowStore):
+                store.flush()
+                store.advise(release, a, a + values.shape[0])
+            lo, hi = self.start + a, self.start + a + values.shape[0]
+            for r, source in self._stores.items():
+                first, last = max(lo, self.bounds[r]), min(hi, self.bounds[r + 1])
+                if first < last:
+                    source.advise(release, first - self.bounds[r], last - self.bounds[r])
+
+        copy_in_chunks(lambda a, b: self[a:b], write, store.num_rows, chunk_rows_for(store.row_bytes))
         store.flush()
-        for disk in [*self._stores.values(), *([store] if isinstance(store, DiskRowStore) else [])]:
-            disk.advise(getattr(mmap, "MADV_DONTNEED", None))
 
 
 def offloaded_shards(model: nn.Module) -> dict[str, tuple[int, ShardedEmbedding]]:

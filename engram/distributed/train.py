@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from datetime import timedelta
@@ -33,12 +34,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..errors import EngramError
 from ..files import FileLock, LockedError
 from ..model.model import EngramLM, TableFactory
 from ..model.tables import TABLES_DIR
 from ..storage import DiskRowStore, OffloadedEmbedding, SparseRowOptimizer
 from ..storage.tables import table_file_name
+from ..storage.tiers import row_file_writer
 from ..train.data import TextTokenizer, TokenizedCorpus, random_batch
 from ..train.trainer import (
     RunConfig,
@@ -53,7 +54,7 @@ from ..train.trainer import (
 )
 from .checkpoint import ShardedCheckpointManager, gather_full_state_dict, send_rows_to_rank0, shard_tier
 from .parallelize import apply_data_parallel, clip_grad_norm_, global_mean, sharded_tables, sync_expert_counts
-from .shard_journal import ShardedTableJournals
+from .shard_journal import ShardedTableJournals, offloaded_shards
 from .sharded_table import agree, sharded_table_factory
 
 
@@ -213,8 +214,8 @@ class DataParallel(SingleProcess):
         """Rank 0: the gathered single-process model; the other ranks: None (collective).
 
         Device shards are gathered into rank 0's memory. Host and disk shards are streamed, chunk by chunk, into
-        disk tables of the exported model (``model/tables/layerNN.rows``, opened in place by ``load_model``):
-        no process ever holds a whole table, but rank 0's disk holds all of it."""
+        disk tables of the exported model (``model/tables/layerNN.rows``, opened in place by ``load_model``) with
+        plain file writes: no process ever holds a whole table, but rank 0's disk holds all of it."""
         tables = sharded_tables(model)
         if shard_tier(tables) == "device":
             full = gather_full_state_dict(model)
@@ -224,23 +225,27 @@ class DataParallel(SingleProcess):
             gathered.load_state_dict(full)
             return gathered
         backbone = gather_full_state_dict(model, offloaded=False)
-        gathered, error = None, None
-        if self.rank == 0:
-            try:  # the export's table files (disk full, ...): the other ranks must not wait to send their rows
-                folder = Path(run.train.out_dir) / "model" / TABLES_DIR
-                gathered = build_model(run.model, tok, _export_tables(folder))
-                result = gathered.load_state_dict(backbone, strict=False)
-                missing = set(result.missing_keys) - {f"{n}.weight" for n in tables}
-                if missing or result.unexpected_keys:
-                    raise ValueError(f"the gathered state does not fit the model: {missing}, {result.unexpected_keys}")
-            except (EngramError, OSError, ValueError) as e:
-                error = e
-        agree(error, self.table_group, "create the exported model's table files")
-        for name, t in tables.items():
-            store = None if gathered is None else gathered.get_submodule(name).store
-            send_rows_to_rank0(t, None if store is None else store.write_range)
-            if store is not None:
-                store.flush()
+        folder = Path(run.train.out_dir) / "model" / TABLES_DIR
+        for layer_id, shard in offloaded_shards(model).values():
+            with contextlib.ExitStack() as files:
+                write, error = None, None
+                if self.rank == 0:
+                    try:  # the other ranks must not wait to send their rows to a file that cannot be made
+                        folder.mkdir(parents=True, exist_ok=True)
+                        path = folder / table_file_name(layer_id, "disk")
+                        dtype = shard.local_rows().dtype
+                        write = files.enter_context(row_file_writer(path, shard.num_rows, shard.head_dim, dtype))
+                    except (OSError, ValueError) as e:
+                        error = e
+                agree(error, self.table_group, "create the exported model's table files")
+                send_rows_to_rank0(shard, write)
+        if self.rank != 0:
+            return None
+        gathered = build_model(run.model, tok, _exported_tables(folder))
+        result = gathered.load_state_dict(backbone, strict=False)
+        missing = set(result.missing_keys) - {f"{n}.weight" for n in tables}
+        if missing or result.unexpected_keys:
+            raise ValueError(f"the gathered state does not fit the model: {missing}, {result.unexpected_keys}")
         return gathered
 
     def close(self) -> None:
@@ -248,15 +253,13 @@ class DataParallel(SingleProcess):
             dist.destroy_process_group()
 
 
-def _export_tables(folder: Path) -> TableFactory:
-    """Empty (sparse) disk tables at ``folder/layerNN.rows``, filled by :func:`send_rows_to_rank0`: where
-    :func:`engram.model.save_model` keeps them in place."""
-    folder.mkdir(parents=True, exist_ok=True)
+def _exported_tables(folder: Path) -> TableFactory:
+    """The disk tables :meth:`DataParallel.final_model` wrote to ``folder/layerNN.rows``, opened in place (where
+    :func:`engram.model.save_model` keeps them)."""
 
     def make(layer_id: int, head_sizes: list[int], head_dim: int, init_std: float) -> OffloadedEmbedding:
-        store = DiskRowStore.create(
-            folder / table_file_name(layer_id, "disk"), sum(head_sizes), head_dim, init_std=0.0, overwrite=True
-        )
+        path = folder / table_file_name(layer_id, "disk")
+        store = DiskRowStore(path, num_rows=sum(head_sizes), dim=head_dim)
         return OffloadedEmbedding(head_sizes, head_dim, store, init_std=init_std)
 
     return make
