@@ -88,14 +88,7 @@ from ..files import AppendOnlyFile, atomic_write, remove_durably
 from .embedding import OffloadedEmbedding
 from .optim import SparseRowOptimizer
 from .tables import offloaded_tables
-from .tiers import (
-    DiskRowStore,
-    HostRowStore,
-    RowStore,
-    _as_numpy,
-    chunk_rows_for,
-    to_tier,
-)
+from .tiers import DiskRowStore, HostRowStore, RowStore, _as_numpy, chunk_rows_for, write_row_file
 
 logger = logging.getLogger(__name__)
 
@@ -529,7 +522,9 @@ class ShadowJournal:
     def checkpoint(self, step: int) -> dict:
         if self.journal is None:  # the first checkpoint: the shadow is the whole table, copied once
             self.directory.mkdir(parents=True, exist_ok=True)
-            shadows = [to_tier(s, "disk", path=p, overwrite=True) for s, p in zip(self.stores, self.paths)]
+            for s, p in zip(self.stores, self.paths):  # plain file writes: the copy never sits in this process
+                write_row_file(p, s.num_rows, s.dim, s.format, s.read_range)
+            shadows = self._open_shadows()
             self.journal = RowJournal(self._journal_dir, shadows, fresh=True)
         else:
             rows = self._touched.all()
