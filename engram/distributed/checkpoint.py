@@ -165,15 +165,19 @@ class ShardedCheckpointManager(CheckpointManager):
             (tmp / TABLES_DIR).mkdir(parents=True)
         dist.barrier(group=self.group)
 
-        if tier == "device":
-            names = [self._save_device_shards(tmp, rank, world, tables, params, optimizers, is_table_opt)]
-        else:
-            names = [journal_file_name(rank, world)]
-            torch.save(journal, tmp / names[0])
-        for name in names:
+        error, info = None, {}
+        try:  # this rank's own table file (disk full, ...): every rank must learn of a failure
+            if tier == "device":
+                name = self._save_device_shards(tmp, rank, world, tables, params, optimizers, is_table_opt)
+            else:
+                name = journal_file_name(rank, world)
+                torch.save(journal, tmp / name)
             set_file_mode(tmp / name)
             fsync_file(tmp / name)
-        info = {name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size} for name in names}
+            info = {name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}}
+        except Exception as e:
+            error = e
+        agree(error, self.group, f"write its table file of checkpoint {final.name}", CheckpointError)
         infos: list[Any] = [None] * world
         dist.all_gather_object(infos, info, group=self.group)
 
@@ -201,10 +205,13 @@ class ShardedCheckpointManager(CheckpointManager):
                 )
                 fsync_dir(tmp / TABLES_DIR)
                 self.publish(tmp, final)
+            except Exception as e:  # the other ranks must learn of it, not wait for rank 0
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = e
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        dist.barrier(group=self.group)
+        agree(error, self.group, f"publish checkpoint {final.name}", CheckpointError)
         return final
 
     @staticmethod
@@ -247,8 +254,7 @@ class ShardedCheckpointManager(CheckpointManager):
     ) -> dict[str, Any]:
         """Load a checkpoint saved on any number of ranks into ``model`` and ``optimizers`` (in place); returns
         the other state (``step``, ``config``, ``extra``, schedule, data generator, rng; for host / disk shards
-        ``table_optimizer``, whose ``row_state`` reads this rank's rows from the saved files on demand: pass it to
-        :meth:`~engram.storage.SparseRowOptimizer.load_state_dict` before the next save)."""
+        ``table_journal``, every saved rank's journal records, for :meth:`ShardedTableJournals.restore`)."""
         folder = self.resolve(which)
         files = read_manifest(folder)
         verify_files(folder, files, [META_FILE, STATE_FILE, MODEL_FILE])

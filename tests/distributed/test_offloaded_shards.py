@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from engram.distributed import ShardedEmbedding
+from engram.files import FAULT_ENV, FAULT_MARKER_ENV
 from engram.model import load_model
 from engram.storage import offloaded_tables
-from engram.train.checkpoint import FAULT_ENV
 from engram.train.optim import OptimConfig
 from engram.train.trainer import RunConfig, train
 
@@ -91,7 +91,7 @@ def test_a_2_rank_run_with_host_or_disk_shards_is_the_single_process_run(tmp_pat
     assert torch.equal(t.store.read_range(0, t.num_rows), two["state"][table])
 
 
-def test_a_2_rank_disk_run_killed_after_and_during_a_checkpoint_resumes_exactly(tmp_path, corpus_dir, monkeypatch):
+def test_a_2_rank_disk_run_killed_after_during_and_inside_a_step_resumes_exactly(tmp_path, corpus_dir, monkeypatch):
     cache = tmp_path / "cache"
     kw = dict(steps=6, ckpt_every=2, eval_every=3)
     full, _ = run_ranks(
@@ -102,11 +102,15 @@ def test_a_2_rank_disk_run_killed_after_and_during_a_checkpoint_resumes_exactly(
     # killed after step 3: the shards' files hold step 3, the latest checkpoint is step 2
     kill_ranks_when(_train_worker, 2, tmp_path, tmp_path / "paused", run, None, 3, tmp_path / "paused")
     assert (ckpts / "latest").read_text().strip() == "step_00000002"
-    # killed inside the checkpoint of step 4 (journals sealed, step folder not yet published)
-    monkeypatch.setenv(FAULT_ENV, "checkpoint-4")
-    kill_ranks_when(_train_worker, 2, tmp_path, ckpts / ".fault-checkpoint-4", run, None)
+    # killed inside the checkpoint of step 4 (journals sealed, step folder not yet published), then inside the
+    # update of step 4 (row-optimizer state written in place, table rows not yet: a half-updated shard)
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault"))
+    for fault in ("checkpoint-4", "row-update-2"):
+        monkeypatch.setenv(FAULT_ENV, fault)
+        kill_ranks_when(_train_worker, 2, tmp_path, tmp_path / "fault", run, None)
+        (tmp_path / "fault").unlink()
+        assert (ckpts / "latest").read_text().strip() == "step_00000002"
     monkeypatch.delenv(FAULT_ENV)
-    assert (ckpts / "latest").read_text().strip() == "step_00000002"
     resumed, _ = run_ranks(_train_worker, 2, tmp_path, run, None)
     assert resumed["losses"] == full["losses"] and resumed["val"] == full["val"]
     for k, v in full["state"].items():
