@@ -682,7 +682,7 @@ def row_file_writer(
     writes rows at ``start`` with plain file writes: not through a map, and no :class:`DiskRowStore` is opened,
     so the process holds only what it passes in, and no lock file is left beside the new file."""
     fmt = row_format(dtype)
-    num_rows, dim, _ = _check_shape(num_rows, dim, fmt.default_dtype)
+    num_rows, dim, _ = _check_shape(num_rows, dim, fmt.default_dtype, fmt)
     path = Path(path)
     _write_empty_disk_file(path, num_rows, dim, fmt)
     row_bytes = fmt.row_bytes(dim)
