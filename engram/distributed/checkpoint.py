@@ -6,18 +6,26 @@ Layout of one step directory (same atomic protocol and manifest as :class:`engra
         model.safetensors                        backbone tensors, full (gathered from FSDP shards), rank 0
         state.pt                                 backbone optimizers (full, keyed by parameter name), table
                                                  optimizer hyper-parameters, schedule, data generator, rng
-        meta.json                                step, config, extra, and "sharded_tables": the world size of the
-                                                 save and every table's size and row boundaries
-        tables/rank00000-of-00002.safetensors    rank 0's rows of every table, and its table-optimizer state
-        tables/rank00001-of-00002.safetensors    rows (Adam moments, RowWiseAdam per-row state) for those rows
+        meta.json                                step, config, extra, and "sharded_tables": the world size and
+                                                 tier of the save and every table's size and row boundaries
+        tables/rank00000-of-00002.safetensors    device shards: rank 0's rows of every table, and its
+        tables/rank00001-of-00002.safetensors    table-optimizer state for those rows (Adam moments, RowWiseAdam
+                                                 per-row state)
+        tables/rank00000-of-00002.journal.pt     host / disk shards: rank 0's table-journal records, no rows
+                                                 (the rows stay in the rank's live files, journaled:
+                                                 :mod:`engram.distributed.shard_journal`)
         manifest.json                            sha256 and size of all of the above; written last
 
 Each rank writes its own table file; rank 0 writes the rest, then the manifest, then renames the directory into
 place and moves ``latest``. The directory must be on a file system every rank sees.
 
-Loading re-slices: a rank that now owns rows ``[start, end)`` reads exactly those rows (and their optimizer
-state) from whichever saved files hold them, so a run saved on W ranks resumes on any W'. The backbone is saved
-whole, so it loads onto any data-parallel layout (FSDP2 or DDP, any size).
+Loading re-slices device shards: a rank that now owns rows ``[start, end)`` reads exactly those rows (and their
+optimizer state) from whichever saved files hold them, so a run saved on W ranks resumes on any W'. Host and disk
+shards return every rank's journal records (``state["table_journal"]``), with which
+:class:`~engram.distributed.shard_journal.ShardedTableJournals` restores (and, on another number of ranks,
+re-slices) the live files. The backbone is saved whole, so it loads onto any data-parallel layout (FSDP2 or DDP,
+any size). A checkpoint loads into shards of the tier it was saved from; a rank that finds its files missing or
+corrupt makes every rank raise (no rank is left waiting in a collective).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -43,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..files import fsync_dir, fsync_file, set_file_mode, sha256_file
+from ..storage.tiers import chunk_rows_for, to_device
 from ..train.checkpoint import (
     META_FILE,
     MODEL_FILE,
@@ -55,18 +64,32 @@ from ..train.checkpoint import (
     write_manifest,
 )
 from .parallelize import sharded_tables
+from .sharded_table import ShardedEmbedding, agree, rank_folder_name
 
 TABLES_DIR = "tables"
 _STATE_SEP = "::"  # "<table param name>::<optimizer state key>" in a table file
 
 
 def table_file_name(rank: int, world_size: int) -> str:
-    return f"{TABLES_DIR}/rank{rank:05d}-of-{world_size:05d}.safetensors"
+    return f"{TABLES_DIR}/{rank_folder_name(rank, world_size)}.safetensors"
+
+
+def journal_file_name(rank: int, world_size: int) -> str:
+    """A host / disk shard's checkpoint file: the rank's table-journal records (no rows)."""
+    return f"{TABLES_DIR}/{rank_folder_name(rank, world_size)}.journal.pt"
 
 
 def _table_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``{"blocks.1.engram.table.weight": local rows}`` for every sharded table."""
-    return {f"{name}.weight": t.weight for name, t in sharded_tables(model).items()}
+    """``{"blocks.1.engram.table.weight": local rows}`` for every device-tier sharded table."""
+    return {f"{name}.weight": t.weight for name, t in sharded_tables(model).items() if t.local is None}
+
+
+def shard_tier(tables: dict[str, ShardedEmbedding]) -> str:
+    """The tier all sharded tables of a model live in (``"device"`` for a model without any)."""
+    tiers = {t.tier for t in tables.values()}
+    if len(tiers) > 1:
+        raise ValueError(f"the sharded tables live in several tiers ({sorted(tiers)}); checkpoints need one")
+    return tiers.pop() if tiers else "device"
 
 
 def _split_optimizers(optimizers: list[torch.optim.Optimizer], table_params: dict[str, nn.Parameter]) -> list[bool]:
@@ -82,6 +105,18 @@ def _split_optimizers(optimizers: list[torch.optim.Optimizer], table_params: dic
             )
         flags.append(bool(mine) and all(mine))
     return flags
+
+
+def _check_journaled(state: dict[str, Any], journal: dict | None) -> None:
+    """Host / disk shards are checkpointed by their journals: the state must carry this rank's journal records
+    and no row state (see :mod:`engram.distributed.shard_journal`)."""
+    rows_inside = (state.get("table_optimizer") or {}).get("row_state") is not None
+    if journal is None or rows_inside:
+        raise ValueError(
+            "host / disk table shards are checkpointed by their row journals: save inside "
+            "ShardedTableJournals.rows_left_out(), with its checkpoint(step) record as state['table_journal'] "
+            "(the trainer does)"
+        )
 
 
 class ShardedCheckpointManager(CheckpointManager):
@@ -109,6 +144,7 @@ class ShardedCheckpointManager(CheckpointManager):
         state = dict(state or {})
         rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
         tables = sharded_tables(model)
+        tier = shard_tier(tables)
         params = _table_params(model)
         is_table_opt = _split_optimizers(optimizers, params)
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -117,6 +153,9 @@ class ShardedCheckpointManager(CheckpointManager):
             self._table_optimizer_groups(o, params) if t else get_optimizer_state_dict(model, o, options=full)
             for o, t in zip(optimizers, is_table_opt)
         ]
+        journal = state.pop("table_journal", None)
+        if tier != "device":
+            _check_journaled(state, journal)
 
         final = self.directory / self.step_dir_name(step)
         tmp = self.directory / f".tmp-{final.name}-sharded"
@@ -126,6 +165,58 @@ class ShardedCheckpointManager(CheckpointManager):
             (tmp / TABLES_DIR).mkdir(parents=True)
         dist.barrier(group=self.group)
 
+        error, info = None, {}
+        try:  # this rank's own table file (disk full, ...): every rank must learn of a failure
+            if tier == "device":
+                name = self._save_device_shards(tmp, rank, world, tables, params, optimizers, is_table_opt)
+            else:
+                name = journal_file_name(rank, world)
+                torch.save(journal, tmp / name)
+            set_file_mode(tmp / name)
+            fsync_file(tmp / name)
+            info = {name: {"sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}}
+        except Exception as e:
+            error = e
+        agree(error, self.group, f"write its table file of checkpoint {final.name}", CheckpointError)
+        infos: list[Any] = [None] * world
+        dist.all_gather_object(infos, info, group=self.group)
+
+        if rank == 0:
+            try:
+                save_file(_tensors_for_safetensors(backbone), str(tmp / MODEL_FILE))
+                meta = {
+                    "step": int(step),
+                    "config": state.pop("config", None),
+                    "extra": state.pop("extra", None),
+                    "sharded_tables": {
+                        "world_size": world,
+                        "tier": tier,
+                        "files": [next(iter(i)) for i in infos],
+                        "tables": {
+                            f"{n}.weight": {"num_rows": t.num_rows, "head_dim": t.head_dim, "bounds": t.bounds}
+                            for n, t in tables.items()
+                        },
+                    },
+                }
+                (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+                torch.save({**state, "optimizers": opt_states}, tmp / STATE_FILE)
+                write_manifest(
+                    tmp, step, (MODEL_FILE, META_FILE, STATE_FILE), known={k: v for i in infos for k, v in i.items()}
+                )
+                fsync_dir(tmp / TABLES_DIR)
+                self.publish(tmp, final)
+            except Exception as e:  # the other ranks must learn of it, not wait for rank 0
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = e
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        agree(error, self.group, f"publish checkpoint {final.name}", CheckpointError)
+        return final
+
+    @staticmethod
+    def _save_device_shards(tmp, rank, world, tables, params, optimizers, is_table_opt) -> str:
+        """This rank's rows of every device table and their optimizer state, as one safetensors file."""
         name = table_file_name(rank, world)
         tensors: dict[str, torch.Tensor] = {}
         for pname, p in params.items():
@@ -141,43 +232,7 @@ class ShardedCheckpointManager(CheckpointManager):
             str(tmp / name),
             metadata={"rank": str(rank), "world_size": str(world), "ranges": json.dumps(ranges)},
         )
-        set_file_mode(tmp / name)
-        fsync_file(tmp / name)
-        info = {"name": name, "sha256": sha256_file(tmp / name), "size": (tmp / name).stat().st_size}
-        infos: list[Any] = [None] * world
-        dist.all_gather_object(infos, info, group=self.group)
-
-        if rank == 0:
-            try:
-                save_file(_tensors_for_safetensors(backbone), str(tmp / MODEL_FILE))
-                meta = {
-                    "step": int(step),
-                    "config": state.pop("config", None),
-                    "extra": state.pop("extra", None),
-                    "sharded_tables": {
-                        "world_size": world,
-                        "files": [i["name"] for i in infos],
-                        "tables": {
-                            f"{n}.weight": {"num_rows": t.num_rows, "head_dim": t.head_dim, "bounds": t.bounds}
-                            for n, t in tables.items()
-                        },
-                    },
-                }
-                (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
-                torch.save({**state, "optimizers": opt_states}, tmp / STATE_FILE)
-                write_manifest(
-                    tmp,
-                    step,
-                    (MODEL_FILE, META_FILE, STATE_FILE),
-                    known={i["name"]: {"sha256": i["sha256"], "size": i["size"]} for i in infos},
-                )
-                fsync_dir(tmp / TABLES_DIR)
-                self.publish(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        dist.barrier(group=self.group)
-        return final
+        return name
 
     @staticmethod
     def _table_optimizer_groups(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> dict[str, Any]:
@@ -198,7 +253,8 @@ class ShardedCheckpointManager(CheckpointManager):
         which: str | int | os.PathLike[str] = "latest",
     ) -> dict[str, Any]:
         """Load a checkpoint saved on any number of ranks into ``model`` and ``optimizers`` (in place); returns
-        the other state (``step``, ``config``, ``extra``, schedule, data generator, rng)."""
+        the other state (``step``, ``config``, ``extra``, schedule, data generator, rng; for host / disk shards
+        ``table_journal``, every saved rank's journal records, for :meth:`ShardedTableJournals.restore`)."""
         folder = self.resolve(which)
         files = read_manifest(folder)
         verify_files(folder, files, [META_FILE, STATE_FILE, MODEL_FILE])
@@ -211,8 +267,15 @@ class ShardedCheckpointManager(CheckpointManager):
             )
         params = _table_params(model)
         tables = sharded_tables(model)
-        if set(saved["tables"]) != set(params):
-            raise CheckpointError(f"{folder} holds tables {sorted(saved['tables'])}, the model has {sorted(params)}")
+        tier, saved_tier = shard_tier(tables), saved.get("tier", "device")
+        if tier != saved_tier:
+            raise CheckpointError(
+                f"{folder} holds {saved_tier}-tier table shards, this model's are {tier}-tier; resume with "
+                f"train.table_tier={saved_tier} (the tier the run started with)"
+            )
+        names = {f"{n}.weight" for n in tables}
+        if set(saved["tables"]) != names:
+            raise CheckpointError(f"{folder} holds tables {sorted(saved['tables'])}, the model has {sorted(names)}")
         for n, t in tables.items():
             s = saved["tables"][f"{n}.weight"]
             if (s["num_rows"], s["head_dim"]) != (t.num_rows, t.head_dim):
@@ -220,11 +283,24 @@ class ShardedCheckpointManager(CheckpointManager):
                     f"{folder}: table {n} was saved as {s['num_rows']} x {s['head_dim']} rows, the "
                     f"model's is {t.num_rows} x {t.head_dim}"
                 )
+            if len(s["bounds"]) != saved["world_size"] + 1 or len(saved["files"]) != saved["world_size"]:
+                raise CheckpointError(
+                    f"{folder}: meta.json says {saved['world_size']} ranks saved it, but lists "
+                    f"{len(saved['files'])} rank files and {len(s['bounds']) - 1} shards of table {n}"
+                )
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         if len(state["optimizers"]) != len(optimizers):
             raise CheckpointError(
                 f"{folder} holds {len(state['optimizers'])} optimizer states, the run has {len(optimizers)} optimizers"
             )
+        # every check above read the same shared files on every rank; the table files differ by rank
+        error = None
+        try:  # a host / disk resume reads every rank's journal records (small): a resharded one needs them all
+            needed = self._device_files_needed(saved, tables) if tier == "device" else saved["files"]
+            verify_files(folder, files, needed)
+        except CheckpointError as e:
+            error = e
+        agree(error, self.group, f"load {folder}", CheckpointError)
 
         full = StateDictOptions(full_state_dict=True, strict=False)
         result = set_model_state_dict(model, load_file(str(folder / MODEL_FILE)), options=full)
@@ -235,29 +311,36 @@ class ShardedCheckpointManager(CheckpointManager):
                 f"unexpected {sorted(result.unexpected_keys)})"
             )
         is_table_opt = _split_optimizers(optimizers, params)
-        table_state = self._load_table_rows(folder, files, saved, tables)
+        table_state = self._load_table_rows(folder, saved, tables) if tier == "device" else {}
         for o, t, s in zip(optimizers, is_table_opt, state.pop("optimizers")):
             if t:
                 self._load_table_optimizer(o, s, params, table_state)
             else:
                 set_optimizer_state_dict(model, o, s, options=StateDictOptions(full_state_dict=True))
+        if tier != "device":
+            records = [torch.load(folder / n, map_location="cpu", weights_only=True) for n in saved["files"]]
+            state["table_journal"] = {"world_size": saved["world_size"], "ranks": records}
         state.update({"config": meta.get("config"), "extra": meta.get("extra") or {}, "step": int(meta["step"])})
         return state
 
-    def _load_table_rows(
-        self, folder: Path, files: dict[str, Any], saved: dict[str, Any], tables: dict[str, Any]
-    ) -> dict[str, dict[str, torch.Tensor]]:
-        """Copy this rank's rows into each table; returns its rows of the table-optimizer state, by table."""
-        needed = set()
+    @staticmethod
+    def _device_files_needed(saved: dict[str, Any], tables: dict[str, ShardedEmbedding]) -> list[str]:
+        needed = {0}  # scalars (e.g. Adam's step) are in every file; read them from the first
         for n, t in tables.items():
             bounds = saved["tables"][f"{n}.weight"]["bounds"]
-            needed.add(0)  # scalars (e.g. Adam's step) are in every file; read them from the first
             needed.update(r for r in range(len(bounds) - 1) if bounds[r] < t.end and bounds[r + 1] > t.start)
-        verify_files(folder, files, [saved["files"][r] for r in sorted(needed)])
+        return [saved["files"][r] for r in sorted(needed)]
+
+    def _load_table_rows(
+        self, folder: Path, saved: dict[str, Any], tables: dict[str, Any]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Copy this rank's rows into each device table; returns its rows of the table-optimizer state, by table."""
+        needed = self._device_files_needed(saved, tables)
         with contextlib.ExitStack() as stack:
             handles = {
                 r: stack.enter_context(safe_open(str(folder / saved["files"][r]), framework="pt"))
-                for r in sorted(needed)
+                for r in range(len(saved["files"]))
+                if saved["files"][r] in needed
             }
             return self._read_rows(handles, saved, tables)
 
@@ -311,18 +394,41 @@ class ShardedCheckpointManager(CheckpointManager):
         )
 
 
-def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+def send_rows_to_rank0(table: ShardedEmbedding, write: Callable[[int, torch.Tensor], None] | None) -> None:
+    """Every rank's rows of ``table``, chunk by chunk (~64 MiB), to rank 0 of its group: rank 0 calls
+    ``write(first_row, rows)`` for each chunk in row order (its own rows too), the others send theirs. Collective
+    over ``table.group``; no rank holds more than one chunk besides its shard."""
+    store = table.local_rows()
+    chunk = chunk_rows_for(store.row_bytes)
+    device = table.offsets.device  # the compute device: where the backend moves tensors (CUDA for nccl)
+    for r in range(table.world_size):
+        lo, hi = table.bounds[r], table.bounds[r + 1]
+        for a in range(lo, hi, chunk):
+            b = min(hi, a + chunk)
+            if table.rank == r == 0:
+                write(a, store.read_range(a - lo, b - lo))
+            elif table.rank == r:
+                rows = to_device(store.read_range(a - lo, b - lo).contiguous(), device)
+                dist.send(rows, group_dst=0, group=table.group)
+            elif table.rank == 0:
+                rows = torch.empty(b - a, store.dim, dtype=store.dtype, device=device)
+                dist.recv(rows, group_src=r, group=table.group)
+                write(a, rows)
+
+
+def gather_full_state_dict(model: nn.Module, offloaded: bool = True) -> dict[str, torch.Tensor] | None:
     """The unsharded model's state dict (as a single-process :class:`~engram.model.EngramLM` has it) on rank 0,
-    ``None`` on the other ranks. Collective. Holds the whole model in rank 0's memory: for export and tests."""
+    ``None`` on the other ranks. Collective. Holds the whole model in rank 0's memory: for export and tests.
+    ``offloaded=False`` leaves out the host / disk tables (an export streams them to files instead)."""
+    tables = sharded_tables(model)
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     sd = {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}  # on the CPU these would alias the params
     rank = dist.get_rank()
-    for name, t in sharded_tables(model).items():
-        longest = max(b - a for a, b in zip(t.bounds, t.bounds[1:]))
-        padded = t.weight.detach().new_zeros(longest, t.head_dim)
-        padded[: t.end - t.start] = t.weight.detach()
-        parts = [torch.empty_like(padded) for _ in range(t.world_size)] if t.rank == 0 else None
-        dist.gather(padded, parts, group=t.group, group_dst=0)
+    for name, t in tables.items():
+        if t.local is not None and not offloaded:
+            continue
+        full = torch.empty(t.num_rows, t.head_dim, dtype=t.local_rows().dtype) if t.rank == 0 else None
+        send_rows_to_rank0(t, None if full is None else lambda a, rows: full[a : a + len(rows)].copy_(rows))
         if t.rank == 0:
-            sd[f"{name}.weight"] = torch.cat([p[: b - a] for p, a, b in zip(parts, t.bounds, t.bounds[1:])]).cpu()
+            sd[f"{name}.weight"] = full
     return sd if rank == 0 else None

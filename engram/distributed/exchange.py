@@ -40,9 +40,10 @@ class RowExchange:
     """The routing plan of one batch of row ids: who asks whom for which rows (module docstring).
 
     Building it costs two small all-to-alls (the per-owner counts and the deduplicated ids) and one host sync
-    (the counts become the split sizes). Then :meth:`fetch` moves rows owner -> requester and
-    :meth:`return_grads` moves row gradients requester -> owner. Every rank of ``group`` must build its plan,
-    and call ``fetch`` / ``return_grads``, in the same order: they are collectives.
+    (the counts become the split sizes). Then :meth:`send_rows` (:meth:`fetch` for a local weight tensor) moves
+    rows owner -> requester and :meth:`return_row_grads` (:meth:`return_grads`, summed into a dense local
+    gradient) moves row gradients requester -> owner. Every rank of ``group`` must build its plan, and make
+    these transfers, in the same order: they are collectives.
     """
 
     def __init__(self, row_ids: torch.Tensor, bounds: list[int], group: dist.ProcessGroup | None = None):
@@ -70,19 +71,30 @@ class RowExchange:
 
         With ``async_op`` returns ``(rows, work)``; the rows are valid after ``work.wait()``.
         """
-        replies = local_weight.detach().index_select(0, self.served)
-        rows = local_weight.new_empty(self.num_unique, local_weight.shape[1])
+        return self.send_rows(local_weight.detach().index_select(0, self.served), async_op)
+
+    def send_rows(self, replies: torch.Tensor, async_op: bool = False):
+        """The forward transfer given the rows this rank serves, ``replies [len(served), dim]`` (its local rows
+        ``served``, however it read them: a parameter, a host or disk store): returns the rows ``[U, dim]`` of
+        the unique ids (with ``async_op``, ``(rows, work)``)."""
+        rows = replies.new_empty(self.num_unique, replies.shape[1])
         work = dist.all_to_all_single(
-            rows, replies, self.send_counts, self.recv_counts, group=self.group, async_op=async_op
+            rows, replies.contiguous(), self.send_counts, self.recv_counts, group=self.group, async_op=async_op
         )
         return (rows, work) if async_op else rows
 
     def return_grads(self, grad_rows: torch.Tensor, num_local_rows: int) -> torch.Tensor:
         """Send ``grad_rows [U, dim]`` (one row per unique id) back to the owners; returns this rank's dense
         local gradient ``[num_local_rows, dim]``, where rows asked by several ranks sum their gradients."""
+        arrived = self.return_row_grads(grad_rows)
+        return grad_rows.new_zeros(num_local_rows, grad_rows.shape[1]).index_add_(0, self.served, arrived)
+
+    def return_row_grads(self, grad_rows: torch.Tensor) -> torch.Tensor:
+        """The backward transfer: send ``grad_rows [U, dim]`` back to the owners; returns the gradients of the
+        rows this rank served, ``[len(served), dim]`` in the order of ``served`` (not yet summed per row)."""
         arrived = grad_rows.new_empty(self.served.numel(), grad_rows.shape[1])
         dist.all_to_all_single(arrived, grad_rows.contiguous(), self.recv_counts, self.send_counts, group=self.group)
-        return grad_rows.new_zeros(num_local_rows, grad_rows.shape[1]).index_add_(0, self.served, arrived)
+        return arrived
 
     def bytes_moved(self, head_dim: int, value_bytes: int, id_bytes: int = 8) -> dict[str, int]:
         """Bytes this rank sends to *other* ranks for this plan (its own shard is a local copy):

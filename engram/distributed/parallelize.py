@@ -117,13 +117,17 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: dist.ProcessGroup 
     (``<= 0``: measure only); returns the norm before clipping, the same on every rank.
 
     Replicated gradients (DDP) count once; FSDP2 shards (DTensor) and table row shards are disjoint pieces of
-    one gradient, so their squares are summed over ranks. Equals ``torch.nn.utils.clip_grad_norm_`` of the
-    unsharded model up to summation order.
+    one gradient, so their squares are summed over ranks. The row gradients a host / disk shard captured (no
+    parameters: :meth:`~engram.storage.OffloadedEmbedding.row_grad_tensors`) are row shards too, and are scaled
+    with the rest, so its :class:`~engram.storage.SparseRowOptimizer` steps with the clipped gradient. Equals
+    ``torch.nn.utils.clip_grad_norm_`` of the unsharded model up to summation order.
     """
     from torch.distributed.tensor import DTensor
 
-    table_params = {p for t in sharded_tables(model).values() for p in t.parameters()}
-    params = [p for p in model.parameters() if p.grad is not None]
+    tables = sharded_tables(model).values()
+    row_grads = [leaf for t in tables if t.local is not None for leaf in t.local.row_grad_tensors()]
+    table_params = {p for t in tables for p in t.parameters()} | set(row_grads)
+    params = [p for p in model.parameters() if p.grad is not None] + row_grads
     device = params[0].grad.device if params else torch.device("cpu")
     local = torch.zeros((), dtype=torch.float64, device=device)  # sum of squares of this rank's pieces
     replicated = torch.zeros((), dtype=torch.float64, device=device)

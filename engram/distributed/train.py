@@ -9,11 +9,13 @@
   its own ``batch_size / world_size`` rows (:func:`~engram.train.data.random_batch` with ``rank``), so the
   data a step sees does not depend on the number of ranks, and a run resumed on another number of ranks
   continues on the same batches.
-* The Engram tables are built sharded (:func:`sharded_table_factory`, each rank initialises only its rows) and
-  the backbone is data-parallel (``train.data_parallel``: FSDP2 or DDP); see :mod:`.parallelize`.
+* The Engram tables are built sharded (:func:`sharded_table_factory`, each rank initialises only its rows, in
+  ``train.table_tier``: device, host or its own disk files) and the backbone is data-parallel
+  (``train.data_parallel``: FSDP2 or DDP); see :mod:`.parallelize`.
 * Gradient clipping uses the global norm, MoE expert loads are summed over ranks before the bias update, the
   logged loss is the global-batch mean, and an interrupt on any rank stops every rank at the same step.
-* Checkpoints are :class:`ShardedCheckpointManager` directories (resumable on any number of ranks).
+* Checkpoints are :class:`ShardedCheckpointManager` directories (resumable on any number of ranks); host and
+  disk shards are checkpointed by each rank's row journals (:mod:`.shard_journal`).
 * Evaluation runs the same validation batches on every rank (the sharded tables need every rank in each
   lookup), so every rank gets the numbers a single process would.
 * Rank 0 owns the run folder (its lock, config, metrics) and at the end gathers the model and writes the usual
@@ -22,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from datetime import timedelta
@@ -33,11 +36,26 @@ import torch.distributed as dist
 
 from ..files import FileLock, LockedError
 from ..model.model import EngramLM, TableFactory
+from ..model.tables import TABLES_DIR
+from ..storage import DiskRowStore, OffloadedEmbedding, SparseRowOptimizer
+from ..storage.tables import table_file_name
+from ..storage.tiers import row_file_writer
 from ..train.data import TextTokenizer, TokenizedCorpus, random_batch
-from ..train.trainer import RunConfig, SingleProcess, TrainConfig, TrainResult, build_model, prepare_data, train
-from .checkpoint import ShardedCheckpointManager, gather_full_state_dict
-from .parallelize import apply_data_parallel, clip_grad_norm_, global_mean, sync_expert_counts
-from .sharded_table import sharded_table_factory
+from ..train.trainer import (
+    RunConfig,
+    SingleProcess,
+    TrainConfig,
+    TrainResult,
+    build_model,
+    disk_table_dir,
+    prepare_data,
+    table_journal_dir,
+    train,
+)
+from .checkpoint import ShardedCheckpointManager, gather_full_state_dict, send_rows_to_rank0, shard_tier
+from .parallelize import apply_data_parallel, clip_grad_norm_, global_mean, sharded_tables, sync_expert_counts
+from .shard_journal import ShardedTableJournals, offloaded_shards
+from .sharded_table import agree, sharded_table_factory
 
 
 def launched_distributed() -> bool:
@@ -88,11 +106,6 @@ class DataParallel(SingleProcess):
                 f"train.batch_size ({tcfg.batch_size}) is the global batch and must divide evenly "
                 f"over {self.world_size} ranks"
             )
-        if tcfg.table_tier != "device":
-            raise ValueError(
-                f"train.table_tier={tcfg.table_tier!r}: a distributed run shards its tables over the "
-                f"ranks (table_tier=device); offloaded tables are for single-process runs"
-            )
         self.data_parallel = tcfg.data_parallel
         self.table_group: dist.ProcessGroup | None = None
 
@@ -125,10 +138,42 @@ class DataParallel(SingleProcess):
             dist.barrier()
         return result
 
+    def reopens_tables(self, ckpt: ShardedCheckpointManager, resume_at: int | None) -> bool:
+        """A resume reopens the ranks' host / disk shard files when the checkpoint was saved on as many ranks;
+        on another number of ranks the shards are created fresh and re-sliced from the saved layout's files
+        (:mod:`.shard_journal`). Every rank reads the same meta.json: the same answer."""
+        if resume_at is None:
+            return False
+        saved = ckpt.meta(resume_at).get("sharded_tables") or {}
+        return saved.get("world_size") == self.world_size
+
     def table_factory(self, tcfg: TrainConfig, reopen: bool = False) -> TableFactory | None:
-        """Row-sharded device tables (``reopen`` is for host / disk tables, which a distributed run refuses)."""
+        """Tables sharded over the ranks, each rank's rows in ``train.table_tier``; disk shards in
+        ``<table_dir>/rank{r}-of-{W}/layerNN.rows`` (``reopen``: opened as they are, for a resume)."""
         self.table_group = dist.new_group(backend=dist.get_backend())  # table all-to-alls never queue behind DP
-        return sharded_table_factory(self.table_group, seed=tcfg.seed)
+        return sharded_table_factory(
+            self.table_group,
+            seed=tcfg.seed,
+            tier=tcfg.table_tier,
+            path_dir=disk_table_dir(tcfg),
+            cache_bytes=tcfg.table_cache_bytes,
+            overwrite=True,
+            reopen=reopen,
+        )
+
+    def table_journals(
+        self, model: EngramLM, table_opt: SparseRowOptimizer, tcfg: TrainConfig, fresh: bool
+    ) -> ShardedTableJournals:
+        """Each rank's journals of its own shards, in its ``rank{r}-of-{W}`` folders."""
+        return ShardedTableJournals(
+            model,
+            table_opt,
+            tier=tcfg.table_tier,
+            disk_dir=disk_table_dir(tcfg),
+            host_dir=table_journal_dir(tcfg),
+            fresh=fresh,
+            group=self.table_group,
+        )
 
     def wrap(self, model: EngramLM) -> torch.nn.Module:
         return apply_data_parallel(model, self.data_parallel, device=self.device)
@@ -166,17 +211,58 @@ class DataParallel(SingleProcess):
         return ckpt.load(model, optimizers, step)
 
     def final_model(self, model: EngramLM, run: RunConfig, tok: TextTokenizer) -> EngramLM | None:
-        """Rank 0: the gathered single-process model; the other ranks: None (collective)."""
-        full = gather_full_state_dict(model)
+        """Rank 0: the gathered single-process model; the other ranks: None (collective).
+
+        Device shards are gathered into rank 0's memory. Host and disk shards are streamed, chunk by chunk, into
+        disk tables of the exported model (``model/tables/layerNN.rows``, opened in place by ``load_model``) with
+        plain file writes: no process ever holds a whole table, but rank 0's disk holds all of it."""
+        tables = sharded_tables(model)
+        if shard_tier(tables) == "device":
+            full = gather_full_state_dict(model)
+            if self.rank != 0:
+                return None
+            gathered = build_model(run.model, tok)
+            gathered.load_state_dict(full)
+            return gathered
+        backbone = gather_full_state_dict(model, offloaded=False)
+        folder = Path(run.train.out_dir) / "model" / TABLES_DIR
+        for layer_id, shard in offloaded_shards(model).values():
+            with contextlib.ExitStack() as files:
+                write, error = None, None
+                if self.rank == 0:
+                    try:  # the other ranks must not wait to send their rows to a file that cannot be made
+                        folder.mkdir(parents=True, exist_ok=True)
+                        path = folder / table_file_name(layer_id, "disk")
+                        dtype = shard.local_rows().dtype
+                        write = files.enter_context(row_file_writer(path, shard.num_rows, shard.head_dim, dtype))
+                    except (OSError, ValueError) as e:
+                        error = e
+                agree(error, self.table_group, "create the exported model's table files")
+                send_rows_to_rank0(shard, write)
         if self.rank != 0:
             return None
-        gathered = build_model(run.model, tok)
-        gathered.load_state_dict(full)
+        gathered = build_model(run.model, tok, _exported_tables(folder))
+        result = gathered.load_state_dict(backbone, strict=False)
+        missing = set(result.missing_keys) - {f"{n}.weight" for n in tables}
+        if missing or result.unexpected_keys:
+            raise ValueError(f"the gathered state does not fit the model: {missing}, {result.unexpected_keys}")
         return gathered
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _exported_tables(folder: Path) -> TableFactory:
+    """The disk tables :meth:`DataParallel.final_model` wrote to ``folder/layerNN.rows``, opened in place (where
+    :func:`engram.model.save_model` keeps them)."""
+
+    def make(layer_id: int, head_sizes: list[int], head_dim: int, init_std: float) -> OffloadedEmbedding:
+        path = folder / table_file_name(layer_id, "disk")
+        store = DiskRowStore(path, num_rows=sum(head_sizes), dim=head_dim)
+        return OffloadedEmbedding(head_sizes, head_dim, store, init_std=init_std)
+
+    return make
 
 
 def train_distributed(

@@ -88,14 +88,7 @@ from ..files import AppendOnlyFile, atomic_write, remove_durably
 from .embedding import OffloadedEmbedding
 from .optim import SparseRowOptimizer
 from .tables import offloaded_tables
-from .tiers import (
-    DiskRowStore,
-    HostRowStore,
-    RowStore,
-    _as_numpy,
-    chunk_rows_for,
-    to_tier,
-)
+from .tiers import DiskRowStore, HostRowStore, RowStore, _as_numpy, chunk_rows_for, write_row_file
 
 logger = logging.getLogger(__name__)
 
@@ -511,11 +504,10 @@ class ShadowJournal:
             raise ValueError("a ShadowJournal covers one or more host stores with the same number of rows")
         self.directory = Path(directory)
         self.stores = stores
-        self.paths = [self.directory / f"{name}.shadow{i}.rows" for i in range(len(stores))]
+        self.paths, self._journal_dir = shadow_files(self.directory, name, len(stores))
         self._touched = _TouchedRows(stores[0].num_rows)
         self._paused = False
         self.journal: RowJournal | None = None
-        self._journal_dir = self.directory / f"{name}.journal"
         if fresh:
             remove_durably([*self.paths, *_journal_files(self._journal_dir)])
         elif all(p.is_file() for p in self.paths):
@@ -530,7 +522,9 @@ class ShadowJournal:
     def checkpoint(self, step: int) -> dict:
         if self.journal is None:  # the first checkpoint: the shadow is the whole table, copied once
             self.directory.mkdir(parents=True, exist_ok=True)
-            shadows = [to_tier(s, "disk", path=p, overwrite=True) for s, p in zip(self.stores, self.paths)]
+            for s, p in zip(self.stores, self.paths):  # plain file writes: the copy never sits in this process
+                write_row_file(p, s.num_rows, s.dim, s.format, s.read_range)
+            shadows = self._open_shadows()
             self.journal = RowJournal(self._journal_dir, shadows, fresh=True)
         else:
             rows = self._touched.all()
@@ -579,6 +573,19 @@ class ShadowJournal:
         ]
 
 
+def shadow_files(directory: str | Path, name: str, count: int) -> tuple[list[Path], Path]:
+    """The shadow files of a :class:`ShadowJournal` named ``name`` over ``count`` host stores, and its journal
+    folder (a resharded resume reads another layout's shadows through them)."""
+    directory = Path(directory)
+    return [directory / f"{name}.shadow{i}.rows" for i in range(count)], directory / f"{name}.journal"
+
+
+def disk_journal_dir(path: str | Path) -> Path:
+    """The journal folder of the disk table file ``path`` (``<file>.journal``, beside it)."""
+    path = Path(path)
+    return path.with_name(path.name + ".journal")
+
+
 def _journal_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
@@ -590,20 +597,31 @@ def _journal_files(directory: Path) -> list[Path]:
 class TableJournals:
     """The journals of every host / disk table of ``model`` with its row-optimizer state in ``table_opt``: the
     object the trainer checkpoints and restores (module docstring, API). Disk tables keep their journal next to
-    the table file (``<file>.journal/``); host tables keep their shadow files and journal in ``directory``."""
+    the table file (``<file>.journal/``); host tables keep their shadow files and journal in ``directory``.
+    ``tables`` (``{key: (layer_id, table)}``, default :func:`offloaded_tables` of the model) names other tables to
+    journal: a sharded model's row shards (:class:`engram.distributed.ShardedEmbedding`)."""
 
-    def __init__(self, model: nn.Module, table_opt: SparseRowOptimizer, directory: str | Path, *, fresh: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        table_opt: SparseRowOptimizer,
+        directory: str | Path,
+        *,
+        fresh: bool,
+        tables: dict[str, tuple[int, OffloadedEmbedding]] | None = None,
+    ):
         self.table_opt = table_opt
         self.tables: list[OffloadedEmbedding] = []
         self.journals: dict[str, RowJournal | ShadowJournal] = {}
-        for key, (layer_id, table) in offloaded_tables(model).items():
+        tables = offloaded_tables(model) if tables is None else tables  # a sharded model names its shards' tables
+        for key, (layer_id, table) in tables.items():
             if table.store.kind == "device":
                 continue
             index = next(i for i, t in enumerate(table_opt.tables) if t is table)
             stores = [table.store, table_opt.row_state[index]]
             if table.store.kind == "disk":
                 assert isinstance(table.store, DiskRowStore)
-                folder = table.store.path.with_name(table.store.path.name + ".journal")
+                folder = disk_journal_dir(table.store.path)
                 self.journals[key] = RowJournal(folder, stores, fresh=fresh)
             else:
                 self.journals[key] = ShadowJournal(directory, f"layer{layer_id:02d}", stores, fresh=fresh)

@@ -91,6 +91,11 @@ def check_rowwise_hyperparameters(lr: float, beta2: float, eps: float, weight_de
         )
 
 
+def row_state_path(table_path: str | os.PathLike) -> Path:
+    """The row-optimizer state file of a disk table by default: ``<table file>.rowstate``, beside it."""
+    return Path(str(table_path) + ".rowstate")
+
+
 class SparseRowOptimizer:
     """Row-wise Adam (:func:`rowwise_adam`) over the rows captured by :class:`OffloadedEmbedding`.
 
@@ -166,7 +171,7 @@ class SparseRowOptimizer:
         if store.kind == "disk":
             assert isinstance(store, DiskRowStore)
             if state_dir is None:
-                path = Path(str(store.path) + ".rowstate")
+                path = row_state_path(store.path)
             else:
                 path = Path(state_dir) / f"{store.path.name}.{index}.rowstate"
             if reopen:

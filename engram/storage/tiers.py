@@ -40,12 +40,13 @@ prefetches) compare it to know whether their copies may be stale.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -671,6 +672,47 @@ def _write_empty_disk_file(path: Path, num_rows: int, dim: int, fmt: RowFormat |
     with open(path, "wb") as f:
         f.write(header.ljust(DISK_HEADER_BYTES, b"\0"))
         f.truncate(DISK_HEADER_BYTES + num_rows * fmt.row_bytes(dim))  # sparse: unwritten rows read as zeros
+
+
+@contextlib.contextmanager
+def row_file_writer(
+    path: str | os.PathLike, num_rows: int, dim: int, dtype: torch.dtype | RowFormat
+) -> Iterator[Callable[[int, torch.Tensor], None]]:
+    """A new disk table file at ``path`` (rows read as zeros until written) and ``write(start, rows)``, which
+    writes rows at ``start`` with plain file writes: not through a map, and no :class:`DiskRowStore` is opened,
+    so the process holds only what it passes in, and no lock file is left beside the new file."""
+    fmt = row_format(dtype)
+    num_rows, dim, _ = _check_shape(num_rows, dim, fmt.default_dtype, fmt)
+    path = Path(path)
+    _write_empty_disk_file(path, num_rows, dim, fmt)
+    row_bytes = fmt.row_bytes(dim)
+    with open(path, "r+b") as f:
+
+        def write(start: int, chunk: torch.Tensor) -> None:
+            if not 0 <= start <= start + chunk.shape[0] <= num_rows or tuple(chunk.shape[1:]) != (dim,):
+                raise ValueError(f"{path}: rows [{start}, {start + chunk.shape[0]}) x {dim} do not fit the table")
+            f.seek(DISK_HEADER_BYTES + start * row_bytes)
+            f.write(_as_numpy(fmt.encode(chunk)).tobytes())
+
+        yield write
+
+
+def write_row_file(
+    path: str | os.PathLike,
+    num_rows: int,
+    dim: int,
+    dtype: torch.dtype,
+    read: Callable[[int, int], torch.Tensor],
+    *,
+    chunk_rows: int | None = None,
+    desc: str = "write table file",
+    progress: bool | None = False,
+) -> None:
+    """A new disk table file at ``path`` whose rows ``[start, stop)`` are ``read(start, stop)``, written chunk by
+    chunk through :func:`row_file_writer`: the process holds one chunk at a time."""
+    row_bytes = row_format(dtype).row_bytes(dim)
+    with row_file_writer(path, num_rows, dim, dtype) as write:
+        copy_in_chunks(read, write, num_rows, chunk_rows or chunk_rows_for(row_bytes), desc=desc, progress=progress)
 
 
 def read_disk_header(path: str | os.PathLike) -> dict:

@@ -34,6 +34,7 @@ from ..model.model import EngramLM
 from ..model.params import count_params
 from ..storage.formats import check_trainable, row_format
 from ..storage.journal import TableJournals
+from ..storage.optim import SparseRowOptimizer
 from ..table import TableFactory
 from ..tokenizer import CompressedTokenizer
 from ..yamlio import dataclass_from_dict
@@ -208,6 +209,14 @@ def build_model(cfg: ModelConfig, tok: TextTokenizer, table_factory: TableFactor
     return EngramLM(cfg, ctok, table_factory=table_factory)
 
 
+def disk_table_dir(tcfg: TrainConfig) -> Path | None:
+    """The folder of a disk-tier run's table files (``train.table_dir``, default ``out_dir/tables``); None for
+    the other tiers."""
+    if tcfg.table_tier != "disk":
+        return None
+    return Path(tcfg.table_dir) if tcfg.table_dir else Path(tcfg.out_dir) / "tables"
+
+
 def offloaded_table_factory(tcfg: TrainConfig, reopen: bool = False) -> TableFactory | None:
     """The table factory for ``train.table_tier`` (None for device tables). Tables are seeded from
     ``train.seed``; a disk run creates its table files, and a resume (``reopen``) opens them as they are: their
@@ -216,12 +225,9 @@ def offloaded_table_factory(tcfg: TrainConfig, reopen: bool = False) -> TableFac
         return None
     from ..storage import table_factory
 
-    table_dir = None
-    if tcfg.table_tier == "disk":
-        table_dir = tcfg.table_dir or str(Path(tcfg.out_dir) / "tables")
     return table_factory(
         tcfg.table_tier,
-        path_dir=table_dir,
+        path_dir=disk_table_dir(tcfg),
         cache_bytes=tcfg.table_cache_bytes,
         fmt=tcfg.table_format,
         seed=tcfg.seed,
@@ -260,8 +266,19 @@ class SingleProcess:
     def prepare_data(self, tcfg: TrainConfig) -> tuple[TextTokenizer, TokenizedCorpus]:
         return prepare_data(tcfg)
 
+    def reopens_tables(self, ckpt: CheckpointManager, resume_at: int | None) -> bool:
+        """Whether the run's host / disk tables are opened as they are (a resume: their journals take them back
+        to the checkpoint) rather than created."""
+        return resume_at is not None
+
     def table_factory(self, tcfg: TrainConfig, reopen: bool = False) -> TableFactory | None:
         return offloaded_table_factory(tcfg, reopen)
+
+    def table_journals(
+        self, model: EngramLM, table_opt: SparseRowOptimizer, tcfg: TrainConfig, fresh: bool
+    ) -> TableJournals:
+        """The journals that checkpoint the host / disk tables (see :mod:`engram.storage.journal`)."""
+        return TableJournals(model, table_opt, table_journal_dir(tcfg), fresh=fresh)
 
     def wrap(self, model: EngramLM) -> torch.nn.Module:
         """The module the training forward runs through."""
@@ -364,29 +381,34 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
     torch.manual_seed(tcfg.seed)
     tok, tokens = data or plan.prepare_data(tcfg)
     fingerprints = {"tokenizer": tok.fingerprint, "data": data_fingerprint(tokens.train.tokens, tokens.val.tokens)}
-    resume_at = ckpt.resume_step(tcfg.resume_from) if tcfg.resume else None
-    # the run's checks come before any table file is opened or recreated (every rank reads the same files)
-    config_dict = dataclasses.replace(run, model=model_config_for(run.model, tok)[0]).to_dict()
+    run = dataclasses.replace(run, model=model_config_for(run.model, tok)[0])
+    config_dict = run.to_dict()
     changed: dict[str, list] = {}
+    resume_at = ckpt.resume_step(tcfg.resume_from) if tcfg.resume else None
+    # before any table file is created or reopened (every rank reads the same files: the same verdict)
     if resume_at is None:
         check_fresh_start(out, config_dict, tcfg.overwrite)
     else:
         meta = ckpt.meta(resume_at)
-        extra = meta.get("extra") or {}
         changed = resume_changes(
-            meta.get("config") or {}, config_dict, extra.get("fingerprints"), fingerprints, out, resume_at
+            meta.get("config") or {},
+            config_dict,
+            (meta.get("extra") or {}).get("fingerprints"),
+            fingerprints,
+            out,
+            resume_at,
         )
-    model = build_model(run.model, tok, plan.table_factory(tcfg, reopen=resume_at is not None))
-    run = dataclasses.replace(run, model=model.cfg)
+    reopen = plan.reopens_tables(ckpt, resume_at)  # a resume trains the live table files on, journaled
+    model = build_model(run.model, tok, plan.table_factory(tcfg, reopen=reopen))
     model.to(device)
     train_model = plan.wrap(model)
     if tcfg.compile:  # the compiled module shares the parameters; checkpoints still save `model`
         train_model = torch.compile(train_model)
     amp = torch.bfloat16 if device.type == "cuda" else None
     optimizers = build_optimizers(model, run.optim)
-    table_opt = build_table_optimizer(model, run.optim, reopen=resume_at is not None)  # row-wise, in their tier
+    table_opt = build_table_optimizer(model, run.optim, reopen=reopen)  # row-wise, in their tier
     # host / disk tables are checkpointed by their journals (the rows touched since the previous checkpoint)
-    journals = TableJournals(model, table_opt, table_journal_dir(tcfg), fresh=resume_at is None) if table_opt else None
+    journals = plan.table_journals(model, table_opt, tcfg, fresh=not reopen) if table_opt else None
 
     def no_rows() -> contextlib.AbstractContextManager:
         return journals.rows_left_out() if journals else contextlib.nullcontext()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import traceback
 import uuid
 from pathlib import Path
@@ -28,8 +29,7 @@ def _entry(fn: Callable, rank: int, world_size: int, folder: str, store: str, ar
         raise
 
 
-def run_ranks(fn: Callable, world_size: int, folder: Path, *args: Any, timeout: float = 240) -> list[Any]:
-    """``[fn(rank, world_size, *args) for each rank]``, each run in its own process; re-raises a rank's error."""
+def _start(fn: Callable, world_size: int, folder: Path, args: tuple) -> tuple[Path, list]:
     folder = Path(folder) / f"ranks-{uuid.uuid4().hex[:8]}"
     folder.mkdir(parents=True)
     store = folder / "store"
@@ -39,6 +39,28 @@ def run_ranks(fn: Callable, world_size: int, folder: Path, *args: Any, timeout: 
     ]
     for p in procs:
         p.start()
+    return folder, procs
+
+
+def kill_ranks_when(
+    fn: Callable, world_size: int, folder: Path, marker: Path, *args: Any, timeout: float = 240
+) -> None:
+    """Start ``fn`` on ``world_size`` ranks and SIGKILL them all once ``marker`` exists (a crash at that moment);
+    fails if they end first or the marker does not appear within ``timeout`` seconds."""
+    _, procs = _start(fn, world_size, folder, args)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and time.monotonic() < deadline and all(p.is_alive() for p in procs):
+        time.sleep(0.05)
+    appeared = marker.exists()
+    for p in procs:
+        p.kill()
+        p.join()
+    assert appeared, f"{marker} did not appear (exit codes {[p.exitcode for p in procs]})"
+
+
+def run_ranks(fn: Callable, world_size: int, folder: Path, *args: Any, timeout: float = 240) -> list[Any]:
+    """``[fn(rank, world_size, *args) for each rank]``, each run in its own process; re-raises a rank's error."""
+    folder, procs = _start(fn, world_size, folder, args)
     for p in procs:
         p.join(timeout)
     for p in procs:
