@@ -91,3 +91,15 @@ def test_init_from_refuses_another_model_or_a_missing_source(pretrained, tmp_pat
         train(missing)
     with pytest.raises(ConfigError, match="device tables"):
         dataclasses.replace(ext.train, table_tier="host")
+
+
+def test_cli_extend_trains_the_extension_and_resumes(pretrained, tmp_path, capsys):
+    from engram.cli import main
+
+    args = ["extend", "--run", str(tmp_path / "pre"), "--seq-len", "64", "--steps", "4", "--out", str(tmp_path / "e")]
+    main(args + ["--set", "train.eval_every=2"])
+    out = capsys.readouterr().out
+    assert "done: step 4 at 64 tokens (YaRN s=2)" in out
+    main(args + ["--set", "train.eval_every=2"])  # finished: the rerun resumes at step 4 and does nothing
+    assert "done: step 4" in capsys.readouterr().out
+    assert load_model(tmp_path / "e" / "model").cfg.rope_scaling.mscale_all_dim == 0.707
