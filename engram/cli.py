@@ -522,6 +522,32 @@ def add_compare(sub: Any) -> None:
     s.set_defaults(func=cmd_compare)
 
 
+# ---------------------------------------------------------------------------------------------------- long context
+def cmd_compare_long_context(args: argparse.Namespace) -> None:
+    from .experiments.long_context import run_comparison
+
+    s = run_comparison(args.preset, args.out, device=args.device, jobs=args.jobs)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"summary: {Path(args.out) / 'summary.json'}; wall time {s['wall_s']}")
+
+
+def add_compare_long_context(sub: Any) -> None:
+    from .experiments.long_context import PRESETS
+
+    s = _subparser(
+        sub,
+        "compare-long-context",
+        "the paper's long-context comparison: MoE vs Engram pre-trained with RULER-style tasks, YaRN-extended, "
+        "scored at equal steps and equal loss",
+        "engram compare-long-context --preset cpu --out reports/long_context",
+    )
+    s.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="sizes: tiny (smoke), cpu, gpu")
+    s.add_argument("--out", default="reports/long_context", help="folder of runs, evaluations, report.md, figures")
+    s.add_argument("--device", default="auto", help="torch device: auto (CUDA if present), cpu, cuda:N")
+    s.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: 2 on a CPU, 1 on a GPU)")
+    s.set_defaults(func=cmd_compare_long_context)
+
+
 # ---------------------------------------------------------------------------------------------------- alloc
 def cmd_alloc(args: argparse.Namespace) -> None:
     from .experiments.presets import parse_spec
@@ -940,6 +966,7 @@ SUBCOMMANDS = (
     add_eval,
     add_generate,
     add_compare,
+    add_compare_long_context,
     add_alloc,
     add_profile,
     add_sweep,

@@ -140,7 +140,8 @@ PRESETS = {
         max_bytes=2_000_000,
         eval_batches=2,
     ),
-    # the demo's MoE (width 128, 4 blocks, 16 routed experts) and Engram shape; about 45 minutes on 2 busy cores
+    # the demo's MoE (width 128, 4 blocks, 16 routed experts) and Engram shape; about 45 minutes on 2 cores shared
+    # with other jobs (load ~8: about 800 training tokens/s per process)
     "cpu": LongContextPreset(
         name="cpu",
         base=_base(128, 4, 16, 128),
@@ -148,17 +149,18 @@ PRESETS = {
         rho=0.75,
         seq_len=256,
         batch_size=8,
-        steps=1200,
-        evals=8,
+        steps=500,
+        evals=5,
         extend_seq_len=1024,
         factor=5.0,
         extend_batch_size=2,
-        extend_steps=150,
-        task_share=0.5,
+        extend_steps=50,
+        task_share=0.6,
         train_lengths=(192, 256),
         extend_lengths=(256, 512, 1024),
         eval_lengths=(256, 512, 1024),
-        samples=20,
+        samples=10,
+        eval_batches=10,
     ),
     # one GPU: a 12-block width-512 MoE at 1024 tokens, extended 8x with the paper's s = 10
     "gpu": LongContextPreset(
