@@ -137,7 +137,7 @@ PRESETS = {
         eval_lengths=(256, 512),
         tasks=("niah_single", "vt"),
         samples=2,
-        max_bytes=2_000_000,
+        max_bytes=1_200_000,
         eval_batches=2,
     ),
     # the demo's MoE (width 128, 4 blocks, 16 routed experts) and Engram shape; about 45 minutes on 2 cores shared
