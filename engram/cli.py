@@ -524,9 +524,10 @@ def add_compare(sub: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------- long context
 def cmd_compare_long_context(args: argparse.Namespace) -> None:
-    from .experiments.long_context import run_comparison
+    from .experiments.long_context import PRESETS, run_comparison
 
-    s = run_comparison(args.preset, args.out, device=args.device, jobs=args.jobs)
+    preset = PRESETS[args.preset] if args.data is None else dataclasses.replace(PRESETS[args.preset], data=args.data)
+    s = run_comparison(preset, args.out, device=args.device, jobs=args.jobs)
     print((Path(args.out) / "report.md").read_text())
     print(f"summary: {Path(args.out) / 'summary.json'}; wall time {s['wall_s']}")
 
@@ -545,6 +546,7 @@ def add_compare_long_context(sub: Any) -> None:
     s.add_argument("--out", default="reports/long_context", help="folder of runs, evaluations, report.md, figures")
     s.add_argument("--device", default="auto", help="torch device: auto (CUDA if present), cpu, cuda:N")
     s.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: 2 on a CPU, 1 on a GPU)")
+    s.add_argument("--data", default=None, help="corpus instead of the preset's (default: the Python standard library)")
     s.set_defaults(func=cmd_compare_long_context)
 
 

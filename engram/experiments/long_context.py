@@ -298,6 +298,7 @@ def _extension(p: LongContextPreset, pre: RunConfig, out_dir: Path, init_from: s
 
 
 def _train_all(runs: dict[str, RunConfig], data, jobs: int) -> dict[str, dict]:
+    """:func:`engram.reports.compare.train_runs`, imported here: that module loads matplotlib."""
     from ..reports.compare import train_runs
 
     return train_runs(runs, data, jobs)
