@@ -140,8 +140,8 @@ PRESETS = {
         max_bytes=1_200_000,
         eval_batches=2,
     ),
-    # the demo's MoE (width 128, 4 blocks, 16 routed experts) and Engram shape; about 45 minutes on 2 cores shared
-    # with other jobs (load ~8: about 800 training tokens/s per process)
+    # the demo's MoE (width 128, 4 blocks, 16 routed experts) and Engram shape: 34 minutes measured on 2 cores
+    # shared with other jobs (load 8-13, about 850 training tokens/s per process, --jobs 2)
     "cpu": LongContextPreset(
         name="cpu",
         base=_base(128, 4, 16, 128),
