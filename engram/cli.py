@@ -216,6 +216,65 @@ def add_train(sub: Any) -> None:
     s.set_defaults(func=cmd_train)
 
 
+# ---------------------------------------------------------------------------------------------------- extend
+def cmd_extend(args: argparse.Namespace) -> None:
+    from .train.extend import extension_run
+    from .train.trainer import RunConfig, train
+
+    config = Path(args.run) / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"{args.run} holds no config.json; --run is the folder of a finished `engram train` run")
+    pretrain = RunConfig.from_dict(json.loads(config.read_text()))
+    run = extension_run(
+        pretrain,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        out_dir=args.out,
+        factor=args.factor,
+        beta_fast=args.beta_fast,
+        beta_slow=args.beta_slow,
+        mscale=args.mscale,
+        init_from=args.init_from,
+    )
+    run = RunConfig.from_dict(apply_overrides(run.to_dict(), args.set))
+    r = train(run)
+    state = "interrupted (checkpoint saved; rerun to resume)" if r.interrupted else "done"
+    print(
+        f"{state}: step {r.steps_done} at {run.train.seq_len} tokens (YaRN s={run.model.rope_scaling.factor:g}), "
+        f"val loss {r.final.get('val_loss', float('nan')):.4f}; run folder {r.out_dir}"
+    )
+
+
+def add_extend(sub: Any) -> None:
+    s = _subparser(
+        sub,
+        "extend",
+        "continue a finished run at a longer context with YaRN RoPE scaling (paper section 4.4)",
+        "engram extend --run runs/small --seq-len 1024 --steps 200 --out runs/small-1k --set optim.lr=3e-4",
+    )
+    s.add_argument("--run", required=True, help="folder of the finished pre-training run (its config.json and model/)")
+    s.add_argument("--seq-len", type=int, required=True, help="the extended context: model.max_seq_len and window")
+    s.add_argument("--steps", type=int, required=True, help="training steps of the extension stage")
+    s.add_argument("--out", required=True, help="run folder of the extension (rerun the command to resume)")
+    s.add_argument("--factor", type=float, default=None, help="YaRN scale s (default: seq-len / the old context)")
+    s.add_argument("--beta-fast", type=float, default=32.0, help="YaRN beta: dims rotating more often are kept")
+    s.add_argument("--beta-slow", type=float, default=1.0, help="YaRN alpha: dims rotating less are interpolated")
+    s.add_argument(
+        "--mscale", type=float, default=0.707, help="attention temperature coefficient (sqrt(1/t) = 0.1 c ln s + 1)"
+    )
+    s.add_argument(
+        "--init-from", default=None, help="weights to start from (default: RUN/model; or a checkpoint step folder)"
+    )
+    s.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override fields of the extension's config, e.g. optim.lr=3e-4 optim.warmup_steps=20",
+    )
+    s.set_defaults(func=cmd_extend)
+
+
 # ---------------------------------------------------------------------------------------------------- eval
 def _load_model_and_tokenizer(model_dir: str):
     """The saved model (checked against its folder) and the text tokenizer stored beside it."""
@@ -461,6 +520,34 @@ def add_compare(sub: Any) -> None:
     )
     s.add_argument("--out", default="reports/compare", help="folder for report.md, its figures and summary.json")
     s.set_defaults(func=cmd_compare)
+
+
+# ---------------------------------------------------------------------------------------------------- long context
+def cmd_compare_long_context(args: argparse.Namespace) -> None:
+    from .experiments.long_context import PRESETS, run_comparison
+
+    preset = PRESETS[args.preset] if args.data is None else dataclasses.replace(PRESETS[args.preset], data=args.data)
+    s = run_comparison(preset, args.out, device=args.device, jobs=args.jobs)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"summary: {Path(args.out) / 'summary.json'}; wall time {s['wall_s']}")
+
+
+def add_compare_long_context(sub: Any) -> None:
+    from .experiments.long_context import PRESETS
+
+    s = _subparser(
+        sub,
+        "compare-long-context",
+        "the paper's long-context comparison: MoE vs Engram pre-trained with RULER-style tasks, YaRN-extended, "
+        "scored at equal steps and equal loss",
+        "engram compare-long-context --preset cpu --out reports/long_context",
+    )
+    s.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="sizes: tiny (smoke), cpu, gpu")
+    s.add_argument("--out", default="reports/long_context", help="folder of runs, evaluations, report.md, figures")
+    s.add_argument("--device", default="auto", help="torch device: auto (CUDA if present), cpu, cuda:N")
+    s.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: 2 on a CPU, 1 on a GPU)")
+    s.add_argument("--data", default=None, help="corpus instead of the preset's (default: the Python standard library)")
+    s.set_defaults(func=cmd_compare_long_context)
 
 
 # ---------------------------------------------------------------------------------------------------- alloc
@@ -877,9 +964,11 @@ def add_finetune(sub: Any) -> None:
 SUBCOMMANDS = (
     add_demo,
     add_train,
+    add_extend,
     add_eval,
     add_generate,
     add_compare,
+    add_compare_long_context,
     add_alloc,
     add_profile,
     add_sweep,

@@ -18,33 +18,92 @@ Without ``cache`` and ``key_mask`` the SDPA ``is_causal`` fast path is used.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 
 
 # ---------------------------------------------------------------------------------------------------- RoPE
+def yarn_mscale(factor: float, coefficient: float) -> float:
+    """YaRN's attention-temperature factor ``m = 0.1 * coefficient * ln(s) + 1`` (1 for s <= 1).
+
+    The YaRN paper's ``sqrt(1/t) = 0.1 ln s + 1`` is coefficient 1; DeepSeek-V2 (and the Engram paper, f = 0.707)
+    use 0.707. Logits scale with ``m^2``: q and k are each scaled by m.
+    """
+    if factor <= 1.0:
+        return 1.0
+    return 0.1 * coefficient * math.log(factor) + 1.0
+
+
+def yarn_ramp_bounds(dim: int, base: float, scaling: RopeScaling) -> tuple[float, float]:
+    """The dim-pair indices where YaRN's NTK-by-parts ramp starts and ends, ``[low, high]`` within ``[0, dim/2 - 1]``.
+
+    Pair i has wavelength ``lambda_i = 2 pi base^(2i/dim)`` and makes ``r_i = L / lambda_i`` rotations over the
+    pre-training context L. ``r_i = beta`` at ``i(beta) = dim ln(L / (2 pi beta)) / (2 ln base)``; pairs below
+    ``low = floor(i(beta_fast))`` rotate often (kept as they are), pairs above ``high = ceil(i(beta_slow))`` rotate
+    less than beta_slow times (interpolated by s). Rounded outward to whole pairs, as in DeepSeek-V2/V3's code.
+    """
+    length = scaling.original_max_seq_len
+
+    def pair_at(rotations: float) -> float:
+        return dim * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(pair_at(scaling.beta_fast)), 0)
+    high = min(math.ceil(pair_at(scaling.beta_slow)), dim // 2 - 1)
+    return float(low), float(high)
+
+
 class RotaryEmbedding(nn.Module):
-    """RoPE angles (Su et al. 2021) for integer positions.
+    """RoPE angles (Su et al. 2021) for integer positions, optionally YaRN-scaled for a longer context.
 
     ``theta_i = base^(-2i/dim)`` for i = 0..dim/2-1 and the angle of position p is ``p * theta_i``.
     ``forward(positions [B, T]) -> (cos, sin)``, each float32 ``[B, T, dim/2]``. The frequencies are recomputed
     on every call (dim/2 numbers), so there is no buffer to move, materialise or checkpoint.
+
+    With ``scaling`` (:class:`~engram.model.config.RopeScaling`, factor s > 1), YaRN's NTK-by-parts frequencies
+    ``h(theta_i) = (1 - gamma_i) theta_i / s + gamma_i theta_i``, with gamma_i 1 below the ramp
+    (:func:`yarn_ramp_bounds`), 0 above it and linear in i between; cos and sin are multiplied by
+    :attr:`rotary_mscale`. Factor 1 (or no scaling) gives plain RoPE bit for bit.
     """
 
-    def __init__(self, dim: int, base: float = 10000.0):
+    def __init__(self, dim: int, base: float = 10000.0, scaling: RopeScaling | None = None):
         super().__init__()
         if dim <= 0 or dim % 2:
             raise ValueError(f"RoPE needs a positive even dim, got {dim}")
         self.dim, self.base = dim, base
+        self.scaling = scaling if scaling is not None and scaling.factor > 1.0 else None
+        self.rotary_mscale = 1.0
+        if self.scaling is not None:
+            s = self.scaling
+            self.rotary_mscale = yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+
+    def inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        """The float32 frequencies ``[dim/2]``: ``theta_i``, or YaRN's ``h(theta_i)`` when scaling is on."""
+        exponent = torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim
+        inv_freq = self.base**-exponent  # [dim/2]
+        if self.scaling is None:
+            return inv_freq
+        low, high = yarn_ramp_bounds(self.dim, self.base, self.scaling)
+        pair = torch.arange(self.dim // 2, device=device, dtype=torch.float32)
+        interpolated = ((pair - low) / max(high - low, 1e-3)).clamp(0, 1)  # 1 - gamma_i
+        return inv_freq / self.scaling.factor * interpolated + inv_freq * (1 - interpolated)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        exponent = torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32) / self.dim
-        inv_freq = self.base**-exponent  # [dim/2]
-        angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B, T, dim/2]
-        return angles.cos(), angles.sin()
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq(positions.device)  # [B, T, dim/2]
+        if self.rotary_mscale == 1.0:
+            return angles.cos(), angles.sin()
+        return angles.cos() * self.rotary_mscale, angles.sin() * self.rotary_mscale
+
+
+def softmax_scale_factor(scaling: RopeScaling | None) -> float:
+    """What YaRN multiplies the ``1/sqrt(d_qk)`` softmax scale by: ``m(mscale_all_dim)^2`` (1 without scaling)."""
+    if scaling is None:
+        return 1.0
+    return yarn_mscale(scaling.factor, scaling.mscale_all_dim) ** 2
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -154,7 +213,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.hidden_size, self.num_kv_heads * d, bias=False)
         self.wv = nn.Linear(cfg.hidden_size, self.num_kv_heads * d, bias=False)
         self.wo = nn.Linear(self.num_heads * d, cfg.hidden_size, bias=False)
-        self.rope = RotaryEmbedding(d, cfg.rope_theta)
+        self.rope = RotaryEmbedding(d, cfg.rope_theta, cfg.rope_scaling)
+        # None = SDPA's own 1/sqrt(d) (today's path, bit for bit); YaRN's temperature multiplies it
+        factor = softmax_scale_factor(cfg.rope_scaling)
+        self.scale = None if factor == 1.0 else factor * d**-0.5
 
     def forward(
         self,
@@ -178,7 +240,12 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
         mask, is_causal = attention_mask(t, past, key_mask, x.device)
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=self.scale,
         )
         return self.wo(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
@@ -213,7 +280,7 @@ class MLAttention(nn.Module):
                 f">= 0, got {self.kv_lora_rank}, {self.nope_dim}+{self.rope_dim}, {self.v_dim}, {self.q_lora_rank}"
             )
         qk_dim = self.nope_dim + self.rope_dim
-        self.scale = qk_dim**-0.5
+        self.scale = qk_dim**-0.5 * softmax_scale_factor(cfg.rope_scaling)  # YaRN: the whole logit, nope part too
         h, d_model = self.num_heads, cfg.hidden_size
         if self.q_lora_rank > 0:
             self.wq_a = nn.Linear(d_model, self.q_lora_rank, bias=False)  # W_DQ
@@ -225,7 +292,7 @@ class MLAttention(nn.Module):
         self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=cfg.norm_eps)
         self.wkv_b = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)  # W_UKV
         self.wo = nn.Linear(h * self.v_dim, d_model, bias=False)
-        self.rope = RotaryEmbedding(self.rope_dim, cfg.rope_theta) if self.rope_dim else None
+        self.rope = RotaryEmbedding(self.rope_dim, cfg.rope_theta, cfg.rope_scaling) if self.rope_dim else None
 
     def forward(
         self,

@@ -13,6 +13,55 @@ from ..yamlio import dataclass_from_dict
 
 FAMILIES = ("dense", "moe", "engram", "overencoding")
 ATTENTIONS = ("mha", "mla")
+ROPE_SCALINGS = ("yarn",)
+
+
+@dataclass
+class RopeScaling:
+    """RoPE context extension; ``type="yarn"`` is YaRN (Peng et al. 2023, arXiv 2309.00071) in DeepSeek-V2/V3's
+    parameterisation, so a DeepSeek ``rope_scaling`` block maps field for field (see docs/long_context.md).
+
+    - ``factor``: s, the scale factor; frequencies of the dims that rotate fewer than ``beta_slow`` times over
+      ``original_max_seq_len`` are divided by s (position interpolation), those rotating more than ``beta_fast``
+      times are kept, and a linear ramp over the dim index blends the dims in between (NTK-by-parts).
+    - ``original_max_seq_len``: L, the context the model was pre-trained at.
+    - ``beta_fast`` / ``beta_slow``: the YaRN paper's beta and alpha (32 and 1 in the paper and in DeepSeek-V3).
+    - ``mscale`` / ``mscale_all_dim``: attention temperature. With ``m(c) = 0.1 c ln s + 1`` the softmax scale
+      is multiplied by ``m(mscale_all_dim)^2`` and cos/sin by ``m(mscale) / m(mscale_all_dim)``; the YaRN paper's
+      ``sqrt(1/t) = 0.1 ln s + 1`` on every logit is ``mscale = mscale_all_dim = 1`` (or ``mscale = 1,
+      mscale_all_dim = 0`` for MHA, where every dim is rotary). The Engram paper's f = 0.707 is ``mscale =
+      mscale_all_dim = 0.707``: ``sqrt(1/t) = 0.0707 ln s + 1`` on the whole logit, as in DeepSeek-V2.
+
+    ``factor = 1`` is the identity: the frequencies and the scale are today's RoPE exactly.
+    """
+
+    type: str = "yarn"
+    factor: float = 1.0
+    original_max_seq_len: int = 1024
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.type not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling.type must be one of {ROPE_SCALINGS}, got {self.type!r}")
+        if not self.factor >= 1.0:
+            raise ValueError(f"rope_scaling.factor (s) must be >= 1 (1 = no extension), got {self.factor}")
+        if self.original_max_seq_len <= 0:
+            raise ValueError(
+                f"rope_scaling.original_max_seq_len must be the positive pre-training context, got "
+                f"{self.original_max_seq_len}"
+            )
+        if not 0 < self.beta_slow < self.beta_fast:
+            raise ValueError(
+                f"rope_scaling needs 0 < beta_slow < beta_fast (the paper's alpha = 1, beta = 32), got "
+                f"beta_slow={self.beta_slow}, beta_fast={self.beta_fast}"
+            )
+        if self.mscale < 0 or self.mscale_all_dim < 0:
+            raise ValueError(
+                f"rope_scaling.mscale and mscale_all_dim must be >= 0, got {self.mscale}, {self.mscale_all_dim}"
+            )
 
 
 @dataclass
@@ -54,6 +103,7 @@ class ModelConfig:
     num_kv_heads: int | None = None  # GQA when < num_heads; None = num_heads
     head_dim: int | None = None  # None = hidden_size // num_heads
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # context extension (YaRN); None = plain RoPE
     # MLA (attention == "mla"), DeepSeek-V2/V3 naming
     q_lora_rank: int = 0  # 0 = queries not compressed
     kv_lora_rank: int = 64
@@ -85,6 +135,8 @@ class ModelConfig:
             self.engram = EngramConfig.from_dict(self.engram)
         if isinstance(self.overencoding, dict):
             self.overencoding = OverEncodingConfig(**self.overencoding)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = dataclass_from_dict(RopeScaling, self.rope_scaling, "model.rope_scaling")
         self.validate()
 
     # ------------------------------------------------------------------ derived
@@ -142,7 +194,12 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ io
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a plain dict; ``rope_scaling`` only when set, so that the config of a model without
+        context extension is the dict it was before the field existed (old checkpoints resume against it)."""
+        d = dataclasses.asdict(self)
+        if d["rope_scaling"] is None:
+            del d["rope_scaling"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

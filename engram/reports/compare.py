@@ -105,7 +105,7 @@ def compare(base: ModelConfig, rho: float, train_cfg: TrainConfig, optim: OptimC
     run_cfgs = {name: RunConfig(model=cfg, train=dataclasses.replace(train_cfg, out_dir=str(out / "runs" / name)),
                                 optim=optim) for name, cfg in configs.items()}
     jobs = parallel_jobs(train_cfg) if jobs is None else jobs
-    results = _train_parallel(run_cfgs, data, jobs) if jobs > 1 else _train_here(run_cfgs, data)
+    results = train_runs(run_cfgs, data, jobs)
     runs, rows, models = {}, [], {}
     for name, r in results.items():
         if r["interrupted"]:
@@ -193,6 +193,12 @@ def parallel_jobs(train_cfg: TrainConfig) -> int:
     speed its step up far less than 2x (measured 1.6x on 2 cores), while two single-threaded runs side by side
     each keep a core busy. On an accelerator the runs stay in this process, one after the other."""
     return 2 if pick_device(train_cfg.device).type == "cpu" and torch.get_num_threads() >= 2 else 1
+
+
+def train_runs(run_cfgs: dict[str, RunConfig], data, jobs: int) -> dict[str, dict]:
+    """Train every run on the same prepared ``data``: ``jobs`` > 1 in that many spawned processes, else here.
+    Returns per run ``{"model", "history", "evals", "final", "tokens_per_s", "interrupted", "threads"}``."""
+    return _train_parallel(run_cfgs, data, jobs) if jobs > 1 else _train_here(run_cfgs, data)
 
 
 def _train_here(run_cfgs: dict[str, RunConfig], data) -> dict[str, dict]:

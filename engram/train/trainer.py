@@ -41,6 +41,7 @@ from ..yamlio import dataclass_from_dict
 from .checkpoint import CheckpointManager, capture_rng_state, install_signal_handlers, restore_rng_state
 from .data import TextTokenizer, TokenizedCorpus, build_token_files, load_corpus, load_tokenizer, random_batch
 from .evaluate import evaluate
+from .extend import load_initial_weights
 from .metrics import MetricsLog
 from .optim import LRSchedule, OptimConfig, build_optimizers, build_table_optimizer, clip_grad_norm
 from .resume import check_fresh_start, data_fingerprint, resume_changes
@@ -86,6 +87,9 @@ class TrainConfig:
     compile: bool = False  # run the training forward / backward through torch.compile (evaluation stays eager)
     # write out_dir/model at the end; false keeps a disk table too big to copy only in the run's own table file
     save_model: bool = True
+    # weights to start from at step 0 (context extension, engram.train.extend): a model folder, a run folder or a
+    # checkpoint step folder of a run whose model differs from this one only in max_seq_len / rope_scaling
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every", "ckpt_every", "keep_last"):
@@ -108,6 +112,10 @@ class TrainConfig:
             raise ConfigError(
                 f"train.table_format={self.table_format!r} is for host and disk tables (a device table is a "
                 f"parameter of the model's dtype); set train.table_tier=host or drop train.table_format"
+            )
+        if self.init_from is not None and self.table_tier != "device":
+            raise ConfigError(
+                f"train.init_from copies weights into device tables; got train.table_tier={self.table_tier!r}"
             )
         if self.table_cache_bytes < 0 or (self.table_cache_bytes and self.table_tier == "device"):
             raise ValueError(
@@ -449,6 +457,9 @@ def _train_locked(run: RunConfig, plan: SingleProcess, data, stop_after, desc, o
         if journals:  # after discard_after: a crash in between resumes to this step again
             journals.restore(resume_at, state.get("table_journal"))
     else:
+        if tcfg.init_from is not None:  # a new stage (context extension): start from another run's weights
+            source = load_initial_weights(model, tcfg.init_from, tok.fingerprint)
+            logger.info("%s: starting from the weights of %s", out, source)
         plan.barrier()
         if plan.is_main:
             _clear_for_fresh_start(out, ckpt)

@@ -111,3 +111,26 @@ def test_export_refuses_another_tokenizer(tmp_path, text_tokenizer):
     other = _wrap_fast(train_bpe(["completely different text " * 50, "zebra quartz"], 400), "bpe:other")
     with pytest.raises(ValueError, match="tokenizer"):
         export(tiny_model(text_tokenizer), tmp_path / "hf", other)
+
+
+def test_yarn_extended_model_exports_with_its_rope_scaling(tmp_path, text_tokenizer):
+    """The exported config carries model.rope_scaling (inside engram_model) and the extended context as
+    max_position_embeddings; the loaded model gives the same logits past the pre-training context."""
+    from engram.hf import export
+    from engram.model import EngramLM
+
+    base = tiny_model(text_tokenizer, "mla")
+    cfg = base.cfg.replace(
+        max_seq_len=256,
+        rope_scaling={"factor": 8.0, "original_max_seq_len": 32, "mscale": 0.707, "mscale_all_dim": 0.707},
+    )
+    model = EngramLM(cfg, base.tokenizer).eval()
+    model.load_state_dict(base.state_dict())
+    folder = export(model, tmp_path / "hf", text_tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["max_position_embeddings"] == 256
+    assert config["engram_model"]["rope_scaling"]["factor"] == 8.0
+    hf, _ = load(folder)
+    ids = torch.randint(0, text_tokenizer.vocab_size, (1, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
