@@ -15,20 +15,16 @@ from engram.model.quantize import quantize_model
 from engram.storage import OffloadedEmbedding, offload_tables
 from engram.storage.formats import FP8_E4M3, row_format
 
+from ..conftest import tiny_model_config
+
 VOCAB = 97
 
 
 def cfg(head_dim: int = 32) -> ModelConfig:
-    return ModelConfig(
-        family="engram",
+    """Two Engram layers with heads of ``head_dim`` (FP8 rows need a multiple of 32)."""
+    return tiny_model_config(
         vocab_size=VOCAB,
-        hidden_size=32,
         num_layers=3,
-        num_heads=2,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        intermediate_size=64,
         max_seq_len=64,
         engram=EngramConfig(
             engram_vocab_size=[211, 223], n_embed_per_ngram=2 * head_dim, n_head_per_ngram=2, layer_ids=[1, 2]
