@@ -550,24 +550,19 @@ class DiskRowStore(RowStore):
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         lock = FileLock(lock_path_for(path), f"table file {path}")  # before touching a file another run may own
-        _write_empty_disk_file(path, num_rows, dim, fmt)
-        if init_std != 0:
-            # plain file writes, not writes through the map: the process never holds the table in its memory
-            row_bytes = fmt.row_bytes(dim)
-            with open(path, "r+b") as f:
-
-                def write(start: int, chunk: torch.Tensor) -> None:
-                    f.seek(DISK_HEADER_BYTES + start * row_bytes)
-                    f.write(_as_numpy(chunk).tobytes())
-
-                copy_in_chunks(
-                    lambda start, stop: fmt.encode(init_rows(start, stop, dim, init_std, seed)),
-                    write,
-                    num_rows,
-                    init_block_rows(dim),
-                    desc="init disk table",
-                    progress=progress,
-                )
+        if init_std != 0:  # plain file writes, not through the map: the process never holds the table
+            write_row_file(
+                path,
+                num_rows,
+                dim,
+                fmt,
+                lambda start, stop: init_rows(start, stop, dim, init_std, seed),
+                chunk_rows=init_block_rows(dim),
+                desc="init disk table",
+                progress=progress,
+            )
+        else:
+            _write_empty_disk_file(path, num_rows, dim, fmt)
         store = cls(path, dtype=dtype)
         lock.release()
         return store
