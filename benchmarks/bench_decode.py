@@ -4,7 +4,8 @@ The models are built like ``engram demo``'s (``engram.reports.compare.demo_base`
 Engram derived from the MoE by ``allocate`` at rho = 0.75, the dense model of the MoE's activated size); weights
 are untrained, which does not change the work per step. Each model runs ``engram.model.generate`` (greedy) over
 the same prompts; the per-step time is ``(t(new_tokens) - t(1)) / (new_tokens - 1)``, which leaves out the prefill.
-Models alternate round-robin so machine noise hits all alike; medians are reported with ratios to the MoE.
+Models alternate round-robin so machine noise hits all alike; medians are reported with ratios to the MoE, and
+the fastest round of each (noise only ever adds time, so on a shared machine the minimum is the steadier figure).
 ``--clock cpu`` times with the process's CPU time instead of wall time, which leaves out the time other
 processes hold the cores on a shared machine (it still sees their cache and memory traffic). ``--compile``
 adds rows for the same models with ``forward_checked`` under ``torch.compile`` (same settings for each).
@@ -33,33 +34,51 @@ from engram.reports.compare import demo_base, demo_engram_template
 def demo_models(
     vocab_size: int = 4096, rho: float = 0.75, max_seq_len: int = 512, device: str | torch.device = "cpu"
 ) -> dict[str, EngramLM]:
-    """The demo's MoE, its Engram counterpart and the dense model of the same activated size, in eval mode."""
+    """The demo's MoE, its Engram counterpart and the dense model of the same activated size, in eval mode.
+    Where the fused CPU decode kernels apply (``engram.decode_kernels``), ``"engram (torch ops)"`` is the same
+    Engram model decoded with them switched off (:func:`generate_seconds` switches them per call)."""
     base = demo_base().replace(vocab_size=vocab_size, max_seq_len=max_seq_len)
     configs = {"moe": base, "engram": allocate(base, rho, demo_engram_template()), "dense": dense_counterpart(base)}
     tok = CompressedTokenizer.identity(vocab_size)
     torch.manual_seed(0)
-    return {
+    models = {
         name: EngramLM(cfg, tok if cfg.family == "engram" else None).to(device).eval() for name, cfg in configs.items()
     }
+    if torch.device(device).type == "cpu" and engram.cpu_kernels_enabled():
+        models[TORCH_OPS] = models["engram"]
+    return models
+
+
+TORCH_OPS = "engram (torch ops)"
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def generate_seconds(model: EngramLM, prompts: list[list[int]], new_tokens: int, clock: str = "wall") -> float:
-    """Time of one greedy ``generate`` call (prefill + ``new_tokens`` decode steps) on ``clock``."""
+def generate_seconds(
+    model: EngramLM, prompts: list[list[int]], new_tokens: int, clock: str = "wall", kernels: bool = True
+) -> float:
+    """Time of one greedy ``generate`` call (prefill + ``new_tokens`` decode steps) on ``clock``; ``kernels=False``
+    decodes without the fused CPU kernels."""
     now = CLOCKS[clock]
-    t0 = now()
-    generate(model, prompts, SamplingConfig(max_new_tokens=new_tokens, temperature=0.0))
-    if next(model.parameters()).device.type == "cuda":
-        torch.cuda.synchronize()
-    return now() - t0
+    before = engram.cpu_kernels_enabled()
+    engram.set_cpu_kernels(kernels and before)
+    try:
+        t0 = now()
+        generate(model, prompts, SamplingConfig(max_new_tokens=new_tokens, temperature=0.0))
+        if next(model.parameters()).device.type == "cuda":
+            torch.cuda.synchronize()
+        return now() - t0
+    finally:
+        engram.set_cpu_kernels(before)
 
 
-def decode_step_ms(model: EngramLM, prompts: list[list[int]], new_tokens: int, clock: str = "wall") -> float:
+def decode_step_ms(
+    model: EngramLM, prompts: list[list[int]], new_tokens: int, clock: str = "wall", kernels: bool = True
+) -> float:
     """Milliseconds per decode step: one generate of ``new_tokens`` minus one of a single token, per extra step."""
-    long = generate_seconds(model, prompts, new_tokens, clock)
-    return 1e3 * (long - generate_seconds(model, prompts, 1, clock)) / (new_tokens - 1)
+    long = generate_seconds(model, prompts, new_tokens, clock, kernels)
+    return 1e3 * (long - generate_seconds(model, prompts, 1, clock, kernels)) / (new_tokens - 1)
 
 
 def compiled(model: EngramLM) -> EngramLM:
@@ -92,26 +111,30 @@ def main() -> None:
         models.update({f"{name} (compiled)": compiled(models[name]) for name in ("moe", "engram")})
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 4096, (args.batch, args.prompt_len), generator=gen).tolist()
-    for model in models.values():  # warm-up
-        decode_step_ms(model, prompts, args.new_tokens)
+    for name, model in models.items():  # warm-up (and the kernels' first load)
+        decode_step_ms(model, prompts, args.new_tokens, kernels=name != TORCH_OPS)
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, model in models.items():
-            times[name].append(decode_step_ms(model, prompts, args.new_tokens, args.clock))
+            times[name].append(decode_step_ms(model, prompts, args.new_tokens, args.clock, name != TORCH_OPS))
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
         f"prompt={args.prompt_len} new={args.new_tokens} greedy rounds={args.rounds} (median) "
         f"validation={'on' if args.validate else 'off'} clock={args.clock} load={os.getloadavg()[0]:.1f}"
     )
-    print("| model | ms / decode step | tokens/s (batch) | vs moe | vs moe, same round (min-max) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| model | ms / decode step | tokens/s (batch) | vs moe | vs moe, same round (min-max) | fastest round "
+        "| vs moe, fastest rounds |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name in models:
         ref = times["moe (compiled)" if name.endswith("(compiled)") else "moe"]
         med = statistics.median(times[name])
         per_round = [t / r for t, r in zip(times[name], ref)]
         print(
             f"| {name} | {med:.2f} | {args.batch * 1e3 / med:,.0f} | {med / statistics.median(ref):.3f}x | "
-            f"{statistics.median(per_round):.3f}x ({min(per_round):.3f}-{max(per_round):.3f}) |"
+            f"{statistics.median(per_round):.3f}x ({min(per_round):.3f}-{max(per_round):.3f}) | "
+            f"{min(times[name]):.2f} | {min(times[name]) / min(ref):.3f}x |"
         )
 
 

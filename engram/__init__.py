@@ -6,6 +6,7 @@ Data flows one way: token ids -> compressed ids (:class:`CompressedTokenizer`) -
 
 from .accounting import EngramCounts, engram_counts
 from .config import EngramConfig
+from .decode_kernels import cpu_kernels_enabled, set_cpu_kernels
 from .hashing import NgramHasher
 from .module import Engram, MultiHeadEmbedding, ShortConv
 from .table import EngramTable
@@ -21,7 +22,9 @@ __all__ = [
     "MultiHeadEmbedding",
     "NgramHasher",
     "ShortConv",
+    "cpu_kernels_enabled",
     "engram_counts",
+    "set_cpu_kernels",
     "set_validation",
     "validation_enabled",
 ]

@@ -13,10 +13,12 @@ across heads, orders and layers.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from . import decode_kernels
 from .config import EngramConfig, is_prime, table_primes  # noqa: F401  (re-exported: the table sizes)
 from .tokenizer import CompressedTokenizer
 from .validation import validation_enabled
@@ -192,6 +194,7 @@ class NgramHasher:
         self.compile = compile if divisible else False
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._step_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see _hash_last
+        self._kernel_step: Callable | None = None  # see hash_next_token
 
     @classmethod
     def from_tokenizer(
@@ -355,6 +358,46 @@ class NgramHasher:
         if new_ids.shape[1] == 1 and not torch.compiler.is_compiling():
             return self._hash_last(context), context[:, 1:]
         return self._hash_context(context, new_ids.shape[1]), context[:, context.shape[1] - history.shape[1] :]
+
+    def hash_next_token(
+        self, history: torch.Tensor, raw_ids: torch.Tensor
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """A decode step: compress the RAW sampled ids [B, 1] (int64, known to lie in the vocabulary: a model's
+        own samples), hash them after ``history`` and roll it: ``(hash ids, next history)``, the same as
+        ``hash_continued(history, tokenizer.compress_valid(raw_ids))``. On the CPU this is one call of the fused
+        kernel (:mod:`engram.decode_kernels`) where it applies; an id outside the vocabulary raises either way."""
+        if raw_ids.device.type == "cpu" and not torch.compiler.is_compiling() and decode_kernels.cpu_kernels_enabled():
+            step = self._kernel_step if self._kernel_step is not None else self._bind_kernel_step()
+            return step(history, raw_ids)
+        return self.hash_continued(history, self._require_tokenizer().compress_valid(raw_ids))
+
+    def _bind_kernel_step(self) -> Callable[[torch.Tensor, torch.Tensor], tuple[dict, torch.Tensor]]:
+        """:meth:`hash_next_token`'s kernel call with everything that does not change bound once: in a model the
+        per-step Python around the kernel costs more than the kernel."""
+        tokenizer = self._require_tokenizer()
+        kernel = decode_kernels.kernels()[0]
+        lookup = np.ascontiguousarray(tokenizer.lookup, dtype=np.int64)
+        mult = np.stack([self.multipliers[l] for l in self.config.layer_ids])
+        primes = self._constants(torch.device("cpu"))[1].numpy()
+        layer_ids, n_layers = list(self.config.layer_ids), len(self.config.layer_ids)
+        n_hist, n_heads = self.config.max_ngram_size - 1, self.config.num_heads_total
+        arr = decode_kernels.as_array
+
+        def step(history: torch.Tensor, raw_ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+            b = raw_ids.shape[0]
+            ids = np.empty((n_layers, b, 1, n_heads), dtype=np.int64)
+            next_history = np.empty((b, n_hist), dtype=np.int64)
+            bad = kernel(arr(raw_ids), lookup, arr(history), mult, primes, ids, next_history)
+            if bad >= 0:
+                tok = int(raw_ids[bad, 0])
+                tokenizer._check_range(tok)
+                raise ValueError(f"token id {tok} is negative; token ids must lie in [0, {tokenizer.vocab_size})")
+            heads = torch.from_numpy(ids)
+            out = {layer_ids[0]: heads[0]} if n_layers == 1 else dict(zip(layer_ids, heads.unbind(0)))
+            return out, torch.from_numpy(next_history)
+
+        self._kernel_step = step
+        return step
 
     def _hash_last(self, context: torch.Tensor) -> dict[int, torch.Tensor]:
         """:meth:`_hash_context` for one output position (a decode step), every layer at once in a dozen ops.

@@ -15,16 +15,19 @@ The block then does ``H <- H + Y`` before its attention.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decode_kernels
 from ._compat import tensor_version
 from .config import EngramConfig
 from .hashing import NgramHasher
-from .table import EngramTable
+from .table import OUT_OF_RANGE, EngramTable
 
 
 class ParameterDerived:
@@ -68,11 +71,12 @@ class StepConstants:
     they came from, which still notices an optimizer step, ``load_state_dict`` or ``.to()`` in between.
     """
 
-    def __init__(self, sources: tuple[torch.Tensor, ...], **tensors: torch.Tensor | None):
-        versions = tuple(tensor_version(t) for t in sources)
+    def __init__(self, sources: tuple[torch.Tensor, ...], **tensors: object):
+        versions = [tensor_version(t) for t in sources]
         # inference tensors have no version counter: such constants are rebuilt every step
         self.reusable = None not in versions
-        self._sources = tuple((t, v, t.data_ptr()) for t, v in zip(sources, versions))
+        self._sources, self._versions = sources, versions
+        self._pointers = [t.data_ptr() for t in sources]
         self.__dict__.update(tensors)
 
     @staticmethod
@@ -86,7 +90,50 @@ class StepConstants:
         return consts
 
     def current(self) -> bool:
-        return all(t._version == v and t.data_ptr() == p for t, v, p in self._sources)
+        # map() keeps the per-step check to two C-level passes: it runs on every decode step of every layer
+        return [*map(_VERSION, self._sources)] == self._versions and [*map(_POINTER, self._sources)] == self._pointers
+
+
+class KernelStep:
+    """What an Engram layer's fused CPU decode step binds once per decoding state (see
+    :meth:`Engram._kernel_step`): the kernel, its constant trailing arguments and small per-batch buffers."""
+
+    def __init__(self, fuse: Callable, conv: ShortConv | None, device_table: bool, constants: list):
+        self.fuse, self.conv, self.device_table, self.constants = fuse, conv, device_table, constants
+        self.no_ring = np.zeros((1, 0, 1), dtype=constants[4].dtype)
+        self._ones: dict[int, np.ndarray] = {}
+        self._scratch: dict[tuple[int, int], np.ndarray] = {}
+        self._row_ids: dict[tuple[int, int], np.ndarray] = {}
+
+    def ones(self, b: int) -> np.ndarray:
+        """The mask of a batch of ``b`` sequences without padding."""
+        w = self._ones.get(b)
+        if w is None:
+            w = self._ones[b] = np.ones((b, 1), dtype=self.no_ring.dtype)
+        return w
+
+    def scratch(self, b: int, m: int) -> np.ndarray:
+        """Where the kernel writes gate values nobody records."""
+        a = self._scratch.get((b, m))
+        if a is None:
+            a = self._scratch[b, m] = np.empty((b, m), dtype=self.no_ring.dtype)
+        return a
+
+    def row_ids(self, b: int, n_heads: int) -> np.ndarray:
+        """Ids that read rows ``[B * H, head_dim]`` gathered by another table in order (see :meth:`row_layout`)."""
+        ids = self._row_ids.get((b, n_heads))
+        if ids is None:
+            ids = np.repeat(np.arange(b, dtype=np.int64)[:, None, None] * n_heads, n_heads, axis=2)
+            self._row_ids[b, n_heads] = ids
+        return ids
+
+    def row_layout(self, b: int, n_heads: int, rows: np.ndarray) -> list:
+        """The constants with the table replaced by ``rows``: head j at offset j, every head B * H rows long."""
+        return [np.arange(n_heads), np.full(n_heads, b * n_heads), rows, *self.constants[3:]]
+
+
+_VERSION = operator.attrgetter("_version")
+_POINTER = torch.Tensor.data_ptr
 
 
 class MultiHeadEmbedding(EngramTable):
@@ -141,6 +188,14 @@ class ConvRing:
         self.slot = self.r - 1  # the first write lands after the linear state in the second copy
         self.linear: torch.Tensor | None = None  # the state view published after the last write
         self._views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * self.r
+        self._array: np.ndarray | None = None
+
+    @property
+    def array(self) -> np.ndarray:
+        """The buffer as a numpy view (CPU rings), for the fused decode kernel to write."""
+        if self._array is None:
+            self._array = self.buf.numpy()
+        return self._array
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -148,17 +203,24 @@ class ConvRing:
 
     def push(self, x: torch.Tensor) -> torch.Tensor:
         """Write the newest position ``x`` [B, 1, C]; returns the taps' rows [B, w, C], oldest first."""
-        p = self.slot
+        views = self._slot_views(self.slot)
+        views[0].copy_(x)
+        self.advance()
+        return views[1]
+
+    def advance(self) -> None:
+        """Move past the slot just written (by :meth:`push`, or by a kernel at ``slot`` and ``slot + R``)."""
+        self.linear = self._slot_views(self.slot)[2]
+        self.slot = (self.slot + 1) % self.r
+
+    def _slot_views(self, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         views = self._views[p]
         if views is None:
             b, _, c = self.buf.shape
             window = self.buf[:, p + 1 : p + 1 + self.r]
             views = (self.buf.view(b, 2, self.r, c)[:, :, p], window[:, :: self.dilation], window[:, 1:])
             self._views[p] = views
-        views[0].copy_(x)
-        self.linear = views[2]
-        self.slot = (p + 1) % self.r
-        return views[1]
+        return views
 
 
 class ShortConv(nn.Module):
@@ -234,17 +296,24 @@ class ShortConv(nn.Module):
         """
         b, m, d = x.shape
         consts = StepConstants.lookup(state, "conv_constants", lambda: self._step_constants(x.dtype))
-        linear = state.get("conv")
-        ring = state.get("conv_ring")
-        if ring is None or ring.linear is None or linear is not ring.linear:
-            self._check_state(linear, b)
-            ring = ConvRing(linear, (b, self.state_len, m * d), self.dilation, x.dtype, x.device)
-            state["conv_ring"] = ring
+        ring = self.ring(state, b, x.dtype, x.device)
         # per-branch RMSNorm written out: fewer dispatches than F.rms_norm on a single position
         normed = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * consts.gains
         rows = ring.push(normed.view(b, 1, m * d))  # [B, w, M*D], oldest first
         state["conv"] = ring.linear
         return F.silu((rows * consts.taps_t).sum(1)).view(b, m, d)
+
+    def ring(self, state: dict, batch: int, dtype: torch.dtype, device: torch.device) -> ConvRing:
+        """The decoding state's :class:`ConvRing`, or a new one started from ``state["conv"]`` (see
+        :meth:`decode_step`)."""
+        linear = state.get("conv")
+        ring = state.get("conv_ring")
+        if ring is None or ring.linear is None or linear is not ring.linear:
+            self._check_state(linear, batch)
+            shape = (batch, self.state_len, self.hc_mult * self.hidden_size)
+            ring = ConvRing(linear, shape, self.dilation, dtype, device)
+            state["conv_ring"] = ring
+        return ring
 
     def _step_constants(self, dtype: torch.dtype) -> StepConstants:
         sources = (self.conv.weight, *(n.weight for n in self.norms))
@@ -426,6 +495,11 @@ class Engram(nn.Module):
             table_weight = self.table.weight
             offsets = self.table.offsets.to(device)
             sources += (table_weight,)
+        kernel = None
+        if self._kernel_applies(dtype, device):
+            kernel = self._kernel_constants(dtype, projs, table_weight)
+            if self.short_conv is not None:
+                sources += (self.short_conv.conv.weight, *(n.weight for n in self.short_conv.norms))
         return StepConstants(
             sources,
             weight=weight,
@@ -435,7 +509,88 @@ class Engram(nn.Module):
             eps=torch.tensor(eps, dtype=compute, device=device),
             table_weight=table_weight,
             offsets=offsets,
+            kernel=kernel,
         )
+
+    def _kernel_applies(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether decode steps in ``dtype`` on ``device`` can take the fused CPU kernel
+        (:mod:`engram.decode_kernels`): CPU, float32/float64 throughout, kernels on."""
+        if device.type != "cpu" or dtype not in decode_kernels.KERNEL_DTYPES:
+            return False
+        if any(p.dtype != dtype or p.device.type != "cpu" for p in self.parameters()):
+            return False
+        return decode_kernels.cpu_kernels_enabled()
+
+    def _kernel_constants(self, dtype: torch.dtype, projs: list[nn.Linear], table_weight) -> KernelStep:
+        """The fused kernel's arguments that derive from parameters alone, as numpy arrays (the table is a view
+        of its parameter; :class:`StepConstants` rebuilds the rest when a source changes)."""
+        d, m = self.hidden_size, self.hc_mult
+        arr = decode_kernels.as_array
+        weight_t = torch.cat([p.weight for p in projs]).t()
+        if self.value_proj.bias is not None:
+            bias = torch.cat([p.bias for p in projs])
+        else:
+            bias = weight_t.new_zeros(weight_t.shape[1])
+        zeros = torch.zeros(m, d, dtype=dtype)
+        if self.key_projs:
+            gains = torch.stack([q.weight * k.weight for q, k in zip(self.query_norms, self.key_norms)])
+            eps_q = self.query_norms[0].eps if self.query_norms[0].eps is not None else torch.finfo(dtype).eps
+            eps_k = self.key_norms[0].eps if self.key_norms[0].eps is not None else torch.finfo(dtype).eps
+        else:
+            gains, eps_q, eps_k = zeros, 0.0, 0.0
+        conv = self.short_conv
+        if conv is not None:
+            taps, conv_gains, conv_eps, dilation = conv.conv.weight[:, 0, :].t(), conv._gains(), conv.eps, conv.dilation
+        else:
+            taps, conv_gains, conv_eps, dilation = torch.zeros(0, m * d, dtype=dtype), zeros, 0.0, 1
+        table = None if table_weight is None else arr(table_weight)
+        rows = table if table is not None else np.empty((0, self.config.head_dim), dtype=arr(bias).dtype)
+        return KernelStep(
+            decode_kernels.kernels()[1],
+            conv,
+            table is not None,
+            # the trailing arguments of fuse_step, in its order; ``rows`` is replaced per step for other tables
+            [
+                arr(self.table._offsets_cpu), arr(self.table._sizes_cpu), rows, arr(weight_t), arr(bias),
+                arr(gains), float(eps_q), float(eps_k), bool(self.key_projs), bool(self.config.signed_sqrt),
+                int(dilation), arr(taps), arr(conv_gains), float(conv_eps),
+            ],
+        )  # fmt: skip
+
+    def _kernel_step(
+        self, hidden: torch.Tensor, hash_ids: torch.Tensor, mask: torch.Tensor | None, state: dict, k: KernelStep
+    ) -> torch.Tensor:
+        """:meth:`_decode_step` in one call of the fused CPU kernel (:mod:`engram.decode_kernels`). Everything
+        that does not change between steps is bound once in ``k``: in a model the per-step Python around the
+        kernel costs more than the kernel."""
+        b, _, m, d = hidden.shape
+        if hash_ids.dtype != torch.int64:
+            self.table.check_layout(hash_ids)  # raises
+        const = k.constants
+        if not k.device_table:  # a host / disk / sharded table gathers (and checks) its rows; read in order
+            rows = self.table(hash_ids).to(hidden.dtype).reshape(b, -1, self.config.head_dim)
+            n_heads = rows.shape[1]
+            const = k.row_layout(b, n_heads, decode_kernels.as_array(rows.view(b * n_heads, -1)))
+            ids = k.row_ids(b, n_heads)
+        else:
+            ids = decode_kernels.as_array(hash_ids)
+        weights = k.ones(b) if mask is None else decode_kernels.as_array(mask.to(hidden.dtype))
+        ring = state.get("conv_ring")
+        if k.conv is not None and (ring is None or ring.linear is None or ring.linear is not state.get("conv")):
+            ring = k.conv.ring(state, b, hidden.dtype, hidden.device)
+        out = np.empty((b, 1, m, d), dtype=weights.dtype)
+        alpha = np.empty((b, m), dtype=out.dtype) if self.record_gate else k.scratch(b, m)
+        if ring is None:
+            bad = k.fuse(decode_kernels.as_array(hidden), ids, weights, k.no_ring, 0, out, alpha, *const)
+        else:
+            bad = k.fuse(decode_kernels.as_array(hidden), ids, weights, ring.array, ring.slot, out, alpha, *const)
+            ring.advance()
+            state["conv"] = ring.linear
+        if bad >= 0:
+            raise ValueError(OUT_OF_RANGE)
+        if self.record_gate and self.key_projs:
+            self.last_gate = torch.from_numpy(alpha).view(b, 1, m)
+        return torch.from_numpy(out)
 
     def _decode_step(
         self, hidden: torch.Tensor, hash_ids: torch.Tensor, mask: torch.Tensor | None, state: dict
@@ -446,11 +601,14 @@ class Engram(nn.Module):
         (at the demo size each costs about as much as its arithmetic): one gather, one matmul for the value, the
         keys and the gain-scaled keys, the gate's three reductions in one ``vecdot``, and the ShortConv through
         its ring buffer (:meth:`ShortConv.decode_step`); the parameter-derived tensors are kept in ``state``
-        (:class:`StepConstants`, built by :meth:`_step_constants`). Equal to the full forward up to float
-        rounding (tests check both).
+        (:class:`StepConstants`, built by :meth:`_step_constants`). On the CPU in float32/float64 with numba
+        installed, all of it is one call of a fused kernel instead (:meth:`_kernel_step`,
+        :mod:`engram.decode_kernels`). Equal to the full forward up to float rounding (tests check every path).
         """
         b, _, m, d = hidden.shape
         c = StepConstants.lookup(state, "constants", lambda: self._step_constants(hidden.dtype, hidden.device))
+        if c.kernel is not None and decode_kernels.cpu_kernels_enabled():
+            return self._kernel_step(hidden, hash_ids, mask, state, c.kernel)
         h = hidden.view(b, m, d)
         if c.table_weight is not None:
             self.table.check_ids(hash_ids)

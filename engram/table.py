@@ -33,6 +33,11 @@ from ._compat import ConversionHookModule
 from .validation import validation_enabled
 
 # (layer_id, head_sizes, head_dim, init_std) -> the Engram table of that layer (see engram.model.EngramLM)
+#: the error for hash ids outside their head's rows
+OUT_OF_RANGE = (
+    "hash ids out of range for this table (negative or >= the head's prime size); they were produced by a "
+    "hasher with a different config, seed or vocabulary"
+)
 TableFactory = Callable[[int, list[int], int, float], "EngramTable"]
 
 
@@ -71,11 +76,12 @@ class EngramTable(ConversionHookModule):
     def fused_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Per-head ids ``[..., H]`` -> rows of the fused table, on the ids' device. Checks shape and dtype only;
         the value range is :meth:`check_ids`'s."""
-        self._check_layout(ids)
+        self.check_layout(ids)
         offsets = self._offsets_cpu if ids.device.type == "cpu" else self.offsets.to(ids.device)
         return ids + offsets
 
-    def _check_layout(self, ids: torch.Tensor) -> None:
+    def check_layout(self, ids: torch.Tensor) -> None:
+        """Refuse ids that are not int64 or not ``[..., H]`` (free: reads no value)."""
         if ids.dtype != torch.int64:
             raise TypeError(f"hash ids must be int64, got {ids.dtype}")
         if ids.dim() == 0 or ids.shape[-1] != len(self.head_sizes):
@@ -88,15 +94,12 @@ class EngramTable(ConversionHookModule):
     def check_ids(self, ids: torch.Tensor) -> None:
         """Check dtype and shape, and refuse ids outside their head's ``[0, head_size)`` while validation is on
         (that part reads a device value back to the host)."""
-        self._check_layout(ids)
+        self.check_layout(ids)
         if not validation_enabled() or ids.numel() == 0 or ids.device.type == "meta":
             return
         sizes = self._sizes_cpu if ids.device.type == "cpu" else self.sizes.to(ids.device)
         if bool(((ids < 0) | (ids >= sizes)).any()):
-            raise ValueError(
-                "hash ids out of range for this table (negative or >= the head's prime size); they "
-                "were produced by a hasher with a different config, seed or vocabulary"
-            )
+            raise ValueError(OUT_OF_RANGE)
 
     def prefetch(self, ids: torch.Tensor) -> None:
         """Start bringing the rows of ``ids`` to the compute device for the forward with the same ids. Tables

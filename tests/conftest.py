@@ -141,3 +141,17 @@ def tiny_model_config(**overrides) -> ModelConfig:
     )
     args.update(overrides)
     return ModelConfig(**args)
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def decode_path(request):
+    """Run a test once through each decode-step path: the torch ops and the fused CPU kernels
+    (``engram.decode_kernels``, needs numba: the ``cpu-kernels`` extra, part of ``dev``)."""
+    from engram import decode_kernels
+
+    if request.param == "kernel":
+        pytest.importorskip("numba")
+    before = decode_kernels._enabled
+    decode_kernels.set_cpu_kernels(request.param == "kernel")
+    yield request.param
+    decode_kernels.set_cpu_kernels(before)

@@ -343,15 +343,17 @@ class EngramLM(nn.Module):
                 key_mask_arg = token_mask
 
         if self.hasher is not None and (hash_ids is None or state is not None):
-            if state is not None and t == 1 and input_ids.dtype == torch.int64:  # a decode step: sampled ids
-                compressed = self.hasher.tokenizer.compress_valid(input_ids)
+            history = None
+            if state is not None:
+                history = state.history if state.history is not None else self.hasher.initial_history(b, dev)
+            if history is not None and t == 1 and hash_ids is None and input_ids.dtype == torch.int64:
+                # a decode step of sampled ids: compress, hash and roll the history in one pass
+                hash_ids, state.history = self.hasher.hash_next_token(history, input_ids)
             else:
                 compressed = self.hasher.compress(input_ids, check=False)  # the caller has checked the ids
-            if state is None:
-                hash_ids = self.hasher.hash(compressed)
-            else:
-                history = state.history if state.history is not None else self.hasher.initial_history(b, dev)
-                if hash_ids is None:  # a decode step: hash and roll the history in one pass
+                if history is None:
+                    hash_ids = self.hasher.hash(compressed)
+                elif hash_ids is None:
                     hash_ids, state.history = self.hasher.hash_continued(history, compressed)
                 else:
                     state.history = self.hasher.advance_history(history, compressed)

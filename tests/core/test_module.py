@@ -392,11 +392,11 @@ def run_chunks(mod, hasher, raw, hidden, bounds, mask=None):
 
 
 @pytest.mark.parametrize("kw", DECODE_VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
-def test_no_grad_decode_steps_equal_the_full_pass(kw):
+def test_no_grad_decode_steps_equal_the_full_pass(kw, decode_path):
     """One token at a time without gradients (the decode step's own path: fused projection, the gate's
-    reductions in one op, the ShortConv ring buffer) gives the full pass's output and gate, also with
-    multi-token chunks between single steps (ring -> linear context -> ring), and leaves the full pass's
-    ShortConv context in ``state["conv"]``."""
+    reductions in one op, the ShortConv ring buffer; or the fused CPU kernel) gives the full pass's output and
+    gate, also with multi-token chunks between single steps (ring -> linear context -> ring), and leaves the
+    full pass's ShortConv context in ``state["conv"]``."""
     mod, hasher = decode_module(**kw)
     raw, hidden, _ = inputs(mod, b=3, t=14)
     mod.record_gate = True
@@ -404,6 +404,7 @@ def test_no_grad_decode_steps_equal_the_full_pass(kw):
     full_gate = mod.last_gate
     bounds = [(0, 3), *((j, j + 1) for j in range(3, 8)), (8, 11), *((j, j + 1) for j in range(11, 14))]
     got, state = run_chunks(mod, hasher, raw, hidden, bounds)
+    assert (state["constants"].kernel is not None) == (decode_path == "kernel")
     torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-12)
     if mod.key_projs:
         torch.testing.assert_close(mod.last_gate, full_gate[:, -1:], rtol=1e-10, atol=1e-12)
@@ -415,7 +416,7 @@ def test_no_grad_decode_steps_equal_the_full_pass(kw):
 
 
 @pytest.mark.parametrize("m", [1, 4])
-def test_no_grad_decode_steps_with_a_mask_equal_the_full_pass(m):
+def test_no_grad_decode_steps_with_a_mask_equal_the_full_pass(m, decode_path):
     """Masked (padding) positions fed one at a time are zeroed like in the full pass."""
     mod, hasher = decode_module(m=m)
     raw, hidden, _ = inputs(mod, b=2, t=8)
@@ -427,7 +428,7 @@ def test_no_grad_decode_steps_with_a_mask_equal_the_full_pass(m):
     torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-12)
 
 
-def test_decode_step_constants_follow_in_place_updates_within_one_state():
+def test_decode_step_constants_follow_in_place_updates_within_one_state(decode_path):
     """The fused weights kept in a decoding state are rebuilt when a parameter changes in place between steps:
     the next step equals that of a fresh copy of the updated module given the same context."""
     mod, hasher = decode_module(m=2)
@@ -446,7 +447,7 @@ def test_decode_step_constants_follow_in_place_updates_within_one_state():
     assert torch.equal(stale, want)
 
 
-def test_decode_step_under_inference_mode_with_inference_parameters():
+def test_decode_step_under_inference_mode_with_inference_parameters(decode_path):
     """Parameters created under ``torch.inference_mode`` have no version counter: the decode step rebuilds its
     constants every step and still equals the full pass."""
     with torch.inference_mode():

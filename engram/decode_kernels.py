@@ -1,0 +1,185 @@
+"""Fused CPU kernels for one decode step: hashing the new token, and an Engram layer's retrieval + fusion.
+
+A decode step hands every Engram op a handful of numbers (batch x width). At that size an eager torch op costs
+its dispatch, not its arithmetic, and in a model the ~30 small ops of an Engram layer run with cold caches after
+the blocks' matmuls: measured inside ``generate`` at the demo size they cost ~0.4 ms per step, 8-9% of the MoE
+backbone's step, where the arithmetic is a few microseconds. Each kernel here does the same equations in one
+call (numba, compiled once per machine and cached on disk):
+
+- :func:`hash_next_token`: compress the sampled raw ids, form every layer's n-gram mixes from the rolling
+  history and take every head's prime modulus (bit-exact with :class:`~engram.hashing.NgramHasher`, which tests
+  check over random configs), and roll the history;
+- :func:`fuse_step`: gather the rows, project value and keys, gate, zero padding, normalise and convolve the
+  gated value through the ShortConv ring (:class:`~engram.module.ConvRing`), add: :meth:`Engram._decode_step`'s
+  output up to float rounding (reductions accumulate in float64).
+
+They run where they apply: CPU tensors, float32 or float64, no gradients, not inside ``torch.compile``, with
+numba installed (the ``cpu-kernels`` extra); everything else takes the torch path, which gives the same
+results. ``ENGRAM_CPU_KERNELS=0`` or :func:`set_cpu_kernels(False) <set_cpu_kernels>` turns them off. The first
+use in a process imports numba (~0.3 s) and loads the compiled kernels from numba's cache; the very first use
+on a machine compiles them (~2 s each).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+
+_FALSE = {"0", "false", "no", "off"}
+_enabled = os.environ.get("ENGRAM_CPU_KERNELS", "1").strip().lower() not in _FALSE
+_kernels: tuple | None = None  # (hash_next_token, fuse_step) once compiled; False when numba is missing
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def set_cpu_kernels(enabled: bool) -> None:
+    """Use the fused CPU decode kernels where they apply (default: on when numba is installed)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether decode steps on the CPU go through the fused kernels: switched on and numba importable."""
+    return _enabled and _load() is not None
+
+
+def _load() -> tuple | None:
+    global _kernels
+    if _kernels is None:
+        try:
+            import numba
+        except ModuleNotFoundError:
+            _kernels = False
+        except ImportError as e:  # installed but unusable (e.g. built for another numpy): say so once
+            warnings.warn(f"numba is installed but does not import ({e}); decode steps use torch ops", stacklevel=3)
+            _kernels = False
+        else:
+            _kernels = _compile(numba)
+    return _kernels or None
+
+
+def kernels() -> tuple:
+    """``(hash_next_token, fuse_step)``; only call after :func:`cpu_kernels_enabled` returned True."""
+    return _kernels
+
+
+def _compile(numba) -> tuple:
+    jit = numba.njit(cache=True, nogil=True)
+
+    @jit
+    def hash_next_token(raw, lookup, history, mult, primes, ids, next_history):
+        """raw [B, 1] raw ids; lookup [V] raw -> compressed; history [B, N-1] compressed ids, oldest first;
+        mult [L, N] odd multipliers; primes [L, N-1, K]. Writes ids [L, B, 1, (N-1)K] (per-head rows, the
+        order of ``NgramHasher.hash``) and next_history [B, N-1]. Returns -1, or the first sequence whose raw id
+        lies outside [0, V) (nothing is written for it)."""
+        b_size, n_hist = history.shape
+        n_layers, n_orders, k_heads = primes.shape
+        vocab = lookup.shape[0]
+        for b in range(b_size):
+            tok = raw[b, 0]
+            if tok < 0 or tok >= vocab:
+                return b
+            s0 = lookup[tok]
+            for layer in range(n_layers):
+                mix = s0 * mult[layer, 0]  # int64 products wrap, as numpy's and torch's do
+                for o in range(n_orders):
+                    # order n = o + 2 adds the token o + 1 positions back: history column n_hist - 1 - o
+                    mix ^= history[b, n_hist - 1 - o] * mult[layer, o + 1]
+                    for k in range(k_heads):
+                        ids[layer, b, 0, o * k_heads + k] = mix % primes[layer, o, k]  # non-negative for p > 0
+            for j in range(n_hist - 1):
+                next_history[b, j] = history[b, j + 1]
+            if n_hist:
+                next_history[b, n_hist - 1] = s0
+        return -1
+
+    @jit
+    def fuse_step(
+        h, ids, mask, ring, slot, out, alpha_out,
+        offsets, sizes, table, weight_t, bias, gains, eps_q, eps_k, gating, signed_sqrt, dilation, taps,
+        conv_gains, conv_eps,
+    ):  # fmt: skip
+        """One position per sequence; see :meth:`engram.module.Engram._decode_step` for the equations.
+
+        h [B, 1, M, D]; ids [B, 1, H] per-head rows, head j reading table row ``offsets[j] + ids[b, j]`` and holding
+        ``sizes[j]`` rows; table [R, head_dim]; weight_t [d_mem, (1+M')D] the value and
+        (with gating, M' = M) key projections transposed; bias [(1+M')D]; gains [M, D] = g_q * g_k;
+        mask [B, 1] (1 = real token); ring [B, 2R, M*D] the ShortConv ring (R = 0 without ShortConv) written at
+        ``slot`` and ``slot + R``; taps [w, M*D]; conv_gains [M, D]. Writes out [B, 1, M, D] and alpha_out [B, M].
+        Returns -1, or ``b * H + j`` for the first id outside its head (nothing is read from the table then).
+        """
+        b_size, _, m_size, d = h.shape
+        n_heads = ids.shape[2]
+        head_dim = table.shape[1]
+        n_out = weight_t.shape[1]
+        r = ring.shape[1] // 2
+        w = taps.shape[0]
+        vk = np.empty(n_out, dtype=weight_t.dtype)  # the projection accumulates in the model's dtype, as torch's
+        inv_sqrt_d = 1.0 / math.sqrt(d)
+        for b in range(b_size):
+            for j in range(n_heads):
+                if ids[b, 0, j] < 0 or ids[b, 0, j] >= sizes[j]:
+                    return b * n_heads + j
+        for b in range(b_size):
+            for o in range(n_out):
+                vk[o] = bias[o]
+            for j in range(n_heads):  # e = concatenated rows; vk = W e + bias, accumulated row by row
+                row = offsets[j] + ids[b, 0, j]
+                for c in range(head_dim):
+                    x = table[row, c]
+                    wrow = weight_t[j * head_dim + c]
+                    for o in range(n_out):
+                        vk[o] += wrow[o] * x
+            for m in range(m_size):
+                alpha = 1.0
+                if gating:
+                    hh = 0.0
+                    kk = 0.0
+                    hk = 0.0
+                    key = (1 + m) * d
+                    for i in range(d):
+                        hv = h[b, 0, m, i]
+                        kv = vk[key + i]
+                        hh += hv * hv
+                        kk += kv * kv
+                        hk += hv * kv * gains[m, i]
+                    score = hk * inv_sqrt_d / math.sqrt((hh / d + eps_q) * (kk / d + eps_k))
+                    if signed_sqrt:  # sign(x) * sqrt(max(|x|, 1e-6)), sign(0) = 0
+                        mag = math.sqrt(max(abs(score), 1e-6))
+                        score = mag if score > 0 else (-mag if score < 0 else score)
+                    alpha = 1.0 / (1.0 + math.exp(-score))
+                    alpha_out[b, m] = alpha
+                alpha *= mask[b, 0]
+                if r == 0:
+                    for i in range(d):
+                        out[b, 0, m, i] = alpha * vk[i]
+                    continue
+                vv = 0.0
+                for i in range(d):
+                    g = alpha * vk[i]
+                    out[b, 0, m, i] = g
+                    vv += g * g
+                inv_rms = 1.0 / math.sqrt(vv / d + conv_eps)
+                base = m * d
+                for i in range(d):
+                    x = out[b, 0, m, i] * inv_rms * conv_gains[m, i]
+                    ring[b, slot, base + i] = x
+                    ring[b, slot + r, base + i] = x
+                for i in range(d):  # taps read every N-th row of the last R positions, oldest first
+                    y = 0.0
+                    for j in range(w):
+                        y += ring[b, slot + 1 + j * dilation, base + i] * taps[j, base + i]
+                    out[b, 0, m, i] += y / (1.0 + math.exp(-y))
+        return -1
+
+    return hash_next_token, fuse_step
+
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """A C-contiguous numpy array of a CPU tensor: a zero-copy view when it is contiguous (parameters too: the
+    kernels write only their outputs), so the kernels see one array layout and compile once per dtype."""
+    a = t.detach().numpy() if t.requires_grad else t.numpy()
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)

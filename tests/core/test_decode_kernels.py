@@ -1,0 +1,158 @@
+"""Fused CPU decode kernels (engram.decode_kernels): the same results as the torch decode path, where they apply."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import engram
+from engram import Engram, NgramHasher, decode_kernels
+from engram.storage import OffloadedEmbedding
+
+from .test_hashing import random_config, ref_for
+from .test_module import decode_module, inputs, make, randomize_conv, randomize_norms, run_chunks
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture
+def kernels_on():
+    before = decode_kernels._enabled
+    decode_kernels.set_cpu_kernels(True)
+    yield
+    decode_kernels.set_cpu_kernels(before)
+
+
+def float32_module(**kw):
+    mod, hasher = decode_module(**kw)
+    return mod.float(), hasher
+
+
+@pytest.mark.parametrize("kw", [dict(m=1), dict(m=3), dict(m=2, gating=False), dict(m=1, short_conv=False)])
+def test_float32_kernel_steps_equal_the_torch_steps_and_the_full_pass(kw, kernels_on):
+    """In float32 the kernel (float64 accumulation) and the torch ops (float32) differ by rounding only."""
+    mod, hasher = float32_module(**kw)
+    raw, hidden, _ = inputs(mod, b=3, t=9)
+    hidden = hidden.float()
+    full = mod(hidden, input_ids=raw)
+    bounds = [(0, 2), *((j, j + 1) for j in range(2, 9))]
+    got, state = run_chunks(mod, hasher, raw, hidden, bounds)
+    assert state["constants"].kernel is not None
+    decode_kernels.set_cpu_kernels(False)
+    torch_steps, torch_state = run_chunks(mod, hasher, raw, hidden, bounds)
+    assert torch_state["constants"].kernel is None
+    torch.testing.assert_close(got, torch_steps, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_reads_the_rows_an_offloaded_table_gathers(kernels_on):
+    """A host table gathers its own rows; the kernel reads them in order and gives the device table's output."""
+    mod, hasher = decode_module(m=2)
+    host = OffloadedEmbedding.create(mod.table.head_sizes, mod.table.head_dim, tier="host", dtype=torch.float64)
+    with torch.no_grad():
+        host.load_state_dict(mod.table.state_dict())
+    twin = Engram(mod.config, mod.layer_id, mod.hidden_size, mod.hc_mult, hasher, table=host).double()
+    twin.load_state_dict(mod.state_dict())
+    raw, hidden, _ = inputs(mod, b=2, t=6)
+    bounds = [(0, 2), *((j, j + 1) for j in range(2, 6))]
+    want, _ = run_chunks(mod, hasher, raw, hidden, bounds)
+    got, state = run_chunks(twin, hasher, raw, hidden, bounds)
+    assert state["constants"].kernel is not None and not state["constants"].kernel.device_table
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_kernel_refuses_hash_ids_outside_their_head_with_validation_off(kernels_on):
+    """The kernel checks every id against its head before reading the table, whatever ``set_validation`` says."""
+    mod, hasher = decode_module(m=1)
+    raw, hidden, _ = inputs(mod, b=2, t=3)
+    _, state = run_chunks(mod, hasher, raw, hidden, [(0, 2)])
+    bad = torch.zeros(2, 1, mod.config.num_heads_total, dtype=torch.int64)
+    bad[1, 0, 2] = mod.table.head_sizes[2]
+    engram.set_validation(False)
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="out of range"):
+            mod(hidden[:, 2:3], hash_ids=bad, state=state)
+    finally:
+        engram.set_validation(True)
+
+
+def test_bfloat16_modules_take_the_torch_path(kernels_on):
+    """bfloat16 modules do not use the kernel (it computes in float32/float64 only)."""
+    mod, hasher = make(m=2)
+    gen = torch.Generator().manual_seed(1)
+    randomize_norms(mod, gen)
+    randomize_conv(mod, gen)
+    mod = mod.to(torch.bfloat16)
+    raw, hidden, _ = inputs(mod, b=2, t=4)
+    _, state = run_chunks(mod, hasher, raw, hidden.to(torch.bfloat16), [(0, 2), (2, 3), (3, 4)])
+    assert state["constants"].kernel is None
+
+
+def test_hash_next_token_kernel_is_bit_exact_against_the_reference_random_configs(kernels_on):
+    """One sampled raw token at a time through the hashing kernel gives the numpy reference's ids at every
+    position and the torch path's next history, over random configs (orders 2-5, 1-3 layers, V' from 2, primes
+    from 2 to near 2^31, multipliers whose products wrap)."""
+    rng = np.random.default_rng(12)
+    for trial in range(20):
+        cfg, vprime, pad = random_config(rng)
+        vocab = vprime + int(rng.integers(0, 50))
+        lookup = np.concatenate([np.arange(vprime), rng.integers(0, vprime, vocab - vprime)])
+        tok = engram.CompressedTokenizer.from_lookup(rng.permutation(lookup), "t")
+        cfg = dataclasses.replace(cfg, pad_id=int(np.flatnonzero(tok.lookup == pad)[0]))
+        hasher = NgramHasher.from_tokenizer(cfg, tok)
+        raw = rng.integers(0, vocab, size=(3, 6), dtype=np.int64)
+        ref = ref_for(cfg, tok.lookup[raw], vprime, hasher.compressed_pad_id)
+        history = torch_history = hasher.initial_history(3)
+        for j in range(raw.shape[1]):
+            step = torch.from_numpy(raw[:, j : j + 1])
+            out, history = hasher.hash_next_token(history, step)
+            decode_kernels.set_cpu_kernels(False)
+            torch_out, torch_history = hasher.hash_next_token(torch_history, step)
+            decode_kernels.set_cpu_kernels(True)
+            assert torch.equal(history, torch_history)
+            for l in cfg.layer_ids:
+                assert out[l].shape == (3, 1, cfg.num_heads_total) and torch.equal(out[l], torch_out[l])
+                np.testing.assert_array_equal(out[l][:, 0].numpy(), ref[l][:, j], err_msg=f"trial {trial} layer {l}")
+
+
+@pytest.mark.parametrize("bad", [-1, 100])
+def test_hash_next_token_kernel_refuses_ids_outside_the_vocabulary(bad, kernels_on):
+    mod, hasher = make(m=1)  # V = 100
+    raw = torch.tensor([[3], [bad]])
+    with pytest.raises(ValueError, match=str(bad)):
+        hasher.hash_next_token(hasher.initial_history(2), raw)
+
+
+def test_generate_gives_the_same_tokens_with_and_without_the_kernels(kernels_on):
+    """A small Engram LM decodes the same greedy tokens through either path."""
+    from engram.model import EngramLM, ModelConfig, SamplingConfig, generate
+
+    cfg = ModelConfig(
+        family="engram", hidden_size=32, num_layers=2, num_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, intermediate_size=64, max_seq_len=48, vocab_size=100,
+        engram=engram.EngramConfig(engram_vocab_size=[211, 223], n_embed_per_ngram=16, n_head_per_ngram=2,
+                                   layer_ids=[1], pad_id=1),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = EngramLM(cfg, engram.CompressedTokenizer.identity(100)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [1, 2, 3, 4]]
+    sampling = SamplingConfig(max_new_tokens=30, temperature=0.0)
+    with_kernels = generate(model, prompts, sampling)
+    decode_kernels.set_cpu_kernels(False)
+    assert generate(model, prompts, sampling) == with_kernels
+
+
+def test_the_environment_switch_turns_the_kernels_off():
+    code = "from engram import decode_kernels; print(decode_kernels.cpu_kernels_enabled())"
+    env = {**os.environ, "ENGRAM_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
