@@ -4,7 +4,8 @@ The models are built like ``engram demo``'s (``engram.reports.compare.demo_base`
 Engram derived from the MoE by ``allocate`` at rho = 0.75, the dense model of the MoE's activated size); weights
 are untrained, which does not change the work per step. Each model runs ``engram.model.generate`` (greedy) over
 the same prompts; the per-step time is ``(t(new_tokens) - t(1)) / (new_tokens - 1)``, which leaves out the prefill.
-Models alternate round-robin so machine noise hits all alike; medians are reported with ratios to the MoE, and
+Models alternate round-robin, each round starting with the next model, so machine noise and the order hit all
+alike; medians are reported with ratios to the MoE, and
 the fastest round of each (noise only ever adds time, so on a shared machine the minimum is the steadier figure).
 ``--clock cpu`` times with the process's CPU time instead of wall time, which leaves out the time other
 processes hold the cores on a shared machine (it still sees their cache and memory traffic). ``--compile``
@@ -114,9 +115,11 @@ def main() -> None:
     for name, model in models.items():  # warm-up (and the kernels' first load)
         decode_step_ms(model, prompts, args.new_tokens, kernels=name != TORCH_OPS)
     times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            times[name].append(decode_step_ms(model, prompts, args.new_tokens, args.clock, name != TORCH_OPS))
+    names = list(models)
+    for r in range(args.rounds):
+        # each round starts with the next model: no model always runs first (or after the same one)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(decode_step_ms(models[name], prompts, args.new_tokens, args.clock, name != TORCH_OPS))
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
         f"prompt={args.prompt_len} new={args.new_tokens} greedy rounds={args.rounds} (median) "

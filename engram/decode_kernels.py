@@ -31,7 +31,7 @@ import torch
 
 _FALSE = {"0", "false", "no", "off"}
 _enabled = os.environ.get("ENGRAM_CPU_KERNELS", "1").strip().lower() not in _FALSE
-_kernels: tuple | None = None  # (hash_next_token, fuse_step) once compiled; False when numba is missing
+_kernels: tuple | bool | None = None  # the kernels once compiled; False when numba is missing
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
@@ -62,7 +62,8 @@ def _load() -> tuple | None:
 
 
 def kernels() -> tuple:
-    """``(hash_next_token, fuse_step)``; only call after :func:`cpu_kernels_enabled` returned True."""
+    """``(hash_next_token, fuse_step, hash_fuse_step)``; only call after :func:`cpu_kernels_enabled` returned
+    True."""
     return _kernels
 
 
@@ -175,7 +176,26 @@ def _compile(numba) -> tuple:
                     out[b, 0, m, i] += y / (1.0 + math.exp(-y))
         return -1
 
-    return hash_next_token, fuse_step
+    @jit
+    def hash_fuse_step(
+        raw, lookup, history, mult, primes, next_history, h, mask, ring, slot, out, alpha_out,
+        offsets, sizes, table, weight_t, bias, gains, eps_q, eps_k, gating, signed_sqrt, dilation, taps,
+        conv_gains, conv_eps,
+    ):  # fmt: skip
+        """:func:`hash_next_token` for one layer (mult [1, N], primes [1, N-1, K]) straight into
+        :func:`fuse_step`: a whole Engram layer of a decode step in one call. Returns -1, ``-2 - b`` for a raw
+        id of sequence b outside the vocabulary, or fuse_step's code for a hash id outside its head."""
+        b_size = h.shape[0]
+        ids = np.empty((1, b_size, 1, primes.shape[1] * primes.shape[2]), dtype=np.int64)
+        bad = hash_next_token(raw, lookup, history, mult, primes, ids, next_history)
+        if bad >= 0:
+            return -2 - bad
+        return fuse_step(
+            h, ids[0], mask, ring, slot, out, alpha_out, offsets, sizes, table, weight_t, bias, gains, eps_q,
+            eps_k, gating, signed_sqrt, dilation, taps, conv_gains, conv_eps,
+        )  # fmt: skip
+
+    return hash_next_token, fuse_step, hash_fuse_step
 
 
 def as_array(t: torch.Tensor) -> np.ndarray:

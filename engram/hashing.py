@@ -195,6 +195,7 @@ class NgramHasher:
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._step_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see _hash_last
         self._kernel_step: Callable | None = None  # see hash_next_token
+        self._layer_kernel_consts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def from_tokenizer(
@@ -389,15 +390,31 @@ class NgramHasher:
             next_history = np.empty((b, n_hist), dtype=np.int64)
             bad = kernel(arr(raw_ids), lookup, arr(history), mult, primes, ids, next_history)
             if bad >= 0:
-                tok = int(raw_ids[bad, 0])
-                tokenizer._check_range(tok)
-                raise ValueError(f"token id {tok} is negative; token ids must lie in [0, {tokenizer.vocab_size})")
+                raise self.out_of_vocabulary(int(raw_ids[bad, 0]))
             heads = torch.from_numpy(ids)
             out = {layer_ids[0]: heads[0]} if n_layers == 1 else dict(zip(layer_ids, heads.unbind(0)))
             return out, torch.from_numpy(next_history)
 
         self._kernel_step = step
         return step
+
+    def layer_kernel_constants(self, layer_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(lookup [V], multipliers [1, N], primes [1, N-1, K])`` of one layer, for the fused kernel that hashes
+        a decode step's token inside that layer's call (:class:`PendingStep`)."""
+        consts = self._layer_kernel_consts.get(layer_id)
+        if consts is None:
+            li = self.config.layer_ids.index(layer_id)
+            primes = self._constants(torch.device("cpu"))[1][li : li + 1].contiguous().numpy()
+            lookup = np.ascontiguousarray(self._require_tokenizer().lookup, dtype=np.int64)
+            consts = self._layer_kernel_consts[layer_id] = (lookup, self.multipliers[layer_id][None].copy(), primes)
+        return consts
+
+    def out_of_vocabulary(self, tok: int) -> ValueError:
+        """The error for a raw token id outside the tokenizer's vocabulary."""
+        vocab = self._require_tokenizer().vocab_size
+        if tok >= vocab:
+            return ValueError(_TOO_LARGE["raw"].format(name="raw_ids", hi=tok, size=vocab))
+        return ValueError(f"token id {tok} is negative; token ids must lie in [0, {vocab})")
 
     def _hash_last(self, context: torch.Tensor) -> dict[int, torch.Tensor]:
         """:meth:`_hash_context` for one output position (a decode step), every layer at once in a dozen ops.
@@ -463,3 +480,41 @@ _TOO_LARGE = {
     "raw": "{name} holds token id {hi}, out of range for a tokenizer with vocab size {size}: the ids come from a "
     "different (larger) tokenizer than the one this model was built with",
 }
+
+
+class PendingStep:
+    """The hash ids of one decode step of sampled RAW ids, left to the Engram layers' fused CPU kernels.
+
+    :meth:`engram.model.EngramLM.forward_checked` passes one to every Engram layer in place of hash ids when
+    every table lives on the device (no table needs its ids early for a prefetch) and the kernels apply: each
+    layer then hashes its own heads inside its one kernel call (``hash_fuse_step`` in
+    :mod:`engram.decode_kernels`), which also writes the rolled history. Anyone else gets the ids from
+    :meth:`ids`, the same as :meth:`NgramHasher.hash_next_token` gives.
+    """
+
+    __slots__ = ("hasher", "history", "raw_ids", "raw", "history_array", "next_history_array", "rolled", "_hashed")
+
+    def __init__(self, hasher: NgramHasher, history: torch.Tensor, raw_ids: torch.Tensor):
+        self.hasher, self.history, self.raw_ids = hasher, history, raw_ids
+        self.raw, self.history_array = decode_kernels.as_array(raw_ids), decode_kernels.as_array(history)
+        self.next_history_array = np.empty_like(self.history_array)
+        self.rolled = False  # True once a kernel has written next_history_array
+        self._hashed: tuple[dict[int, torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.raw.shape[0]
+
+    def ids(self, layer_id: int) -> torch.Tensor:
+        """This step's hash ids of one layer [B, 1, (N-1)K], hashed on first use."""
+        if self._hashed is None:
+            self._hashed = self.hasher.hash_next_token(self.history, self.raw_ids)
+        return self._hashed[0][layer_id]
+
+    def next_history(self) -> torch.Tensor:
+        """The decoding history after this step's token."""
+        if self.rolled:
+            return torch.from_numpy(self.next_history_array)
+        if self._hashed is None:
+            self._hashed = self.hasher.hash_next_token(self.history, self.raw_ids)
+        return self._hashed[1]

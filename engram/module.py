@@ -26,7 +26,7 @@ from torch import nn
 from . import decode_kernels
 from ._compat import tensor_version
 from .config import EngramConfig
-from .hashing import NgramHasher
+from .hashing import NgramHasher, PendingStep
 from .table import OUT_OF_RANGE, EngramTable
 
 
@@ -98,8 +98,12 @@ class KernelStep:
     """What an Engram layer's fused CPU decode step binds once per decoding state (see
     :meth:`Engram._kernel_step`): the kernel, its constant trailing arguments and small per-batch buffers."""
 
-    def __init__(self, fuse: Callable, conv: ShortConv | None, device_table: bool, constants: list):
-        self.fuse, self.conv, self.device_table, self.constants = fuse, conv, device_table, constants
+    def __init__(
+        self, conv: ShortConv | None, device_table: bool, constants: list, dtype: torch.dtype, hash_head: tuple
+    ):
+        self.fuse, self.hash_fuse = decode_kernels.kernels()[1:]
+        self.conv, self.device_table, self.constants = conv, device_table, constants
+        self.dtype, self.hash_head = dtype, hash_head  # hash_head: lookup, multipliers, primes of this layer
         self.no_ring = np.zeros((1, 0, 1), dtype=constants[4].dtype)
         self._ones: dict[int, np.ndarray] = {}
         self._scratch: dict[tuple[int, int], np.ndarray] = {}
@@ -546,7 +550,6 @@ class Engram(nn.Module):
         table = None if table_weight is None else arr(table_weight)
         rows = table if table is not None else np.empty((0, self.config.head_dim), dtype=arr(bias).dtype)
         return KernelStep(
-            decode_kernels.kernels()[1],
             conv,
             table is not None,
             # the trailing arguments of fuse_step, in its order; ``rows`` is replaced per step for other tables
@@ -555,7 +558,52 @@ class Engram(nn.Module):
                 arr(gains), float(eps_q), float(eps_k), bool(self.key_projs), bool(self.config.signed_sqrt),
                 int(dilation), arr(taps), arr(conv_gains), float(conv_eps),
             ],
+            dtype,
+            self.hasher.layer_kernel_constants(self.layer_id) if self.hasher.tokenizer is not None else (),
         )  # fmt: skip
+
+    def _pending_step(
+        self, hidden: torch.Tensor, pending: PendingStep, mask: torch.Tensor | None, state: dict
+    ) -> torch.Tensor | None:
+        """A decode step of :class:`~engram.hashing.PendingStep` (EngramLM's, with an on-device table) in one call of
+        the fused kernel that also hashes this layer's heads, or None where that kernel does not apply (the caller
+        takes the general path, which checks every argument). Only the checks that decide this are made here: in a
+        model every Python operation of a decode step costs microseconds."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or not decode_kernels.cpu_kernels_enabled():
+            return None
+        c = StepConstants.lookup(state, "constants", lambda: self._step_constants(hidden.dtype, hidden.device))
+        k = c.kernel
+        b = pending.raw.shape[0]
+        if k is None or not k.device_table or not k.hash_head or hidden.dtype != k.dtype:
+            return None
+        if hidden.shape != (b, 1, self.hc_mult, self.hidden_size) or not (mask is None or mask.shape == (b, 1)):
+            return None
+        weights = k.ones(b) if mask is None else decode_kernels.as_array(mask.to(hidden.dtype))
+        ring = state.get("conv_ring")
+        if k.conv is not None and (ring is None or ring.linear is None or ring.linear is not state.get("conv")):
+            ring = k.conv.ring(state, b, hidden.dtype, hidden.device)
+        out = np.empty((b, 1, self.hc_mult, self.hidden_size), dtype=weights.dtype)
+        alpha = np.empty((b, self.hc_mult), dtype=out.dtype) if self.record_gate else k.scratch(b, self.hc_mult)
+        lookup, mult, primes = k.hash_head
+        if ring is None:
+            ring_array, slot = k.no_ring, 0
+        else:
+            ring_array, slot = ring.array, ring.slot
+        bad = k.hash_fuse(
+            pending.raw, lookup, pending.history_array, mult, primes, pending.next_history_array,
+            decode_kernels.as_array(hidden), weights, ring_array, slot, out, alpha, *k.constants,
+        )  # fmt: skip
+        if bad != -1:
+            if bad <= -2:
+                raise self.hasher.out_of_vocabulary(int(pending.raw[-2 - bad, 0]))
+            raise ValueError(OUT_OF_RANGE)
+        pending.rolled = True
+        if ring is not None:
+            ring.advance()
+            state["conv"] = ring.linear
+        if self.record_gate and self.key_projs:
+            self.last_gate = torch.from_numpy(alpha).view(b, 1, self.hc_mult)
+        return torch.from_numpy(out)
 
     def _kernel_step(
         self, hidden: torch.Tensor, hash_ids: torch.Tensor, mask: torch.Tensor | None, state: dict, k: KernelStep
@@ -580,14 +628,14 @@ class Engram(nn.Module):
             ring = k.conv.ring(state, b, hidden.dtype, hidden.device)
         out = np.empty((b, 1, m, d), dtype=weights.dtype)
         alpha = np.empty((b, m), dtype=out.dtype) if self.record_gate else k.scratch(b, m)
-        if ring is None:
-            bad = k.fuse(decode_kernels.as_array(hidden), ids, weights, k.no_ring, 0, out, alpha, *const)
-        else:
-            bad = k.fuse(decode_kernels.as_array(hidden), ids, weights, ring.array, ring.slot, out, alpha, *const)
-            ring.advance()
-            state["conv"] = ring.linear
+        h = decode_kernels.as_array(hidden)
+        ring_array, slot = (k.no_ring, 0) if ring is None else (ring.array, ring.slot)
+        bad = k.fuse(h, ids, weights, ring_array, slot, out, alpha, *const)
         if bad >= 0:
             raise ValueError(OUT_OF_RANGE)
+        if ring is not None:
+            ring.advance()
+            state["conv"] = ring.linear
         if self.record_gate and self.key_projs:
             self.last_gate = torch.from_numpy(alpha).view(b, 1, m)
         return torch.from_numpy(out)
@@ -653,6 +701,10 @@ class Engram(nn.Module):
         sequence gives the same outputs as the unpadded one. ``state`` (a dict, empty at the first call) carries
         the ShortConv context across decoding steps; it is updated in place.
         """
+        if type(hash_ids) is PendingStep and state is not None:  # EngramLM's decode step: first, the fused kernel
+            y = self._pending_step(hidden, hash_ids, mask, state)
+            if y is not None:
+                return y
         single = hidden.dim() == 3
         if single:
             hidden = hidden.unsqueeze(2)
@@ -663,22 +715,27 @@ class Engram(nn.Module):
             )
         if single and self.hc_mult != 1:
             raise ValueError(f"this Engram has hc_mult={self.hc_mult}; pass hidden as [B, T, {self.hc_mult}, D]")
+        b, t = hidden.shape[:2]
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, t)):
+            raise ValueError(
+                f"mask must be bool [B, T] = [{b}, {t}] (True = real token), got {mask.dtype} {tuple(mask.shape)}"
+            )
+        decode = t == 1 and state is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if isinstance(hash_ids, PendingStep):  # where the fused kernel does not apply: hash the token here
+            if t != 1 or hash_ids.batch_size != b:
+                raise ValueError(f"a PendingStep holds one token for {hash_ids.batch_size} sequences, got [{b}, {t}]")
+            hash_ids = hash_ids.ids(self.layer_id)
         if hash_ids is None:
             if input_ids is None:
                 raise ValueError("Engram.forward needs hash_ids (from NgramHasher.hash) or input_ids")
             hash_ids = self.hasher.hash_tokens(input_ids)[self.layer_id]
-        b, t = hidden.shape[:2]
         if hash_ids.dim() != 3 or tuple(hash_ids.shape) != (b, t, self.config.num_heads_total):
             raise ValueError(
                 f"hash_ids must be [B, T, (N-1)K] = [{b}, {t}, {self.config.num_heads_total}] for this hidden, "
                 f"got {tuple(hash_ids.shape)}"
             )
-        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (b, t)):
-            raise ValueError(
-                f"mask must be bool [B, T] = [{b}, {t}] (True = real token), got {mask.dtype} {tuple(mask.shape)}"
-            )
 
-        if t == 1 and state is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if decode:
             y = self._decode_step(hidden, hash_ids, mask, state)
             return y.squeeze(2) if single else y
 

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hashing import NgramHasher
-from ..module import Engram
+from .. import decode_kernels
+from ..hashing import NgramHasher, PendingStep
+from ..module import Engram, MultiHeadEmbedding
 from ..table import TableFactory
 from ..tokenizer import CompressedTokenizer
 from ..validation import validation_enabled
@@ -41,6 +42,7 @@ class DecodeState:
     key_mask: torch.Tensor | None = None  # [B, T_so_far] real (non-pad) tokens; None while no padding was seen
     next_pos: torch.Tensor | None = None  # [B] position of the next token per sequence
     length: int = 0  # tokens seen so far (padding included)
+    kernel_hashing: bool | None = None  # decode steps hash inside the Engram layers' kernels (set at the first)
 
 
 @dataclass
@@ -177,6 +179,15 @@ class EngramLM(nn.Module):
 
     def new_state(self) -> DecodeState:
         return DecodeState(kv=[LayerKVCache() for _ in self.blocks])
+
+    def _hashes_in_kernels(self, device: torch.device) -> bool:
+        """Whether a decode step's token can be hashed inside each Engram layer's fused CPU kernel
+        (:class:`~engram.hashing.PendingStep`): on the CPU, kernels on, every table on the device (none waits
+        for a prefetch). A layer the kernel does not take after all hashes the token itself, so this only
+        decides where the work happens; decided once per :class:`DecodeState`."""
+        if device.type != "cpu" or not decode_kernels.cpu_kernels_enabled():
+            return False
+        return all(type(b.engram.table) is MultiHeadEmbedding for b in self.blocks if b.engram is not None)
 
     def hash_tokens(self, input_ids: torch.Tensor, history: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Hash ids of every Engram layer for RAW token ids ``input_ids`` [B, T]; computable before the forward.
@@ -342,13 +353,19 @@ class EngramLM(nn.Module):
                 positions = (token_mask.long().cumsum(1) - 1).clamp_min(0)
                 key_mask_arg = token_mask
 
+        pending = None  # a decode step whose token each Engram layer hashes inside its fused kernel
         if self.hasher is not None and (hash_ids is None or state is not None):
             history = None
             if state is not None:
                 history = state.history if state.history is not None else self.hasher.initial_history(b, dev)
             if history is not None and t == 1 and hash_ids is None and input_ids.dtype == torch.int64:
                 # a decode step of sampled ids: compress, hash and roll the history in one pass
-                hash_ids, state.history = self.hasher.hash_next_token(history, input_ids)
+                if state.kernel_hashing is None:
+                    state.kernel_hashing = self._hashes_in_kernels(dev)
+                if state.kernel_hashing and decode_kernels.cpu_kernels_enabled():
+                    pending = PendingStep(self.hasher, history, input_ids)
+                else:
+                    hash_ids, state.history = self.hasher.hash_next_token(history, input_ids)
             else:
                 compressed = self.hasher.compress(input_ids, check=False)  # the caller has checked the ids
                 if history is None:
@@ -357,9 +374,10 @@ class EngramLM(nn.Module):
                     hash_ids, state.history = self.hasher.hash_continued(history, compressed)
                 else:
                     state.history = self.hasher.advance_history(history, compressed)
-        for blk in self.blocks:  # addresses are known now: start fetching offloaded rows
-            if blk.engram is not None:
-                blk.engram.table.prefetch(hash_ids[blk.idx])
+        if pending is None:
+            for blk in self.blocks:  # addresses are known now: start fetching offloaded rows
+                if blk.engram is not None:
+                    blk.engram.table.prefetch(hash_ids[blk.idx])
 
         x = self.tok_emb(input_ids)
         if self.overencoding is not None:
@@ -381,7 +399,7 @@ class EngramLM(nn.Module):
             x = blk(
                 x,
                 positions,
-                None if hash_ids is None else hash_ids.get(blk.idx),
+                pending if pending is not None else None if hash_ids is None else hash_ids.get(blk.idx),
                 token_mask,
                 key_mask_arg,
                 None if state is None else state.kv[blk.idx],
@@ -389,6 +407,8 @@ class EngramLM(nn.Module):
             )
             if hidden is not None:
                 hidden.append(reduce_streams(x))
+        if pending is not None:
+            state.history = pending.next_history()
         logits = self.lm_head(self.norm(reduce_streams(x)))
         loss = None
         if targets is not None:
