@@ -362,7 +362,7 @@ class EngramLM(nn.Module):
                 # a decode step of sampled ids: compress, hash and roll the history in one pass
                 if state.kernel_hashing is None:
                     state.kernel_hashing = self._hashes_in_kernels(dev)
-                if state.kernel_hashing and decode_kernels.cpu_kernels_enabled():
+                if state.kernel_hashing and decode_kernels.cpu_kernels_enabled() and not torch.compiler.is_compiling():
                     pending = PendingStep(self.hasher, history, input_ids)
                 else:
                     hash_ids, state.history = self.hasher.hash_next_token(history, input_ids)

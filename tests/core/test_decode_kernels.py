@@ -156,3 +156,19 @@ def test_the_environment_switch_turns_the_kernels_off():
     env = {**os.environ, "ENGRAM_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_without_numba_decoding_takes_the_torch_path():
+    """With numba not importable the kernels report off, and a model still decodes (through torch ops)."""
+    code = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import torch, engram\n"
+        "from engram.model import EngramLM, SamplingConfig, generate\n"
+        "from tests.conftest import tiny_model_config\n"
+        "model = EngramLM(tiny_model_config(), engram.CompressedTokenizer.identity(96)).eval()\n"
+        "out = generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=4, temperature=0.0))\n"
+        "print(engram.cpu_kernels_enabled(), len(out[0]))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False 4"

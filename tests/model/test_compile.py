@@ -116,3 +116,16 @@ def test_train_compile_true_trains_through_torch_compile(tmp_path, monkeypatch):
     losses = [[h["loss"] for h in r.history if "loss" in h] for r in (eager, comp)]
     assert len(losses[0]) == 4
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decoding_gives_the_eager_tokens():
+    """Cached greedy decoding through a compiled ``forward_checked`` (what ``benchmarks/bench_decode.py --compile``
+    runs) gives the tokens of eager decoding, which goes through the fused CPU kernels."""
+    from engram.model import SamplingConfig, generate
+
+    model = make("mha", 1).eval()
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    sampling = SamplingConfig(max_new_tokens=5, temperature=0.0)
+    want = generate(model, prompts, sampling)
+    model.forward_checked = torch.compile(model.forward_checked, backend="aot_eager", dynamic=True)
+    assert generate(model, prompts, sampling) == want
