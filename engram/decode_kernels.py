@@ -4,21 +4,23 @@ A decode step hands every Engram op a handful of numbers (batch x width). At tha
 its dispatch, not its arithmetic, and in a model the ~30 small ops of an Engram layer run with cold caches after
 the blocks' matmuls: measured inside ``generate`` at the demo size they cost ~0.4 ms per step, 8-9% of the MoE
 backbone's step, where the arithmetic is a few microseconds. Each kernel here does the same equations in one
-call (numba, compiled once per machine and cached on disk):
+call (numba, compiled once per machine and cached on disk; the code is in :mod:`engram.decode_kernels_numba`):
 
-- :func:`hash_next_token`: compress the sampled raw ids, form every layer's n-gram mixes from the rolling
+- ``hash_next_token``: compress the sampled raw ids, form every layer's n-gram mixes from the rolling
   history and take every head's prime modulus (bit-exact with :class:`~engram.hashing.NgramHasher`, which tests
   check over random configs), and roll the history;
-- :func:`fuse_step`: gather the rows, project value and keys, gate, zero padding, normalise and convolve the
+- ``fuse_step``: gather the rows, project value and keys, gate, zero padding, normalise and convolve the
   gated value through the ShortConv ring (:class:`~engram.module.ConvRing`), add: :meth:`Engram._decode_step`'s
-  output up to float rounding (reductions accumulate in float64).
+  output up to float rounding (the gate's and the norms' reductions accumulate in float64);
+- ``hash_fuse_step``: both for one layer in one call, where :class:`~engram.model.EngramLM` leaves the hashing of
+  a decode step to its Engram layers (:class:`~engram.hashing.PendingStep`).
 
 They run where they apply: CPU tensors, float32 or float64, no gradients, not inside ``torch.compile``, with
 numba installed (the ``cpu-kernels`` extra); everything else takes the torch path, which gives the same
 results. ``ENGRAM_CPU_KERNELS=0`` or :func:`set_cpu_kernels(False) <set_cpu_kernels>` turns them off. The first
 decode step of a process imports numba and loads the compiled kernels from numba's on-disk cache (~0.6 s
-measured); the very first on a machine compiles them (~3 s). The numba code is in
-:mod:`engram.decode_kernels_numba`, imported only then.
+measured); the very first on a machine compiles them (~3 s). :mod:`engram.decode_kernels_numba` is imported only
+then.
 """
 
 from __future__ import annotations
