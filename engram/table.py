@@ -32,12 +32,12 @@ import torch
 from ._compat import ConversionHookModule
 from .validation import validation_enabled
 
-# (layer_id, head_sizes, head_dim, init_std) -> the Engram table of that layer (see engram.model.EngramLM)
 #: the error for hash ids outside their head's rows
 OUT_OF_RANGE = (
     "hash ids out of range for this table (negative or >= the head's prime size); they were produced by a "
     "hasher with a different config, seed or vocabulary"
 )
+# (layer_id, head_sizes, head_dim, init_std) -> the Engram table of that layer (see engram.model.EngramLM)
 TableFactory = Callable[[int, list[int], int, float], "EngramTable"]
 
 
