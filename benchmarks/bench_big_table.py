@@ -194,6 +194,16 @@ def wait_for(condition, proc: Run, what: str, timeout: float = 3600) -> None:
         time.sleep(0.05)
 
 
+def killed_run(config: Path, out: Path, tables: Path, fault: str, marker: Path) -> Run:
+    """A run of ``config`` killed with SIGKILL once it reaches the fault point ``fault`` (``ENGRAM_FAULT``, see
+    :func:`engram.files.fault_point`; there the run writes its pid to ``marker`` and waits)."""
+    run = Run(config, out, tables, [], env={"ENGRAM_FAULT": fault, "ENGRAM_FAULT_MARKER": str(marker)})
+    wait_for(marker.exists, run, f"the fault point {fault}")
+    run.kill()
+    marker.unlink()
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, required=True, help="scratch folder for every run (big files go here)")
@@ -249,16 +259,7 @@ def main() -> None:
         out = root / "killed"
         processes = []
         marker = root / "fault-marker"
-        first = Run(
-            big,
-            out,
-            tables,
-            [],
-            env={"ENGRAM_FAULT": f"row-update-{args.kill_step}", "ENGRAM_FAULT_MARKER": str(marker)},
-        )
-        wait_for(marker.exists, first, f"the row update of step {args.kill_step}")
-        first.kill()
-        marker.unlink()
+        first = killed_run(big, out, tables, f"row-update-{args.kill_step}", marker)
         processes.append(
             {
                 "killed_in_row_update_of_step": args.kill_step,
@@ -266,16 +267,7 @@ def main() -> None:
                 "peak_rss_bytes": first.peak_rss,
             }
         )
-        second = Run(
-            big,
-            out,
-            tables,
-            [],
-            env={"ENGRAM_FAULT": f"checkpoint-{args.fault_step}", "ENGRAM_FAULT_MARKER": str(marker)},
-        )
-        wait_for(marker.exists, second, f"the checkpoint of step {args.fault_step}")
-        second.kill()
-        marker.unlink()
+        second = killed_run(big, out, tables, f"checkpoint-{args.fault_step}", marker)
         latest = (out / "checkpoints" / "latest").read_text().strip()
         processes.append(
             {"killed_in_checkpoint": args.fault_step, "latest_then": latest, "peak_rss_bytes": second.peak_rss}

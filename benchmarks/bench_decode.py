@@ -12,6 +12,7 @@ processes hold the cores on a shared machine (it still sees their cache and memo
 adds rows for the same models with ``forward_checked`` under ``torch.compile`` (same settings for each).
 
     python benchmarks/bench_decode.py --threads 1 --clock cpu           # batch 4, 64 new tokens
+    python benchmarks/bench_decode.py --threads 1 --rounds 60 --clock cpu --control   # + an identical MoE copy
     python benchmarks/bench_decode.py --threads 1 --batch 8 --prompt-len 128 --new-tokens 256
 """
 
@@ -101,6 +102,9 @@ def main() -> None:
     ap.add_argument("--validate", action="store_true", help="keep engram's value checks on (default off)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time or this process's CPU time")
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd rows of the MoE and Engram models")
+    ap.add_argument(
+        "--control", action="store_true", help="add a second copy of the MoE: its ratio shows the method's own bias"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,6 +112,8 @@ def main() -> None:
         ap.error("--new-tokens must be >= 2")
     engram.set_validation(args.validate)
     models = demo_models(max_seq_len=args.prompt_len + args.new_tokens, device=args.device)
+    if args.control:
+        models["moe (copy)"] = copy.deepcopy(models["moe"])
     if args.compile:
         models.update({f"{name} (compiled)": compiled(models[name]) for name in ("moe", "engram")})
     gen = torch.Generator().manual_seed(0)

@@ -2,8 +2,8 @@
 
 A decode step hands every Engram op a handful of numbers (batch x width). At that size an eager torch op costs
 its dispatch, not its arithmetic, and in a model the ~30 small ops of an Engram layer run with cold caches after
-the blocks' matmuls: measured inside ``generate`` at the demo size they cost ~0.4 ms per step, 8-9% of the MoE
-backbone's step, where the arithmetic is a few microseconds. Each kernel here does the same equations in one
+the blocks' matmuls: at the demo size ``benchmarks/bench_generate.py`` timed them at 0.47 ms per step, about a
+tenth of the MoE backbone's step, for a few microseconds of arithmetic. Each kernel here does the same equations in one
 call (numba, compiled once per machine and cached on disk; the code is in :mod:`engram.decode_kernels_numba`):
 
 - ``hash_next_token``: compress the sampled raw ids, form every layer's n-gram mixes from the rolling
@@ -18,9 +18,8 @@ call (numba, compiled once per machine and cached on disk; the code is in :mod:`
 They run where they apply: CPU tensors, float32 or float64, no gradients, not inside ``torch.compile``, with
 numba installed (the ``cpu-kernels`` extra); everything else takes the torch path, which gives the same
 results. ``ENGRAM_CPU_KERNELS=0`` or :func:`set_cpu_kernels(False) <set_cpu_kernels>` turns them off. The first
-decode step of a process imports numba and loads the compiled kernels from numba's on-disk cache (~0.6 s
-measured); the very first on a machine compiles them (~3 s). :mod:`engram.decode_kernels_numba` is imported only
-then.
+decode step of a process imports numba and loads the compiled kernels from numba's on-disk cache; the very first
+on a machine compiles them (seconds). :mod:`engram.decode_kernels_numba` is imported only then.
 """
 
 from __future__ import annotations

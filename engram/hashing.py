@@ -195,7 +195,7 @@ class NgramHasher:
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._step_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # see _hash_last
         self._kernel_step: Callable | None = None  # see hash_next_token
-        self._layer_kernel_consts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._kernel_consts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # see _kernel_arrays
 
     @classmethod
     def from_tokenizer(
@@ -375,11 +375,8 @@ class NgramHasher:
     def _bind_kernel_step(self) -> Callable[[torch.Tensor, torch.Tensor], tuple[dict, torch.Tensor]]:
         """:meth:`hash_next_token`'s kernel call with everything that does not change bound once: in a model the
         per-step Python around the kernel costs more than the kernel."""
-        tokenizer = self._require_tokenizer()
         kernel = decode_kernels.kernels()[0]
-        lookup = np.ascontiguousarray(tokenizer.lookup, dtype=np.int64)
-        mult = np.stack([self.multipliers[l] for l in self.config.layer_ids])
-        primes = self._constants(torch.device("cpu"))[1].numpy()
+        lookup, mult, primes = self._kernel_arrays()
         layer_ids, n_layers = list(self.config.layer_ids), len(self.config.layer_ids)
         n_hist, n_heads = self.config.max_ngram_size - 1, self.config.num_heads_total
         arr = decode_kernels.as_array
@@ -398,16 +395,20 @@ class NgramHasher:
         self._kernel_step = step
         return step
 
-    def layer_kernel_constants(self, layer_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(lookup [V], multipliers [1, N], primes [1, N-1, K])`` of one layer, for the fused kernel that hashes
-        a decode step's token inside that layer's call (:class:`PendingStep`)."""
-        consts = self._layer_kernel_consts.get(layer_id)
-        if consts is None:
-            li = self.config.layer_ids.index(layer_id)
-            primes = self._constants(torch.device("cpu"))[1][li : li + 1].contiguous().numpy()
+    def _kernel_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(lookup [V], multipliers [L, N], primes [L, N-1, K])`` as the hashing kernels take them."""
+        if self._kernel_consts is None:
             lookup = np.ascontiguousarray(self._require_tokenizer().lookup, dtype=np.int64)
-            consts = self._layer_kernel_consts[layer_id] = (lookup, self.multipliers[layer_id][None].copy(), primes)
-        return consts
+            mult = np.stack([self.multipliers[l] for l in self.config.layer_ids])
+            self._kernel_consts = (lookup, mult, self._constants(torch.device("cpu"))[1].numpy())
+        return self._kernel_consts
+
+    def layer_kernel_constants(self, layer_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_kernel_arrays` of one layer (``[1, N]`` multipliers, ``[1, N-1, K]`` primes), for the fused
+        kernel that hashes a decode step's token inside that layer's call (:class:`PendingStep`)."""
+        lookup, mult, primes = self._kernel_arrays()
+        li = self.config.layer_ids.index(layer_id)
+        return lookup, mult[li : li + 1], primes[li : li + 1]
 
     def out_of_vocabulary(self, tok: int) -> ValueError:
         """The error for a raw token id outside the tokenizer's vocabulary."""

@@ -565,10 +565,10 @@ class Engram(nn.Module):
     def _pending_step(
         self, hidden: torch.Tensor, pending: PendingStep, mask: torch.Tensor | None, state: dict
     ) -> torch.Tensor | None:
-        """A decode step of :class:`~engram.hashing.PendingStep` (EngramLM's, with an on-device table) in one call of
-        the fused kernel that also hashes this layer's heads, or None where that kernel does not apply (the caller
-        takes the general path, which checks every argument). Only the checks that decide this are made here: in a
-        model every Python operation of a decode step costs microseconds."""
+        """A decode step of :class:`~engram.hashing.PendingStep` (EngramLM's, with an on-device table) through
+        :meth:`_kernel_step`, or None where that kernel does not apply (the caller takes the general path, which
+        checks every argument). Only the checks that decide this are made here: in a model every Python
+        operation of a decode step costs microseconds."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or not decode_kernels.cpu_kernels_enabled():
             return None
         c = StepConstants.lookup(state, "constants", lambda: self._step_constants(hidden.dtype, hidden.device))
@@ -578,44 +578,28 @@ class Engram(nn.Module):
             return None
         if hidden.shape != (b, 1, self.hc_mult, self.hidden_size) or not (mask is None or mask.shape == (b, 1)):
             return None
-        weights = k.ones(b) if mask is None else decode_kernels.as_array(mask.to(hidden.dtype))
-        ring = state.get("conv_ring")
-        if k.conv is not None and (ring is None or ring.linear is None or ring.linear is not state.get("conv")):
-            ring = k.conv.ring(state, b, hidden.dtype, hidden.device)
-        out = np.empty((b, 1, self.hc_mult, self.hidden_size), dtype=weights.dtype)
-        alpha = np.empty((b, self.hc_mult), dtype=out.dtype) if self.record_gate else k.scratch(b, self.hc_mult)
-        lookup, mult, primes = k.hash_head
-        if ring is None:
-            ring_array, slot = k.no_ring, 0
-        else:
-            ring_array, slot = ring.array, ring.slot
-        bad = k.hash_fuse(
-            pending.raw, lookup, pending.history_array, mult, primes, pending.next_history_array,
-            decode_kernels.as_array(hidden), weights, ring_array, slot, out, alpha, *k.constants,
-        )  # fmt: skip
-        if bad != -1:
-            if bad <= -2:
-                raise self.hasher.out_of_vocabulary(int(pending.raw[-2 - bad, 0]))
-            raise ValueError(OUT_OF_RANGE)
-        pending.rolled = True
-        if ring is not None:
-            ring.advance()
-            state["conv"] = ring.linear
-        if self.record_gate and self.key_projs:
-            self.last_gate = torch.from_numpy(alpha).view(b, 1, self.hc_mult)
-        return torch.from_numpy(out)
+        return self._kernel_step(hidden, pending, mask, state, k)
 
     def _kernel_step(
-        self, hidden: torch.Tensor, hash_ids: torch.Tensor, mask: torch.Tensor | None, state: dict, k: KernelStep
+        self,
+        hidden: torch.Tensor,
+        hash_ids: torch.Tensor | PendingStep,
+        mask: torch.Tensor | None,
+        state: dict,
+        k: KernelStep,
     ) -> torch.Tensor:
-        """:meth:`_decode_step` in one call of the fused CPU kernel (:mod:`engram.decode_kernels`). Everything
-        that does not change between steps is bound once in ``k``: in a model the per-step Python around the
-        kernel costs more than the kernel."""
+        """:meth:`_decode_step` in one call of the fused CPU kernel (:mod:`engram.decode_kernels`): ``fuse_step``
+        for hash ids, ``hash_fuse_step`` (which hashes this layer's heads first) for a :class:`PendingStep`.
+        Everything that does not change between steps is bound once in ``k``: in a model the per-step Python
+        around the kernel costs more than the kernel."""
         b, _, m, d = hidden.shape
-        if hash_ids.dtype != torch.int64:
-            self.table.check_layout(hash_ids)  # raises
+        pending = hash_ids if type(hash_ids) is PendingStep else None
         const = k.constants
-        if not k.device_table:  # a host / disk / sharded table gathers (and checks) its rows; read in order
+        if pending is not None:
+            ids = None
+        elif hash_ids.dtype != torch.int64:
+            self.table.check_layout(hash_ids)  # raises
+        elif not k.device_table:  # a host / disk / sharded table gathers (and checks) its rows; read in order
             rows = self.table(hash_ids).to(hidden.dtype).reshape(b, -1, self.config.head_dim)
             n_heads = rows.shape[1]
             const = k.row_layout(b, n_heads, decode_kernels.as_array(rows.view(b * n_heads, -1)))
@@ -630,9 +614,20 @@ class Engram(nn.Module):
         alpha = np.empty((b, m), dtype=out.dtype) if self.record_gate else k.scratch(b, m)
         h = decode_kernels.as_array(hidden)
         ring_array, slot = (k.no_ring, 0) if ring is None else (ring.array, ring.slot)
-        bad = k.fuse(h, ids, weights, ring_array, slot, out, alpha, *const)
+        if pending is None:
+            bad = k.fuse(h, ids, weights, ring_array, slot, out, alpha, *const)
+        else:
+            lookup, mult, primes = k.hash_head
+            bad = k.hash_fuse(
+                pending.raw, lookup, pending.history_array, mult, primes, pending.next_history_array,
+                h, weights, ring_array, slot, out, alpha, *const,
+            )  # fmt: skip
+            if bad <= -2:
+                raise self.hasher.out_of_vocabulary(int(pending.raw[-2 - bad, 0]))
         if bad >= 0:
             raise ValueError(OUT_OF_RANGE)
+        if pending is not None:
+            pending.rolled = True
         if ring is not None:
             ring.advance()
             state["conv"] = ring.linear

@@ -43,6 +43,7 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._compat import tensor_version
@@ -386,7 +387,9 @@ class OffloadedEmbedding(EngramTable):
         if torch.is_grad_enabled() and self.trainable:
             values = values.detach().requires_grad_(True)
             self._captures.append((fetch.unique, values))
-        return values[fetch.inverse].view(*ids.shape, self.head_dim)
+        # embedding, not values[inverse]: on the CPU the backward of advanced indexing sums the gradients of
+        # repeated rows in an order that varies with the threads, so two runs (or a run and its resume) differ
+        return F.embedding(fetch.inverse, values).view(*ids.shape, self.head_dim)
 
     def wait_for_prefetches(self) -> None:
         """Block until every pending prefetch has its rows (before the store is written or copied directly)."""

@@ -108,6 +108,31 @@ def test_row_gradients_equal_the_multihead_weight_gradient(mhe):
     assert torch.all(mhe.weight.grad[untouched] == 0)  # the rows we report are all the rows with gradient
 
 
+def test_row_gradients_are_bit_identical_from_run_to_run_with_threads():
+    """Rows repeated many times in a batch get their gradient summed in one fixed order whatever the threads do,
+    and exactly as the on-device table sums them: two runs of a training job (or a run and its resume) see the same
+    bits."""
+    heads, dim = [3, 5], 64
+    mhe = MultiHeadEmbedding(heads, dim)
+    table = OffloadedEmbedding.from_multihead(mhe, "host")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randint(0, h, (64, 512), generator=gen) for h in heads], dim=-1)
+    weight = torch.randn(64, 512, len(heads), dim, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(6):
+            table.zero_grad()
+            (table(ids) * weight).sum().backward()
+            grads.append(table.row_grads()[1])
+        (mhe(ids) * weight).sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(g, grads[0]) for g in grads)
+    assert torch.equal(grads[0], mhe.weight.grad)
+
+
 def test_gradients_of_several_forwards_are_summed_and_cleared_by_zero_grad(mhe):
     table = OffloadedEmbedding.from_multihead(mhe, "host")
     a, b = random_ids(seed=7), random_ids(seed=8)
