@@ -24,15 +24,17 @@ on a machine compiles them (seconds). :mod:`engram.decode_kernels_numba` is impo
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from types import ModuleType
 
 import numpy as np
 import torch
 
 _FALSE = {"0", "false", "no", "off"}
 _enabled = os.environ.get("ENGRAM_CPU_KERNELS", "1").strip().lower() not in _FALSE
-_kernels: tuple | bool | None = None  # the kernels once compiled; False when numba is missing
+_kernels: ModuleType | bool | None = None  # the kernels' module once imported; False when numba is missing
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
@@ -47,7 +49,7 @@ def cpu_kernels_enabled() -> bool:
     return _enabled and _load() is not None
 
 
-def _load() -> tuple | None:
+def _load() -> ModuleType | None:
     global _kernels
     if _kernels is None:
         try:
@@ -60,13 +62,13 @@ def _load() -> tuple | None:
             warnings.warn(f"numba is installed but does not import ({e}); decode steps use torch ops", stacklevel=3)
             _kernels = False
         else:
-            _kernels = (k.hash_next_token, k.fuse_step, k.hash_fuse_step)
+            _kernels = k
     return _kernels or None
 
 
-def kernels() -> tuple:
-    """``(hash_next_token, fuse_step, hash_fuse_step)``; only call after :func:`cpu_kernels_enabled` returned
-    True."""
+def kernels() -> ModuleType:
+    """:mod:`engram.decode_kernels_numba` (the kernels and :func:`~engram.decode_kernels_numba.pack_layer`); only
+    call after :func:`cpu_kernels_enabled` returned True."""
     return _kernels
 
 
@@ -75,3 +77,23 @@ def as_array(t: torch.Tensor) -> np.ndarray:
     kernels write only their outputs), so the kernels see one array layout and compile once per dtype."""
     a = t.detach().numpy() if t.requires_grad else t.numpy()
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+class FreshTensors:
+    """New CPU tensors of one shape and dtype, with their addresses, for a kernel to write: cut from one allocation
+    per ``block`` of them (up to 64 and 256 KiB a block), since in a model a decode step's ``torch.empty`` costs
+    several microseconds with cold caches. Each tensor is handed out once and never written again from here, so
+    callers may keep them; a block is freed when none of its tensors is referenced any more."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+        nbytes = max(1, math.prod(self.shape) * dtype.itemsize)
+        self.block = max(1, min(64, (256 << 10) // nbytes))
+        self._left: list[tuple[torch.Tensor, int]] = []
+
+    def take(self) -> tuple[torch.Tensor, int]:
+        """``(tensor, tensor.data_ptr())`` of a fresh tensor."""
+        if not self._left:
+            views = torch.empty((self.block, *self.shape), dtype=self.dtype).unbind(0)
+            self._left = [(v, v.data_ptr()) for v in reversed(views)]
+        return self._left.pop()

@@ -1,6 +1,12 @@
 """The numba kernels behind :mod:`engram.decode_kernels` (imported only when they are used: numba is optional).
 
-Module-level functions, so that numba's on-disk cache also holds :func:`hash_fuse_step`, which calls the other two.
+Module-level functions, so that numba's on-disk cache also holds :func:`hash_fuse_step`, which calls the others.
+
+An Engram layer's constants reach the layer kernels as two flat arrays built once by :func:`pack_layer`: ``ints``
+(int64: a header of sizes and flags, then the heads' row offsets and sizes, then the hashing constants) and
+``floats`` (the model's dtype: projections, gains, conv taps, epsilons). In a model a decode step runs with cold
+caches, where numba spends about a microsecond unboxing each argument: the packed form keeps a layer's call at
+twelve arguments instead of twenty-six.
 """
 
 from __future__ import annotations
@@ -9,8 +15,56 @@ import math
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 
 jit = numba.njit(cache=True, nogil=True)
+
+# the header of ``ints``: what each entry holds (the sections follow it in this order: offsets [H], sizes [H],
+# lookup [V], multipliers [N], primes [(N-1) K])
+N_HEADS, GATING, SIGNED_SQRT, DILATION, N_TAPS, N_HIST, K_HEADS, VOCAB, BRANCHES, WIDTH, HEADER = range(11)
+
+
+@intrinsic
+def _pointer_like(typingctx, address, like):
+    """A pointer to ``like``'s dtype at the integer ``address`` (a tensor's ``data_ptr()``)."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
+        return None
+    pointer = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+def pack_layer(
+    offsets, sizes, weight_t, bias, gains, taps, conv_gains, eps_q, eps_k, conv_eps, gating, signed_sqrt, dilation,
+    lookup=None, mult=None, primes=None,
+):  # fmt: skip
+    """``(ints, floats)`` of one layer (see the module docstring). ``weight_t`` [d_mem, (1+M')D] is the value
+    and (with gating) key projections transposed, ``bias`` [(1+M')D], ``gains`` [M, D] = g_q * g_k, ``taps``
+    [w, M*D] (w = 0 without ShortConv), ``conv_gains`` [M, D]; ``lookup`` [V] raw -> compressed ids, ``mult`` [N]
+    and ``primes`` [N-1, K] this layer's hashing constants (None where the layer is given hash ids only)."""
+    if lookup is None:
+        lookup, mult, primes = np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros((0, 0), np.int64)
+    header = np.zeros(HEADER, dtype=np.int64)
+    header[[N_HEADS, GATING, SIGNED_SQRT, DILATION, N_TAPS, N_HIST, K_HEADS, VOCAB, BRANCHES, WIDTH]] = [
+        len(offsets), gating, signed_sqrt, dilation, taps.shape[0], primes.shape[0], primes.shape[1], len(lookup),
+        *gains.shape,
+    ]  # fmt: skip
+    ints = np.concatenate([header, offsets, sizes, lookup, np.ravel(mult), np.ravel(primes)]).astype(np.int64)
+    parts = [weight_t, bias, gains, taps, conv_gains, np.array([eps_q, eps_k, conv_eps])]
+    floats = np.concatenate([np.ravel(p).astype(weight_t.dtype) for p in parts])
+    return ints, floats
+
+
+def with_heads(ints, offsets, sizes):
+    """``ints`` with other head offsets and sizes (rows that another table gathered, in their own layout)."""
+    out = ints.copy()
+    n = out[N_HEADS]
+    out[HEADER : HEADER + n], out[HEADER + n : HEADER + 2 * n] = offsets, sizes
+    return out
 
 
 @jit
@@ -42,43 +96,52 @@ def hash_next_token(raw, lookup, history, mult, primes, ids, next_history):
 
 
 @jit
-def fuse_step(
-    h, ids, mask, ring, slot, out, alpha_out,
-    offsets, sizes, table, weight_t, bias, gains, eps_q, eps_k, gating, signed_sqrt, dilation, taps,
-    conv_gains, conv_eps,
-):  # fmt: skip
+def fuse_step(h, ids, mask, ring, slot, out, alpha_out, table, ints, floats):
     """One position per sequence; see :meth:`engram.module.Engram._decode_step` for the equations.
 
-    h [B, 1, M, D]; ids [B, 1, H] per-head rows, head j reading table row ``offsets[j] + ids[b, j]`` and holding
-    ``sizes[j]`` rows; table [R, head_dim]; weight_t [d_mem, (1+M')D] the value and
-    (with gating, M' = M) key projections transposed; bias [(1+M')D]; gains [M, D] = g_q * g_k;
-    mask [B, 1] (1 = real token); ring [B, 2R, M*D] the ShortConv ring (R = 0 without ShortConv) written at
-    ``slot`` and ``slot + R``; taps [w, M*D]; conv_gains [M, D]. Writes out [B, 1, M, D] and alpha_out [B, M].
-    Returns -1, or ``b * H + j`` for the first id outside its head (nothing is read from the table then).
+    h [B, 1, M, D]; ids [B, 1, H] per-head rows, head j reading table row ``offsets[j] + ids[b, 0, j]`` and
+    holding ``sizes[j]`` rows; table [R, head_dim]; mask [B, 1] (1 = real token); ring [B, 2R, M*D] the
+    ShortConv ring (R = 0 without ShortConv) written at ``slot`` and ``slot + R``; ``ints`` / ``floats`` from
+    :func:`pack_layer`. Writes out [B, 1, M, D] and alpha_out [B, M]. Returns -1, or ``b * H + j`` for the first
+    id outside its head (nothing is read from the table then).
     """
     b_size, _, m_size, d = h.shape
-    n_heads = ids.shape[2]
+    n_heads, w, dilation = ints[N_HEADS], ints[N_TAPS], ints[DILATION]
+    gating, signed_sqrt = ints[GATING] != 0, ints[SIGNED_SQRT] != 0
+    offsets = ints[HEADER : HEADER + n_heads]
+    sizes = ints[HEADER + n_heads : HEADER + 2 * n_heads]
     head_dim = table.shape[1]
-    n_out = weight_t.shape[1]
+    d_mem, md = n_heads * head_dim, m_size * d
+    n_out = d * (1 + m_size) if gating else d
+    p = d_mem * n_out
+    weight_t = floats[:p].reshape((d_mem, n_out))
+    bias = floats[p : p + n_out]
+    p += n_out
+    gains = floats[p : p + md]
+    taps = floats[p + md : p + md + w * md].reshape((w, md))
+    p += md + w * md
+    conv_gains = floats[p : p + md]
+    eps_q, eps_k, conv_eps = floats[p + md], floats[p + md + 1], floats[p + md + 2]
     r = ring.shape[1] // 2
-    w = taps.shape[0]
-    vk = np.empty(n_out, dtype=weight_t.dtype)  # the projection accumulates in the model's dtype, as torch's
-    inv_sqrt_d = 1.0 / math.sqrt(d)
     for b in range(b_size):
         for j in range(n_heads):
             if ids[b, 0, j] < 0 or ids[b, 0, j] >= sizes[j]:
                 return b * n_heads + j
+    vk = np.empty((b_size, n_out), dtype=floats.dtype)  # accumulates in the model's dtype, as torch's matmul
     for b in range(b_size):
-        for o in range(n_out):
-            vk[o] = bias[o]
-        for j in range(n_heads):  # e = concatenated rows; vk = W e + bias, accumulated row by row
-            row = offsets[j] + ids[b, 0, j]
-            for c in range(head_dim):
-                x = table[row, c]
-                wrow = weight_t[j * head_dim + c]
+        vk[b] = bias
+    for j in range(n_heads):  # e = concatenated rows; vk = W e + bias, one weight row at a time for all b
+        for c in range(head_dim):
+            wrow = weight_t[j * head_dim + c]
+            for b in range(b_size):
+                x = table[offsets[j] + ids[b, 0, j], c]
+                acc = vk[b]
                 for o in range(n_out):
-                    vk[o] += wrow[o] * x
+                    acc[o] += wrow[o] * x
+    inv_sqrt_d = 1.0 / math.sqrt(d)
+    for b in range(b_size):
         for m in range(m_size):
+            base = m * d
             alpha = 1.0
             if gating:
                 hh = 0.0
@@ -87,10 +150,10 @@ def fuse_step(
                 key = (1 + m) * d
                 for i in range(d):
                     hv = h[b, 0, m, i]
-                    kv = vk[key + i]
+                    kv = vk[b, key + i]
                     hh += hv * hv
                     kk += kv * kv
-                    hk += hv * kv * gains[m, i]
+                    hk += hv * kv * gains[base + i]
                 score = hk * inv_sqrt_d / math.sqrt((hh / d + eps_q) * (kk / d + eps_k))
                 if signed_sqrt:  # sign(x) * sqrt(max(|x|, 1e-6)), sign(0) = 0
                     mag = math.sqrt(max(abs(score), 1e-6))
@@ -100,17 +163,16 @@ def fuse_step(
             alpha *= mask[b, 0]
             if r == 0:
                 for i in range(d):
-                    out[b, 0, m, i] = alpha * vk[i]
+                    out[b, 0, m, i] = alpha * vk[b, i]
                 continue
             vv = 0.0
             for i in range(d):
-                g = alpha * vk[i]
+                g = alpha * vk[b, i]
                 out[b, 0, m, i] = g
                 vv += g * g
             inv_rms = 1.0 / math.sqrt(vv / d + conv_eps)
-            base = m * d
             for i in range(d):
-                x = out[b, 0, m, i] * inv_rms * conv_gains[m, i]
+                x = out[b, 0, m, i] * inv_rms * conv_gains[base + i]
                 ring[b, slot, base + i] = x
                 ring[b, slot + r, base + i] = x
             for i in range(d):  # taps read every N-th row of the last R positions, oldest first
@@ -122,20 +184,28 @@ def fuse_step(
 
 
 @jit
-def hash_fuse_step(
-    raw, lookup, history, mult, primes, next_history, h, mask, ring, slot, out, alpha_out,
-    offsets, sizes, table, weight_t, bias, gains, eps_q, eps_k, gating, signed_sqrt, dilation, taps,
-    conv_gains, conv_eps,
-):  # fmt: skip
-    """:func:`hash_next_token` for one layer (mult [1, N], primes [1, N-1, K]) straight into
-    :func:`fuse_step`: a whole Engram layer of a decode step in one call. Returns -1, ``-2 - b`` for a raw
-    id of sequence b outside the vocabulary, or fuse_step's code for a hash id outside its head."""
-    b_size = h.shape[0]
-    ids = np.empty((1, b_size, 1, primes.shape[1] * primes.shape[2]), dtype=np.int64)
-    bad = hash_next_token(raw, lookup, history, mult, primes, ids, next_history)
+def hash_fuse_step(raw, history, next_history, h, out, mask, ring, slot, alpha_out, table, ints, floats):
+    """Hash the raw ids after the history with this layer's constants in ``ints`` (as :func:`hash_next_token`
+    does, writing the next history), then :func:`fuse_step`: a whole Engram layer of a decode step in one call.
+
+    ``raw`` [B, 1], ``history`` and ``next_history`` [B, N-1] (int64), ``h`` and ``out`` [B, 1, M, D] (the model's
+    dtype) are the addresses of C-contiguous CPU tensors of those shapes, B = ``mask.shape[0]``: the caller
+    checks them, and so a step hands its tensors to the kernel without making numpy arrays of them (in a model
+    each costs more than the arithmetic of the layer). Returns -1, ``-2 - b`` for a raw id of sequence b outside
+    the vocabulary, or fuse_step's code for a hash id outside its head."""
+    n_heads, n_hist, k_heads, vocab = ints[N_HEADS], ints[N_HIST], ints[K_HEADS], ints[VOCAB]
+    b, shape = mask.shape[0], (mask.shape[0], 1, ints[BRANCHES], ints[WIDTH])
+    p = HEADER + 2 * n_heads
+    lookup = ints[p : p + vocab]
+    mult = ints[p + vocab : p + vocab + n_hist + 1].reshape((1, n_hist + 1))
+    primes = ints[p + vocab + n_hist + 1 : p + vocab + n_hist + 1 + n_hist * k_heads].reshape((1, n_hist, k_heads))
+    ids = np.empty((1, b, 1, n_heads), dtype=np.int64)
+    bad = hash_next_token(
+        numba.carray(_pointer_like(raw, ints), (b, 1)), lookup, numba.carray(_pointer_like(history, ints), (b, n_hist)),
+        mult, primes, ids, numba.carray(_pointer_like(next_history, ints), (b, n_hist)),
+    )  # fmt: skip
     if bad >= 0:
         return -2 - bad
-    return fuse_step(
-        h, ids[0], mask, ring, slot, out, alpha_out, offsets, sizes, table, weight_t, bias, gains, eps_q,
-        eps_k, gating, signed_sqrt, dilation, taps, conv_gains, conv_eps,
-    )  # fmt: skip
+    h_array = numba.carray(_pointer_like(h, floats), shape)
+    out_array = numba.carray(_pointer_like(out, floats), shape)
+    return fuse_step(h_array, ids[0], mask, ring, slot, out_array, alpha_out, table, ints, floats)

@@ -375,7 +375,7 @@ class NgramHasher:
     def _bind_kernel_step(self) -> Callable[[torch.Tensor, torch.Tensor], tuple[dict, torch.Tensor]]:
         """:meth:`hash_next_token`'s kernel call with everything that does not change bound once: in a model the
         per-step Python around the kernel costs more than the kernel."""
-        kernel = decode_kernels.kernels()[0]
+        kernel = decode_kernels.kernels().hash_next_token
         lookup, mult, primes = self._kernel_arrays()
         layer_ids, n_layers = list(self.config.layer_ids), len(self.config.layer_ids)
         n_hist, n_heads = self.config.max_ngram_size - 1, self.config.num_heads_total
@@ -491,20 +491,45 @@ class PendingStep:
     layer then hashes its own heads inside its one kernel call (``hash_fuse_step`` in
     :mod:`engram.decode_kernels`), which also writes the rolled history. Anyone else gets the ids from
     :meth:`ids`, the same as :meth:`NgramHasher.hash_next_token` gives.
+
+    One object serves every step of a decoding state (:meth:`start` each step, :meth:`next_history` after it).
+    The kernels take the ids and histories as addresses (``raw``, ``history_ptr``, ``next_ptr``) of the
+    C-contiguous int64 CPU tensors kept here.
     """
 
-    __slots__ = ("hasher", "history", "raw_ids", "raw", "history_array", "next_history_array", "rolled", "_hashed")
+    __slots__ = ("hasher", "history", "history_ptr", "_data", "_fresh", "raw_ids", "raw", "next", "next_ptr", "rolled",
+                 "_hashed")  # fmt: skip
 
-    def __init__(self, hasher: NgramHasher, history: torch.Tensor, raw_ids: torch.Tensor):
-        self.hasher, self.history, self.raw_ids = hasher, history, raw_ids
-        self.raw, self.history_array = decode_kernels.as_array(raw_ids), decode_kernels.as_array(history)
-        self.next_history_array = np.empty_like(self.history_array)
-        self.rolled = False  # True once a kernel has written next_history_array
+    def __init__(self, hasher: NgramHasher, history: torch.Tensor, raw_ids: torch.Tensor | None = None):
+        self.hasher, self._fresh = hasher, None
+        self._set_history(history)
+        if raw_ids is not None:
+            self.start(raw_ids)
+
+    def _set_history(self, history: torch.Tensor) -> None:
+        self.history = history  # the caller's tensor (EngramLM looks for it by identity)
+        self._data = history.to(device="cpu", dtype=torch.int64).contiguous()  # history itself when it is one
+        self.history_ptr = self._data.data_ptr()
+        if self._fresh is None or self._fresh.shape != self._data.shape:
+            self._fresh = decode_kernels.FreshTensors(self._data.shape, torch.int64)
+
+    def start(self, raw_ids: torch.Tensor) -> None:
+        """Begin the step of ``raw_ids`` [B, 1] after :attr:`history` [B, N-1]."""
+        if raw_ids.dtype is not torch.int64 or not raw_ids.is_cpu or not raw_ids.is_contiguous():
+            raw_ids = raw_ids.to(device="cpu", dtype=torch.int64).contiguous()
+        if raw_ids.shape != (self._data.shape[0], 1):
+            raise ValueError(
+                f"a decode step takes raw ids [B, 1] for a history of B = {self._data.shape[0]} sequences, got "
+                f"{tuple(raw_ids.shape)}"
+            )
+        self.raw_ids, self.raw = raw_ids, raw_ids.data_ptr()
+        self.next, self.next_ptr = self._fresh.take()
+        self.rolled = False  # True once a kernel has written the next history
         self._hashed: tuple[dict[int, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
-        return self.raw.shape[0]
+        return self.raw_ids.shape[0]
 
     def ids(self, layer_id: int) -> torch.Tensor:
         """This step's hash ids of one layer [B, 1, (N-1)K], hashed on first use."""
@@ -513,9 +538,11 @@ class PendingStep:
         return self._hashed[0][layer_id]
 
     def next_history(self) -> torch.Tensor:
-        """The decoding history after this step's token."""
+        """The decoding history after this step's token; it becomes :attr:`history` for the next :meth:`start`."""
         if self.rolled:
-            return torch.from_numpy(self.next_history_array)
-        if self._hashed is None:
-            self._hashed = self.hasher.hash_next_token(self.history, self.raw_ids)
-        return self._hashed[1]
+            self.history, self._data, self.history_ptr = self.next, self.next, self.next_ptr
+        else:
+            if self._hashed is None:
+                self._hashed = self.hasher.hash_next_token(self.history, self.raw_ids)
+            self._set_history(self._hashed[1])
+        return self.history

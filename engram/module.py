@@ -95,45 +95,40 @@ class StepConstants:
 
 
 class KernelStep:
-    """What an Engram layer's fused CPU decode step binds once per decoding state (see
-    :meth:`Engram._kernel_step`): the kernel, its constant trailing arguments and small per-batch buffers."""
+    """What an Engram layer's fused CPU decode step binds once per decoding state (see :meth:`Engram._kernel_step`):
+    the kernels, the layer's constants packed as they take them
+    (:func:`~engram.decode_kernels_numba.pack_layer`) and small buffers sized for the batch."""
 
     def __init__(
-        self, conv: ShortConv | None, device_table: bool, constants: list, dtype: torch.dtype, hash_head: tuple
+        self, conv: ShortConv | None, table: np.ndarray | None, ints: np.ndarray, floats: np.ndarray, hashes: bool
     ):
-        self.fuse, self.hash_fuse = decode_kernels.kernels()[1:]
-        self.conv, self.device_table, self.constants = conv, device_table, constants
-        self.dtype, self.hash_head = dtype, hash_head  # hash_head: lookup, multipliers, primes of this layer
-        self.no_ring = np.zeros((1, 0, 1), dtype=constants[4].dtype)
-        self._ones: dict[int, np.ndarray] = {}
-        self._scratch: dict[tuple[int, int], np.ndarray] = {}
-        self._row_ids: dict[tuple[int, int], np.ndarray] = {}
+        kernels = decode_kernels.kernels()
+        self.fuse, self.hash_fuse, self._with_heads = kernels.fuse_step, kernels.hash_fuse_step, kernels.with_heads
+        self.conv, self.ints, self.floats = conv, ints, floats
+        self.device_table, self.hashes = table is not None, hashes  # hashes: ints hold this layer's hash constants
+        self.table = table if table is not None else np.empty((0, 1), dtype=floats.dtype)
+        self.dtype = torch.from_numpy(floats[:0]).dtype
+        self.no_ring = np.zeros((1, 0, 1), dtype=floats.dtype)
+        self.shape: torch.Size | None = None  # the hidden shape [B, 1, M, D] the buffers below are sized for
+        self.ones = self.scratch = self.no_ring
+        self._row_layouts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
-    def ones(self, b: int) -> np.ndarray:
-        """The mask of a batch of ``b`` sequences without padding."""
-        w = self._ones.get(b)
-        if w is None:
-            w = self._ones[b] = np.ones((b, 1), dtype=self.no_ring.dtype)
-        return w
+    def bind(self, hidden: torch.Tensor) -> None:
+        """Size the buffers for a step of ``hidden`` [B, 1, M, D]: the mask of a batch without padding, where the
+        kernel writes gate values nobody records, and the outputs."""
+        b, _, m, _ = self.shape = hidden.shape
+        self.ones = np.ones((b, 1), dtype=self.floats.dtype)
+        self.scratch = np.empty((b, m), dtype=self.floats.dtype)
+        self.outputs = decode_kernels.FreshTensors(hidden.shape, self.dtype)
 
-    def scratch(self, b: int, m: int) -> np.ndarray:
-        """Where the kernel writes gate values nobody records."""
-        a = self._scratch.get((b, m))
-        if a is None:
-            a = self._scratch[b, m] = np.empty((b, m), dtype=self.no_ring.dtype)
-        return a
-
-    def row_ids(self, b: int, n_heads: int) -> np.ndarray:
-        """Ids that read rows ``[B * H, head_dim]`` gathered by another table in order (see :meth:`row_layout`)."""
-        ids = self._row_ids.get((b, n_heads))
-        if ids is None:
+    def row_layout(self, b: int, n_heads: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, ints)`` that read rows ``[B * H, head_dim]`` gathered by another table in order: head j at
+        offset j, every head B * H rows long, sequence b's head j at row ``b * H + j``."""
+        layout = self._row_layouts.get((b, n_heads))
+        if layout is None:
             ids = np.repeat(np.arange(b, dtype=np.int64)[:, None, None] * n_heads, n_heads, axis=2)
-            self._row_ids[b, n_heads] = ids
-        return ids
-
-    def row_layout(self, b: int, n_heads: int, rows: np.ndarray) -> list:
-        """The constants with the table replaced by ``rows``: head j at offset j, every head B * H rows long."""
-        return [np.arange(n_heads), np.full(n_heads, b * n_heads), rows, *self.constants[3:]]
+            layout = self._row_layouts[b, n_heads] = (ids, self._with_heads(self.ints, range(n_heads), b * n_heads))
+        return layout
 
 
 _VERSION = operator.attrgetter("_version")
@@ -526,8 +521,9 @@ class Engram(nn.Module):
         return decode_kernels.cpu_kernels_enabled()
 
     def _kernel_constants(self, dtype: torch.dtype, projs: list[nn.Linear], table_weight) -> KernelStep:
-        """The fused kernel's arguments that derive from parameters alone, as numpy arrays (the table is a view
-        of its parameter; :class:`StepConstants` rebuilds the rest when a source changes)."""
+        """The fused kernel's arguments that derive from parameters alone, packed once
+        (:func:`~engram.decode_kernels_numba.pack_layer`; the table is a view of its parameter,
+        :class:`StepConstants` rebuilds the rest when a source changes)."""
         d, m = self.hidden_size, self.hc_mult
         arr = decode_kernels.as_array
         weight_t = torch.cat([p.weight for p in projs]).t()
@@ -547,93 +543,97 @@ class Engram(nn.Module):
             taps, conv_gains, conv_eps, dilation = conv.conv.weight[:, 0, :].t(), conv._gains(), conv.eps, conv.dilation
         else:
             taps, conv_gains, conv_eps, dilation = torch.zeros(0, m * d, dtype=dtype), zeros, 0.0, 1
-        table = None if table_weight is None else arr(table_weight)
-        rows = table if table is not None else np.empty((0, self.config.head_dim), dtype=arr(bias).dtype)
-        return KernelStep(
-            conv,
-            table is not None,
-            # the trailing arguments of fuse_step, in its order; ``rows`` is replaced per step for other tables
-            [
-                arr(self.table._offsets_cpu), arr(self.table._sizes_cpu), rows, arr(weight_t), arr(bias),
-                arr(gains), float(eps_q), float(eps_k), bool(self.key_projs), bool(self.config.signed_sqrt),
-                int(dilation), arr(taps), arr(conv_gains), float(conv_eps),
-            ],
-            dtype,
-            self.hasher.layer_kernel_constants(self.layer_id) if self.hasher.tokenizer is not None else (),
+        hashes = self.hasher.tokenizer is not None
+        lookup, mult, primes = self.hasher.layer_kernel_constants(self.layer_id) if hashes else (None, None, None)
+        ints, floats = decode_kernels.kernels().pack_layer(
+            arr(self.table._offsets_cpu), arr(self.table._sizes_cpu), arr(weight_t.detach()), arr(bias.detach()),
+            arr(gains.detach()), arr(taps.detach()), arr(conv_gains.detach()), float(eps_q), float(eps_k),
+            float(conv_eps), bool(self.key_projs), bool(self.config.signed_sqrt), int(dilation),
+            lookup, None if mult is None else mult[0], None if primes is None else primes[0],
         )  # fmt: skip
+        return KernelStep(conv, None if table_weight is None else arr(table_weight), ints, floats, hashes)
 
     def _pending_step(
         self, hidden: torch.Tensor, pending: PendingStep, mask: torch.Tensor | None, state: dict
     ) -> torch.Tensor | None:
-        """A decode step of :class:`~engram.hashing.PendingStep` (EngramLM's, with an on-device table) through
-        :meth:`_kernel_step`, or None where that kernel does not apply (the caller takes the general path, which
-        checks every argument). Only the checks that decide this are made here: in a model every Python
-        operation of a decode step costs microseconds."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or not decode_kernels.cpu_kernels_enabled():
-            return None
-        c = StepConstants.lookup(state, "constants", lambda: self._step_constants(hidden.dtype, hidden.device))
+        """A decode step of :class:`~engram.hashing.PendingStep` (EngramLM's, with an on-device table) in one call
+        of ``hash_fuse_step``, or None where that kernel does not apply (the caller takes the general path, which
+        checks every argument). Only the checks that decide this are made here, and the constants' own check
+        (:meth:`StepConstants.current`): in a model every Python operation of a decode step costs microseconds."""
+        c = state.get("constants")
+        if c is None or not c.current():
+            if torch.is_grad_enabled() or torch.compiler.is_compiling() or not decode_kernels.cpu_kernels_enabled():
+                return None
+            c = StepConstants.lookup(state, "constants", lambda: self._step_constants(hidden.dtype, hidden.device))
         k = c.kernel
-        b = pending.raw.shape[0]
-        if k is None or not k.device_table or not k.hash_head or hidden.dtype != k.dtype:
+        if k is None or not k.hashes or not k.device_table or not decode_kernels._enabled or torch.is_grad_enabled():
             return None
-        if hidden.shape != (b, 1, self.hc_mult, self.hidden_size) or not (mask is None or mask.shape == (b, 1)):
+        if hidden.shape != k.shape or hidden.dtype != k.dtype or not hidden.is_contiguous():
+            if hidden.dtype != k.dtype or hidden.shape != (pending.batch_size, 1, self.hc_mult, self.hidden_size):
+                return None
+            hidden = hidden.contiguous()
+            k.bind(hidden)
+        if pending.batch_size != k.shape[0]:
             return None
-        return self._kernel_step(hidden, pending, mask, state, k)
-
-    def _kernel_step(
-        self,
-        hidden: torch.Tensor,
-        hash_ids: torch.Tensor | PendingStep,
-        mask: torch.Tensor | None,
-        state: dict,
-        k: KernelStep,
-    ) -> torch.Tensor:
-        """:meth:`_decode_step` in one call of the fused CPU kernel (:mod:`engram.decode_kernels`): ``fuse_step``
-        for hash ids, ``hash_fuse_step`` (which hashes this layer's heads first) for a :class:`PendingStep`.
-        Everything that does not change between steps is bound once in ``k``: in a model the per-step Python
-        around the kernel costs more than the kernel."""
-        b, _, m, d = hidden.shape
-        pending = hash_ids if type(hash_ids) is PendingStep else None
-        const = k.constants
-        if pending is not None:
-            ids = None
-        elif hash_ids.dtype != torch.int64:
-            self.table.check_layout(hash_ids)  # raises
-        elif not k.device_table:  # a host / disk / sharded table gathers (and checks) its rows; read in order
-            rows = self.table(hash_ids).to(hidden.dtype).reshape(b, -1, self.config.head_dim)
-            n_heads = rows.shape[1]
-            const = k.row_layout(b, n_heads, decode_kernels.as_array(rows.view(b * n_heads, -1)))
-            ids = k.row_ids(b, n_heads)
+        if mask is None:
+            weights = k.ones
+        elif mask.shape == (hidden.shape[0], 1):
+            weights = decode_kernels.as_array(mask.to(hidden.dtype))
         else:
-            ids = decode_kernels.as_array(hash_ids)
-        weights = k.ones(b) if mask is None else decode_kernels.as_array(mask.to(hidden.dtype))
+            return None
         ring = state.get("conv_ring")
         if k.conv is not None and (ring is None or ring.linear is None or ring.linear is not state.get("conv")):
-            ring = k.conv.ring(state, b, hidden.dtype, hidden.device)
-        out = np.empty((b, 1, m, d), dtype=weights.dtype)
-        alpha = np.empty((b, m), dtype=out.dtype) if self.record_gate else k.scratch(b, m)
-        h = decode_kernels.as_array(hidden)
+            ring = k.conv.ring(state, hidden.shape[0], hidden.dtype, hidden.device)
+        out, out_ptr = k.outputs.take()
+        alpha = np.empty_like(k.scratch) if self.record_gate else k.scratch
         ring_array, slot = (k.no_ring, 0) if ring is None else (ring.array, ring.slot)
-        if pending is None:
-            bad = k.fuse(h, ids, weights, ring_array, slot, out, alpha, *const)
-        else:
-            lookup, mult, primes = k.hash_head
-            bad = k.hash_fuse(
-                pending.raw, lookup, pending.history_array, mult, primes, pending.next_history_array,
-                h, weights, ring_array, slot, out, alpha, *const,
-            )  # fmt: skip
+        bad = k.hash_fuse(
+            pending.raw, pending.history_ptr, pending.next_ptr, hidden.data_ptr(), out_ptr, weights, ring_array, slot,
+            alpha, k.table, k.ints, k.floats,
+        )  # fmt: skip
+        if bad != -1:
             if bad <= -2:
-                raise self.hasher.out_of_vocabulary(int(pending.raw[-2 - bad, 0]))
-        if bad >= 0:
+                raise self.hasher.out_of_vocabulary(int(pending.raw_ids[-2 - bad, 0]))
             raise ValueError(OUT_OF_RANGE)
-        if pending is not None:
-            pending.rolled = True
+        pending.rolled = True
+        return self._kernel_done(out, alpha, ring, state)
+
+    def _kernel_step(
+        self, hidden: torch.Tensor, hash_ids: torch.Tensor, mask: torch.Tensor | None, state: dict, k: KernelStep
+    ) -> torch.Tensor:
+        """:meth:`_decode_step` in one call of the fused CPU kernel ``fuse_step`` (:mod:`engram.decode_kernels`),
+        for hash ids; everything that does not change between steps is bound once in ``k``."""
+        b = hidden.shape[0]
+        if hash_ids.dtype != torch.int64:
+            self.table.check_layout(hash_ids)  # raises
+        if k.device_table:
+            ids, table, ints = decode_kernels.as_array(hash_ids), k.table, k.ints
+        else:  # a host / disk / sharded table gathers (and checks) its rows; read in order
+            rows = self.table(hash_ids).to(hidden.dtype).reshape(b, -1, self.config.head_dim)
+            ids, ints = k.row_layout(b, rows.shape[1])
+            table = decode_kernels.as_array(rows.view(-1, self.config.head_dim))
+        if hidden.shape != k.shape:
+            k.bind(hidden)
+        weights = k.ones if mask is None else decode_kernels.as_array(mask.to(hidden.dtype))
+        ring = None
+        if k.conv is not None:
+            ring = k.conv.ring(state, b, hidden.dtype, hidden.device)
+        out = np.empty(k.shape, dtype=k.floats.dtype)
+        alpha = np.empty_like(k.scratch) if self.record_gate else k.scratch
+        ring_array, slot = (k.no_ring, 0) if ring is None else (ring.array, ring.slot)
+        h = decode_kernels.as_array(hidden)
+        if k.fuse(h, ids, weights, ring_array, slot, out, alpha, table, ints, k.floats) >= 0:
+            raise ValueError(OUT_OF_RANGE)
+        return self._kernel_done(torch.from_numpy(out), alpha, ring, state)
+
+    def _kernel_done(self, out: torch.Tensor, alpha: np.ndarray, ring: ConvRing | None, state: dict) -> torch.Tensor:
+        """After a kernel step: move the ring on, record the gate, hand out the output."""
         if ring is not None:
             ring.advance()
             state["conv"] = ring.linear
         if self.record_gate and self.key_projs:
-            self.last_gate = torch.from_numpy(alpha).view(b, 1, m)
-        return torch.from_numpy(out)
+            self.last_gate = torch.from_numpy(alpha).view(alpha.shape[0], 1, alpha.shape[1])
+        return out
 
     def _decode_step(
         self, hidden: torch.Tensor, hash_ids: torch.Tensor, mask: torch.Tensor | None, state: dict

@@ -43,6 +43,7 @@ class DecodeState:
     next_pos: torch.Tensor | None = None  # [B] position of the next token per sequence
     length: int = 0  # tokens seen so far (padding included)
     kernel_hashing: bool | None = None  # decode steps hash inside the Engram layers' kernels (set at the first)
+    pending: PendingStep | None = None  # the hashing those kernels take over, reused from step to step
 
 
 @dataclass
@@ -363,7 +364,10 @@ class EngramLM(nn.Module):
                 if state.kernel_hashing is None:
                     state.kernel_hashing = self._hashes_in_kernels(dev)
                 if state.kernel_hashing and decode_kernels.cpu_kernels_enabled() and not torch.compiler.is_compiling():
-                    pending = PendingStep(self.hasher, history, input_ids)
+                    pending = state.pending
+                    if pending is None or pending.history is not history:  # (a history set by anyone else)
+                        pending = state.pending = PendingStep(self.hasher, history)
+                    pending.start(input_ids)
                 else:
                     hash_ids, state.history = self.hasher.hash_next_token(history, input_ids)
             else:

@@ -13,10 +13,11 @@ import torch
 
 import engram
 from engram import Engram, NgramHasher, decode_kernels
+from engram.hashing import PendingStep
 from engram.storage import OffloadedEmbedding
 
 from .test_hashing import random_config, ref_for
-from .test_module import decode_module, inputs, make, randomize_conv, randomize_norms, run_chunks
+from .test_module import DECODE_VARIANTS, decode_module, inputs, make, randomize_conv, randomize_norms, run_chunks
 
 pytest.importorskip("numba")
 
@@ -49,6 +50,92 @@ def test_float32_kernel_steps_equal_the_torch_steps_and_the_full_pass(kw, kernel
     assert torch_state["constants"].kernel is None
     torch.testing.assert_close(got, torch_steps, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
+
+
+def run_pending(mod, hasher, raw, hidden, prefill, mask=None, contiguous=False):
+    """Prefill ``prefill`` tokens with hash ids, then decode token by token through one :class:`PendingStep`, as
+    EngramLM does (with ``contiguous`` each step's hidden state is a contiguous copy, else a strided slice);
+    returns the outputs concatenated, the gates of the steps and whether each step took the kernel (it then
+    wrote the next history)."""
+    state: dict = {}
+    history = hasher.initial_history(raw.shape[0])
+    with torch.no_grad():
+        ids, history = hasher.hash_continued(history, hasher.compress(raw[:, :prefill]))
+        chunk_mask = None if mask is None else mask[:, :prefill]
+        outs = [mod(hidden[:, :prefill], hash_ids=ids[mod.layer_id], mask=chunk_mask, state=state)]
+        pending, gates, took = PendingStep(hasher, history), [], []
+        for j in range(prefill, raw.shape[1]):
+            pending.start(raw[:, j : j + 1])  # a column of raw: not contiguous
+            step_mask = None if mask is None else mask[:, j : j + 1]
+            h = hidden[:, j : j + 1].contiguous() if contiguous else hidden[:, j : j + 1]
+            outs.append(mod(h, hash_ids=pending, mask=step_mask, state=state))
+            took.append(pending.rolled)
+            gates.append(mod.last_gate)
+            pending.next_history()
+    return torch.cat(outs, dim=1), gates, took
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kw", DECODE_VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_pending_steps_through_the_kernel_equal_the_full_pass(kw, dtype, kernels_on):
+    """EngramLM's decode step (hashing inside the layer's one kernel call, inputs handed over by address) gives
+    the full pass's outputs and gates, for contiguous and strided hidden states; 80 steps, so the outputs come
+    from more than one of FreshTensors' blocks and every one is read back after the last step."""
+    mod, hasher = decode_module(**kw)
+    mod = mod.to(dtype)
+    raw, hidden, _ = inputs(mod, b=3, t=84)
+    hidden = hidden.to(dtype)
+    mod.record_gate = True
+    full = mod(hidden, input_ids=raw)
+    full_gate = mod.last_gate
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for contiguous in (True, False):
+        got, gates, took = run_pending(mod, hasher, raw, hidden, prefill=4, contiguous=contiguous)
+        assert all(took)
+        torch.testing.assert_close(got, full, **tol)
+        if mod.key_projs:
+            torch.testing.assert_close(torch.cat(gates, dim=1), full_gate[:, 4:], **tol)
+
+
+def test_pending_steps_with_a_mask_equal_the_full_pass(kernels_on):
+    mod, hasher = decode_module(m=2)
+    raw, hidden, _ = inputs(mod, b=3, t=9)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, :3] = False  # left padding
+    mask[2, 5] = False  # a padded step
+    full = mod(hidden, input_ids=raw, mask=mask)
+    got, _, took = run_pending(mod, hasher, raw, hidden, prefill=3, mask=mask)
+    assert all(took)
+    torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-12)
+
+
+def test_pending_step_checks_its_ids(kernels_on):
+    mod, hasher = decode_module(m=1)
+    pending = PendingStep(hasher, hasher.initial_history(2))
+    with pytest.raises(ValueError, match=r"raw ids \[B, 1\] for a history of B = 2"):
+        pending.start(torch.zeros(3, 1, dtype=torch.int64))
+    pending.start(torch.tensor([[3], [100]]))  # V = 100
+    with torch.no_grad(), pytest.raises(ValueError, match="100"):
+        mod(torch.zeros(2, 1, 1, mod.hidden_size, dtype=torch.float64), hash_ids=pending, state={})
+    pending.start(torch.tensor([[3], [4]], dtype=torch.int32))  # converted
+    with torch.no_grad():
+        mod(torch.zeros(2, 1, 1, mod.hidden_size, dtype=torch.float64), hash_ids=pending, state={})
+    assert pending.rolled
+    _, want = hasher.hash_next_token(hasher.initial_history(2), torch.tensor([[3], [4]]))
+    assert torch.equal(pending.next_history(), want) and pending.history is pending.next_history()
+
+
+def test_fresh_tensors_are_never_handed_out_twice():
+    fresh = decode_kernels.FreshTensors((3, 5), torch.float32)
+    got = [fresh.take() for _ in range(2 * fresh.block + 3)]
+    assert all(t.shape == (3, 5) and t.dtype == torch.float32 and t.is_contiguous() for t, _ in got)
+    assert all(t.data_ptr() == ptr for t, ptr in got)
+    assert len({ptr for _, ptr in got}) == len(got)
+    for i, (t, _) in enumerate(got):
+        t.fill_(i)
+    fresh.take()
+    assert all(bool((t == i).all()) for i, (t, _) in enumerate(got))
+    assert decode_kernels.FreshTensors((1024, 1024), torch.float32).block == 1  # 4 MiB each: one at a time
 
 
 def test_kernel_reads_the_rows_an_offloaded_table_gathers(kernels_on):
@@ -129,9 +216,8 @@ def test_hash_next_token_kernel_refuses_ids_outside_the_vocabulary(bad, kernels_
         hasher.hash_next_token(hasher.initial_history(2), raw)
 
 
-def test_generate_gives_the_same_tokens_with_and_without_the_kernels(kernels_on):
-    """A small Engram LM decodes the same greedy tokens through either path."""
-    from engram.model import EngramLM, ModelConfig, SamplingConfig, generate
+def small_lm():
+    from engram.model import EngramLM, ModelConfig
 
     cfg = ModelConfig(
         family="engram", hidden_size=32, num_layers=2, num_heads=2, n_routed_experts=4, num_experts_per_tok=2,
@@ -144,11 +230,45 @@ def test_generate_gives_the_same_tokens_with_and_without_the_kernels(kernels_on)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_generate_gives_the_same_tokens_with_and_without_the_kernels(kernels_on):
+    """A small Engram LM decodes the same greedy tokens through either path."""
+    from engram.model import SamplingConfig, generate
+
+    model = small_lm()
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12], [1, 2, 3, 4]]
     sampling = SamplingConfig(max_new_tokens=30, temperature=0.0)
     with_kernels = generate(model, prompts, sampling)
     decode_kernels.set_cpu_kernels(False)
     assert generate(model, prompts, sampling) == with_kernels
+
+
+def test_a_history_set_between_decode_steps_is_the_one_hashed(kernels_on):
+    """EngramLM keeps one PendingStep per state; a history that someone else put in the state (here: the rows
+    of another sequence) is picked up, as the torch path does."""
+    model = small_lm()
+    prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+
+    def decode(kernels: bool) -> tuple[torch.Tensor, list]:
+        decode_kernels.set_cpu_kernels(kernels)
+        state, logits, pendings = model.new_state(), [], []
+        with torch.no_grad():
+            nxt = model.forward_checked(prompt, state=state).logits[:, -1].argmax(-1)
+            for step in range(8):
+                if step == 4:
+                    state.history = state.history.flip(0).contiguous()
+                logits.append(model.forward_checked(nxt[:, None], state=state).logits[:, -1])
+                nxt = logits[-1].argmax(-1)
+                pendings.append(state.pending)
+        return torch.stack(logits), pendings
+
+    got, pendings = decode(True)
+    assert pendings[0] is not None and pendings[0] is pendings[3] and pendings[4] is not pendings[3]
+    want, torch_pendings = decode(False)
+    assert torch_pendings == [None] * 8
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_environment_switch_turns_the_kernels_off():
