@@ -7,6 +7,9 @@ the same prompts; the per-step time is ``(t(new_tokens) - t(1)) / (new_tokens - 
 Models alternate round-robin, each round starting with the next model, so machine noise and the order hit all
 alike; medians are reported with ratios to the MoE, and
 the fastest round of each (noise only ever adds time, so on a shared machine the minimum is the steadier figure).
+On the CPU every decode step of the long generation is also timed on its own (a wrapper around
+``forward_checked``, the same for every model): the per-step-median columns take each step's median over the
+rounds and average those, which leaves out the bursts of noise that hit a few steps of a round.
 ``--clock cpu`` times with the process's CPU time instead of wall time, which leaves out the time other
 processes hold the cores on a shared machine (it still sees their cache and memory traffic). ``--compile``
 adds rows for the same models with ``forward_checked`` under ``torch.compile`` (same settings for each).
@@ -58,13 +61,30 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def generate_seconds(
-    model: EngramLM, prompts: list[list[int]], new_tokens: int, clock: str = "wall", kernels: bool = True
+    model: EngramLM,
+    prompts: list[list[int]],
+    new_tokens: int,
+    clock: str = "wall",
+    kernels: bool = True,
+    steps: list[float] | None = None,
 ) -> float:
     """Time of one greedy ``generate`` call (prefill + ``new_tokens`` decode steps) on ``clock``; ``kernels=False``
-    decodes without the fused CPU kernels."""
+    decodes without the fused CPU kernels. With ``steps`` (a list, CPU models) the time of every forward call of
+    the generation (the prefill first) is appended to it."""
     now = CLOCKS[clock]
     before = engram.cpu_kernels_enabled()
     engram.set_cpu_kernels(kernels and before)
+    own = model.__dict__.get("forward_checked")  # a compiled twin's
+    if steps is not None:
+        forward = model.forward_checked
+
+        def timed(*args, **kwargs):
+            t0 = now()
+            out = forward(*args, **kwargs)
+            steps.append(now() - t0)
+            return out
+
+        model.forward_checked = timed
     try:
         t0 = now()
         generate(model, prompts, SamplingConfig(max_new_tokens=new_tokens, temperature=0.0))
@@ -73,14 +93,33 @@ def generate_seconds(
         return now() - t0
     finally:
         engram.set_cpu_kernels(before)
+        if own is not None:
+            model.forward_checked = own
+        elif "forward_checked" in model.__dict__:
+            del model.forward_checked
 
 
 def decode_step_ms(
-    model: EngramLM, prompts: list[list[int]], new_tokens: int, clock: str = "wall", kernels: bool = True
+    model: EngramLM,
+    prompts: list[list[int]],
+    new_tokens: int,
+    clock: str = "wall",
+    kernels: bool = True,
+    steps: list[float] | None = None,
 ) -> float:
-    """Milliseconds per decode step: one generate of ``new_tokens`` minus one of a single token, per extra step."""
-    long = generate_seconds(model, prompts, new_tokens, clock, kernels)
+    """Milliseconds per decode step: one generate of ``new_tokens`` minus one of a single token, per extra step.
+    With ``steps`` the milliseconds of each decode step of the long generate are appended to it."""
+    calls: list[float] | None = [] if steps is not None else None
+    long = generate_seconds(model, prompts, new_tokens, clock, kernels, calls)
+    if steps is not None:
+        steps.extend(1e3 * t for t in calls[1:])  # calls[0] is the prefill
     return 1e3 * (long - generate_seconds(model, prompts, 1, clock, kernels)) / (new_tokens - 1)
+
+
+def typical_step_ms(rounds: list[list[float]]) -> float:
+    """The per-step-median estimate: each decode step's median over the rounds, averaged over the steps. A burst
+    of machine noise slows a few steps of one round, which the per-step median leaves out."""
+    return statistics.fmean(statistics.median(column) for column in zip(*rounds))
 
 
 def compiled(model: EngramLM) -> EngramLM:
@@ -121,11 +160,18 @@ def main() -> None:
     for name, model in models.items():  # warm-up (and the kernels' first load)
         decode_step_ms(model, prompts, args.new_tokens, kernels=name != TORCH_OPS)
     times: dict[str, list[float]] = {name: [] for name in models}
+    per_step: dict[str, list[list[float]]] = {name: [] for name in models}
     names = list(models)
+    cpu = torch.device(args.device).type == "cpu"
     for r in range(args.rounds):
         # each round starts with the next model: no model always runs first (or after the same one)
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(decode_step_ms(models[name], prompts, args.new_tokens, args.clock, name != TORCH_OPS))
+            steps: list[float] | None = [] if cpu else None
+            times[name].append(
+                decode_step_ms(models[name], prompts, args.new_tokens, args.clock, name != TORCH_OPS, steps)
+            )
+            if steps is not None:
+                per_step[name].append(steps)
     print(
         f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
         f"prompt={args.prompt_len} new={args.new_tokens} greedy rounds={args.rounds} (median) "
@@ -133,17 +179,20 @@ def main() -> None:
     )
     print(
         "| model | ms / decode step | tokens/s (batch) | vs moe | vs moe, same round (min-max) | fastest round "
-        "| vs moe, fastest rounds |"
+        "| vs moe, fastest rounds | ms / step, per-step medians | vs moe, per-step medians |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in models:
-        ref = times["moe (compiled)" if name.endswith("(compiled)") else "moe"]
+        ref_name = "moe (compiled)" if name.endswith("(compiled)") else "moe"
+        ref = times[ref_name]
         med = statistics.median(times[name])
         per_round = [t / r for t, r in zip(times[name], ref)]
+        typical = f"{typical_step_ms(per_step[name]):.2f} | " if cpu else "- | "
+        typical += f"{typical_step_ms(per_step[name]) / typical_step_ms(per_step[ref_name]):.3f}x |" if cpu else "- |"
         print(
             f"| {name} | {med:.2f} | {args.batch * 1e3 / med:,.0f} | {med / statistics.median(ref):.3f}x | "
             f"{statistics.median(per_round):.3f}x ({min(per_round):.3f}-{max(per_round):.3f}) | "
-            f"{min(times[name]):.2f} | {min(times[name]) / min(ref):.3f}x |"
+            f"{min(times[name]):.2f} | {min(times[name]) / min(ref):.3f}x | {typical}"
         )
 
 

@@ -23,6 +23,10 @@ jit = numba.njit(cache=True, nogil=True)
 # the header of ``ints``: what each entry holds (the sections follow it in this order: offsets [H], sizes [H],
 # lookup [V], multipliers [N], primes [(N-1) K])
 N_HEADS, GATING, SIGNED_SQRT, DILATION, N_TAPS, N_HIST, K_HEADS, VOCAB, BRANCHES, WIDTH, HEADER = range(11)
+# what the layer kernels return besides -1 (done) and, from fuse_step, ``b * H + j`` >= 0 for an id outside its
+# head: BAD_SHAPE where an argument does not fit the layer, and ``BAD_RAW - b`` for sequence b's raw id outside
+# the vocabulary
+BAD_SHAPE, BAD_RAW = -2, -3
 
 
 @intrinsic
@@ -102,8 +106,8 @@ def fuse_step(h, ids, mask, ring, slot, out, alpha_out, table, ints, floats):
     h [B, 1, M, D]; ids [B, 1, H] per-head rows, head j reading table row ``offsets[j] + ids[b, 0, j]`` and
     holding ``sizes[j]`` rows; table [R, head_dim]; mask [B, 1] (1 = real token); ring [B, 2R, M*D] the
     ShortConv ring (R = 0 without ShortConv) written at ``slot`` and ``slot + R``; ``ints`` / ``floats`` from
-    :func:`pack_layer`. Writes out [B, 1, M, D] and alpha_out [B, M]. Returns -1, or ``b * H + j`` for the first
-    id outside its head (nothing is read from the table then).
+    :func:`pack_layer`. Writes out [B, 1, M, D] and alpha_out [B, M]. Returns -1, ``BAD_SHAPE`` where an array
+    does not fit the layer, or ``b * H + j`` for the first id outside its head (nothing is read or written then).
     """
     b_size, _, m_size, d = h.shape
     n_heads, w, dilation = ints[N_HEADS], ints[N_TAPS], ints[DILATION]
@@ -123,6 +127,14 @@ def fuse_step(h, ids, mask, ring, slot, out, alpha_out, table, ints, floats):
     conv_gains = floats[p : p + md]
     eps_q, eps_k, conv_eps = floats[p + md], floats[p + md + 1], floats[p + md + 2]
     r = ring.shape[1] // 2
+    n_floats = d_mem * n_out + n_out + md + w * md + md + 3
+    if (
+        m_size != ints[BRANCHES] or d != ints[WIDTH] or out.shape != h.shape or floats.shape[0] != n_floats
+        or ids.shape[0] != b_size or ids.shape[2] != n_heads or mask.shape[0] != b_size
+        or alpha_out.shape[0] != b_size or alpha_out.shape[1] != m_size
+        or (r > 0 and (ring.shape[0] != b_size or ring.shape[2] != md or r != (w - 1) * dilation + 1))
+    ):  # fmt: skip
+        return BAD_SHAPE
     for b in range(b_size):
         for j in range(n_heads):
             if ids[b, 0, j] < 0 or ids[b, 0, j] >= sizes[j]:
@@ -191,8 +203,8 @@ def hash_fuse_step(raw, history, next_history, h, out, mask, ring, slot, alpha_o
     ``raw`` [B, 1], ``history`` and ``next_history`` [B, N-1] (int64), ``h`` and ``out`` [B, 1, M, D] (the model's
     dtype) are the addresses of C-contiguous CPU tensors of those shapes, B = ``mask.shape[0]``: the caller
     checks them, and so a step hands its tensors to the kernel without making numpy arrays of them (in a model
-    each costs more than the arithmetic of the layer). Returns -1, ``-2 - b`` for a raw id of sequence b outside
-    the vocabulary, or fuse_step's code for a hash id outside its head."""
+    each costs more than the arithmetic of the layer). Returns -1, ``BAD_RAW - b`` for a raw id of sequence b
+    outside the vocabulary, or fuse_step's code."""
     n_heads, n_hist, k_heads, vocab = ints[N_HEADS], ints[N_HIST], ints[K_HEADS], ints[VOCAB]
     b, shape = mask.shape[0], (mask.shape[0], 1, ints[BRANCHES], ints[WIDTH])
     p = HEADER + 2 * n_heads
@@ -205,7 +217,7 @@ def hash_fuse_step(raw, history, next_history, h, out, mask, ring, slot, alpha_o
         mult, primes, ids, numba.carray(_pointer_like(next_history, ints), (b, n_hist)),
     )  # fmt: skip
     if bad >= 0:
-        return -2 - bad
+        return BAD_RAW - bad
     h_array = numba.carray(_pointer_like(h, floats), shape)
     out_array = numba.carray(_pointer_like(out, floats), shape)
     return fuse_step(h_array, ids[0], mask, ring, slot, out_array, alpha_out, table, ints, floats)

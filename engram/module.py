@@ -104,6 +104,7 @@ class KernelStep:
     ):
         kernels = decode_kernels.kernels()
         self.fuse, self.hash_fuse, self._with_heads = kernels.fuse_step, kernels.hash_fuse_step, kernels.with_heads
+        self.BAD_SHAPE, self.BAD_RAW = kernels.BAD_SHAPE, kernels.BAD_RAW
         self.conv, self.ints, self.floats = conv, ints, floats
         self.device_table, self.hashes = table is not None, hashes  # hashes: ints hold this layer's hash constants
         self.table = table if table is not None else np.empty((0, 1), dtype=floats.dtype)
@@ -566,13 +567,16 @@ class Engram(nn.Module):
                 return None
             c = StepConstants.lookup(state, "constants", lambda: self._step_constants(hidden.dtype, hidden.device))
         k = c.kernel
-        if k is None or not k.hashes or not k.device_table or not decode_kernels._enabled or torch.is_grad_enabled():
+        if k is None or not k.hashes or not k.device_table or pending.hasher is not self.hasher:
+            return None
+        if not decode_kernels._enabled or torch.is_grad_enabled():
             return None
         if hidden.shape != k.shape or hidden.dtype != k.dtype or not hidden.is_contiguous():
             if hidden.dtype != k.dtype or hidden.shape != (pending.batch_size, 1, self.hc_mult, self.hidden_size):
                 return None
             hidden = hidden.contiguous()
-            k.bind(hidden)
+            if hidden.shape != k.shape:
+                k.bind(hidden)
         if pending.batch_size != k.shape[0]:
             return None
         if mask is None:
@@ -592,9 +596,9 @@ class Engram(nn.Module):
             alpha, k.table, k.ints, k.floats,
         )  # fmt: skip
         if bad != -1:
-            if bad <= -2:
-                raise self.hasher.out_of_vocabulary(int(pending.raw_ids[-2 - bad, 0]))
-            raise ValueError(OUT_OF_RANGE)
+            if bad <= k.BAD_RAW:
+                raise self.hasher.out_of_vocabulary(int(pending.raw_ids[k.BAD_RAW - bad, 0]))
+            self._kernel_failed(bad, k)
         pending.rolled = True
         return self._kernel_done(out, alpha, ring, state)
 
@@ -622,9 +626,20 @@ class Engram(nn.Module):
         alpha = np.empty_like(k.scratch) if self.record_gate else k.scratch
         ring_array, slot = (k.no_ring, 0) if ring is None else (ring.array, ring.slot)
         h = decode_kernels.as_array(hidden)
-        if k.fuse(h, ids, weights, ring_array, slot, out, alpha, table, ints, k.floats) >= 0:
-            raise ValueError(OUT_OF_RANGE)
+        bad = k.fuse(h, ids, weights, ring_array, slot, out, alpha, table, ints, k.floats)
+        if bad != -1:
+            self._kernel_failed(bad, k)
         return self._kernel_done(torch.from_numpy(out), alpha, ring, state)
+
+    def _kernel_failed(self, code: int, k: KernelStep) -> None:
+        """Raise the error a layer kernel's return ``code`` stands for (see ``fuse_step``)."""
+        if code == k.BAD_SHAPE:
+            shape = "" if k.shape is None else f" (hidden {tuple(k.shape)})"
+            raise ValueError(
+                f"the decoding state of Engram layer {self.layer_id} does not fit this step{shape}: its ShortConv "
+                "context or mask is for another batch; start a new state for a new batch"
+            )
+        raise ValueError(OUT_OF_RANGE)
 
     def _kernel_done(self, out: torch.Tensor, alpha: np.ndarray, ring: ConvRing | None, state: dict) -> torch.Tensor:
         """After a kernel step: move the ring on, record the gate, hand out the output."""

@@ -125,6 +125,22 @@ def test_pending_step_checks_its_ids(kernels_on):
     assert torch.equal(pending.next_history(), want) and pending.history is pending.next_history()
 
 
+def test_a_decoding_state_of_another_batch_is_refused(kernels_on):
+    """The kernels check every array against the layer before touching memory: a state carried over to a
+    batch of another size raises instead of reading past the ShortConv ring."""
+    mod, hasher = decode_module(m=2)
+    raw, hidden, _ = inputs(mod, b=3, t=4)
+    state: dict = {}
+    with torch.no_grad():
+        for j in range(3):  # decode steps of batch 3: the ring holds 3 sequences
+            pending = PendingStep(hasher, hasher.initial_history(3), raw[:, j : j + 1])
+            mod(hidden[:, j : j + 1], hash_ids=pending, state=state)
+        assert pending.rolled
+        pending = PendingStep(hasher, hasher.initial_history(2), raw[:2, 3:4])
+        with pytest.raises(ValueError, match="for another batch"):
+            mod(hidden[:2, 3:4], hash_ids=pending, state=state)
+
+
 def test_fresh_tensors_are_never_handed_out_twice():
     fresh = decode_kernels.FreshTensors((3, 5), torch.float32)
     got = [fresh.take() for _ in range(2 * fresh.block + 3)]
