@@ -13,7 +13,8 @@ call (numba, compiled once per machine and cached on disk; the code is in :mod:`
   gated value through the ShortConv ring (:class:`~engram.module.ConvRing`), add: :meth:`Engram._decode_step`'s
   output up to float rounding (the gate's and the norms' reductions accumulate in float64);
 - ``hash_fuse_step``: both for one layer in one call, where :class:`~engram.model.EngramLM` leaves the hashing of
-  a decode step to its Engram layers (:class:`~engram.hashing.PendingStep`).
+  a decode step to its Engram layers (:class:`~engram.hashing.PendingStep`); its per-step tensors are passed by
+  address (checked C-contiguous CPU tensors of known shapes), and the outputs come from :class:`FreshTensors`.
 
 They run where they apply: CPU tensors, float32 or float64, no gradients, not inside ``torch.compile``, with
 numba installed (the ``cpu-kernels`` extra); everything else takes the torch path, which gives the same
@@ -81,9 +82,10 @@ def as_array(t: torch.Tensor) -> np.ndarray:
 
 class FreshTensors:
     """New CPU tensors of one shape and dtype, with their addresses, for a kernel to write: cut from one allocation
-    per ``block`` of them (up to 64 and 256 KiB a block), since in a model a decode step's ``torch.empty`` costs
-    several microseconds with cold caches. Each tensor is handed out once and never written again from here, so
-    callers may keep them; a block is freed when none of its tensors is referenced any more."""
+    per ``block`` of them (up to 64 and 256 KiB a block), so that a decode step takes a ready tensor instead of
+    allocating one (with cold caches an allocation costs more than the kernel's writes). Each tensor is handed out
+    once and never written again from here, so callers may keep them; a block is freed when none of its tensors is
+    referenced any more."""
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype):
         self.shape, self.dtype = tuple(shape), dtype
