@@ -507,6 +507,11 @@ class PendingStep:
             self.start(raw_ids)
 
     def _set_history(self, history: torch.Tensor) -> None:
+        n_hist = self.hasher.config.max_ngram_size - 1
+        if history.dim() != 2 or history.shape[1] != n_hist:
+            raise ValueError(
+                f"a decoding history is [B, N-1] = [B, {n_hist}] compressed ids, got {tuple(history.shape)}"
+            )
         self.history = history  # the caller's tensor (EngramLM looks for it by identity)
         self._data = history.to(device="cpu", dtype=torch.int64).contiguous()  # history itself when it is one
         self.history_ptr = self._data.data_ptr()

@@ -571,8 +571,10 @@ class Engram(nn.Module):
             return None
         if not decode_kernels._enabled or torch.is_grad_enabled():
             return None
-        if hidden.shape != k.shape or hidden.dtype != k.dtype or not hidden.is_contiguous():
+        if hidden.shape != k.shape or hidden.dtype != k.dtype or not hidden.is_contiguous() or not hidden.is_cpu:
             if hidden.dtype != k.dtype or hidden.shape != (pending.batch_size, 1, self.hc_mult, self.hidden_size):
+                return None
+            if not hidden.is_cpu:  # the kernel reads it by address
                 return None
             hidden = hidden.contiguous()
             if hidden.shape != k.shape:

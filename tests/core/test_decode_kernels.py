@@ -111,6 +111,8 @@ def test_pending_steps_with_a_mask_equal_the_full_pass(kernels_on):
 
 def test_pending_step_checks_its_ids(kernels_on):
     mod, hasher = decode_module(m=1)
+    with pytest.raises(ValueError, match=r"history is \[B, N-1\] = \[B, 2\]"):
+        PendingStep(hasher, torch.zeros(2, 1, dtype=torch.int64))
     pending = PendingStep(hasher, hasher.initial_history(2))
     with pytest.raises(ValueError, match=r"raw ids \[B, 1\] for a history of B = 2"):
         pending.start(torch.zeros(3, 1, dtype=torch.int64))
@@ -139,6 +141,22 @@ def test_a_decoding_state_of_another_batch_is_refused(kernels_on):
         pending = PendingStep(hasher, hasher.initial_history(2), raw[:2, 3:4])
         with pytest.raises(ValueError, match="for another batch"):
             mod(hidden[:2, 3:4], hash_ids=pending, state=state)
+
+
+def test_a_hidden_state_off_the_cpu_is_not_read_by_address(kernels_on):
+    """The kernel reads the hidden state by address: one that is not in CPU memory (here: on the meta device)
+    never reaches it, and the general path's error comes instead of a crash."""
+    mod, hasher = decode_module(m=1)
+    raw, hidden, _ = inputs(mod, b=2, t=3)
+    state: dict = {}
+    with torch.no_grad():
+        pending = PendingStep(hasher, hasher.initial_history(2), raw[:, :1])
+        mod(hidden[:, :1].contiguous(), hash_ids=pending, state=state)
+        assert pending.rolled
+        pending = PendingStep(hasher, pending.next_history(), raw[:, 1:2])
+        with pytest.raises(TypeError, match="meta"):
+            mod(hidden[:, 1:2].contiguous().to("meta"), hash_ids=pending, state=state)
+        assert not pending.rolled
 
 
 def test_fresh_tensors_are_never_handed_out_twice():
