@@ -112,6 +112,7 @@ class KernelStep:
         self.no_ring = np.zeros((1, 0, 1), dtype=floats.dtype)
         self.shape: torch.Size | None = None  # the hidden shape [B, 1, M, D] the buffers below are sized for
         self.ones = self.scratch = self.no_ring
+        self.outputs: decode_kernels.FreshTensors | None = None
         self._row_layouts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def bind(self, hidden: torch.Tensor) -> None:
